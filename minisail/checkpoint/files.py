@@ -1,0 +1,81 @@
+"""The tensors of a checkpoint folder, whatever files hold them.
+
+Layouts (the official ones, as save_pretrained writes them):
+- `model.safetensors`                                  one file
+- `model.safetensors.index.json` + `model-0000k-of-0000n.safetensors`   shards; the index's `weight_map` says
+  which shard holds which tensor, and is followed exactly (shard names differ between releases).
+
+`CheckpointTensors` maps every tensor name to the file that holds it and hands out either a zero-copy view
+or a fresh copy (see `SafetensorsFile`). A missing shard, a tensor the index promises but the shard lacks,
+or a tensor stored twice is a `CheckpointError` that names it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from minisail.checkpoint.safetensors_mmap import SafetensorsFile
+from minisail.errors import CheckpointError
+
+
+class CheckpointTensors:
+    def __init__(self, files: list[SafetensorsFile], description: str):
+        self.description = description
+        self.location: dict[str, SafetensorsFile] = {}
+        for file in files:
+            for name in file.entries:
+                if name in self.location:
+                    raise CheckpointError(f"{description}: tensor {name!r} is stored in two files")
+                self.location[name] = file
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.location
+
+    def keys(self):
+        return self.location.keys()
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.location[name].entries[name][0]
+
+    def shape(self, name: str) -> list[int]:
+        return self.location[name].entries[name][1]
+
+    def view(self, name: str) -> torch.Tensor:
+        return self.location[name].view(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.location[name].read(name)
+
+    def nbytes(self) -> int:
+        return sum(f.entries[n][3] - f.entries[n][2] for n, f in self.location.items())
+
+
+def open_safetensors_folder(folder: Path, prefix: str = "model") -> CheckpointTensors:
+    """The tensors of `folder`/{prefix}.safetensors or of the shards listed in {prefix}.safetensors.index.json."""
+    single, index = folder / f"{prefix}.safetensors", folder / f"{prefix}.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({error}): download it again") from error
+        shard_names = sorted(set(weight_map.values()))
+        missing = [name for name in shard_names if not (folder / name).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{folder}: the index lists {len(shard_names)} shards but {len(missing)} are missing: "
+                f"{', '.join(missing)}. Download every shard into {folder}"
+            )
+        tensors = CheckpointTensors([SafetensorsFile(folder / name) for name in shard_names], str(folder))
+        for name, shard in weight_map.items():
+            if name not in tensors or tensors.location[name].path.name != shard:
+                raise CheckpointError(f"{index} says {name!r} is in {shard}, but that shard does not hold it")
+        return tensors
+    if single.is_file():
+        return CheckpointTensors([SafetensorsFile(single)], str(single))
+    raise CheckpointError(
+        f"{folder} has neither {single.name} nor {index.name}: point minisail at the checkpoint folder "
+        "that holds config.json and the weights"
+    )

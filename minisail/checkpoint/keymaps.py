@@ -1,0 +1,190 @@
+"""Declarative weight maps: official checkpoint keys -> minisail parameter names, per family.
+
+A `Rule` says which official tensors make one minisail parameter and how (`Join`): most are a rename; the
+fused projections are the official q/k/v (or gate/up) matrices stacked by rows; InternLM2's `wqkv`, stored
+grouped per key/value head, is regrouped into [q; k; v]. Every `Join` has its inverse (`split`), so the same
+table writes official-layout checkpoints (tests, benchmark) and round-trips exactly.
+
+Patterns: `{i}` stands for a layer index, `*` for the rest of a name (one per pattern). Rules are tried in
+order and the first whose target matches a parameter name wins.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Join:
+    join: Callable[[list[torch.Tensor]], torch.Tensor]  # official tensors -> minisail tensor
+    split: Callable[[torch.Tensor], list[torch.Tensor]]  # minisail tensor -> official tensors
+    is_identity: bool = False
+
+
+IDENTITY = Join(lambda parts: parts[0], lambda whole: [whole], is_identity=True)
+
+
+def stack_rows(sizes: list[int]) -> Join:
+    """Official matrices with `sizes` rows each, stacked in order (q|k|v, gate|up)."""
+    return Join(lambda parts: torch.cat(parts, dim=0), lambda whole: list(whole.split(sizes, dim=0)))
+
+
+@dataclass(frozen=True)
+class Rule:
+    target: str  # minisail parameter name pattern
+    sources: tuple[str, ...]  # official key patterns
+    join: Join = IDENTITY
+    tied_to: str | None = None  # an official key to use instead when every source is absent (tied lm_head)
+
+
+def _regex(pattern: str) -> re.Pattern:
+    escaped = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\*", r"(?P<rest>.+)")
+    return re.compile(escaped)
+
+
+def _fill(pattern: str, groups: dict[str, str]) -> str:
+    return pattern.replace("{i}", groups.get("i") or "").replace("*", groups.get("rest") or "")
+
+
+@dataclass
+class KeyMap:
+    rules: list[Rule]
+    ignore: list[str] = field(default_factory=list)  # regexes of official keys that are deliberately unused
+
+    def resolve(self, target: str) -> tuple[Rule, list[str], str | None]:
+        """(rule, official source keys, tied fallback key) for one minisail parameter name."""
+        for rule in self.rules:
+            match = _regex(rule.target).fullmatch(target)
+            if match:
+                groups = match.groupdict()
+                tied = _fill(rule.tied_to, groups) if rule.tied_to else None
+                return rule, [_fill(s, groups) for s in rule.sources], tied
+        raise KeyError(f"no weight-map rule produces {target!r}")
+
+    def is_ignored(self, key: str) -> bool:
+        return any(re.fullmatch(pattern, key) for pattern in self.ignore)
+
+    def __add__(self, other: KeyMap) -> KeyMap:
+        return KeyMap(self.rules + other.rules, self.ignore + other.ignore)
+
+
+# Stale rotary buffers that some old checkpoints carry: never weights.
+ROTARY_BUFFERS = [r".*rotary_emb\.(inv_freq|cos_cached|sin_cached)"]
+
+
+def passthrough(prefix: str) -> KeyMap:
+    """Parameters named exactly as the checkpoint (InternViT under `vision_model.`)."""
+    return KeyMap([Rule(prefix + "*", (prefix + "*",))])
+
+
+def mlp1_projector(dst: str = "projector.", src: str = "mlp1.") -> KeyMap:
+    """InternVL's mlp1 = Sequential(LayerNorm, Linear, GELU, Linear): indices 0, 1, 3."""
+    rules = []
+    for name, index in (("norm", 0), ("fc1", 1), ("fc2", 3)):
+        for kind in ("weight", "bias"):
+            rules.append(Rule(f"{dst}{name}.{kind}", (f"{src}{index}.{kind}",)))
+    return KeyMap(rules)
+
+
+def hf_decoder(config, *, src: str, head: str, dst: str) -> KeyMap:
+    """transformers' Qwen2 / Qwen3 / Llama names (`src` = "...model.", `head` = the lm_head key)."""
+    q, kv, inter = (
+        config.num_heads * config.head_dim,
+        config.num_kv_heads * config.head_dim,
+        config.intermediate_size,
+    )
+    layer, official = f"{dst}layers.{{i}}.", f"{src}layers.{{i}}."
+    attn = f"{official}self_attn."
+    return KeyMap(
+        [
+            Rule(f"{dst}embed.weight", (f"{src}embed_tokens.weight",)),
+            Rule(f"{layer}attn_norm.weight", (f"{official}input_layernorm.weight",)),
+            Rule(f"{layer}mlp_norm.weight", (f"{official}post_attention_layernorm.weight",)),
+            Rule(
+                f"{layer}attn.qkv.weight",
+                (f"{attn}q_proj.weight", f"{attn}k_proj.weight", f"{attn}v_proj.weight"),
+                stack_rows([q, kv, kv]),
+            ),
+            Rule(
+                f"{layer}attn.qkv.bias",
+                (f"{attn}q_proj.bias", f"{attn}k_proj.bias", f"{attn}v_proj.bias"),
+                stack_rows([q, kv, kv]),
+            ),
+            Rule(f"{layer}attn.o.weight", (f"{attn}o_proj.weight",)),
+            Rule(f"{layer}attn.q_norm.weight", (f"{attn}q_norm.weight",)),
+            Rule(f"{layer}attn.k_norm.weight", (f"{attn}k_norm.weight",)),
+            Rule(
+                f"{layer}mlp.gate_up.weight",
+                (f"{official}mlp.gate_proj.weight", f"{official}mlp.up_proj.weight"),
+                stack_rows([inter, inter]),
+            ),
+            Rule(f"{layer}mlp.down.weight", (f"{official}mlp.down_proj.weight",)),
+            Rule(f"{dst}norm.weight", (f"{src}norm.weight",)),
+            # The stored head is used whenever it exists (SAIL-VL2-2B stores one although its config says tied);
+            # only a checkpoint without one falls back to the embedding, and only if its config says tied.
+            Rule(
+                f"{dst}lm_head.weight",
+                (head,),
+                tied_to=f"{src}embed_tokens.weight" if config.tie_word_embeddings else None,
+            ),
+        ],
+        ignore=ROTARY_BUFFERS,
+    )
+
+
+def internlm2_wqkv(config) -> Join:
+    """InternLM2's fused `attention.wqkv`, grouped per key/value head, <-> minisail's [q; k; v] rows.
+
+    Official rows: for each kv head h, its g = heads/kv_heads query heads, then its key head, then its value
+    head, each head_dim rows: W.view(kv, g + 2, head_dim, hidden). Query head h*g + j uses kv head h.
+    """
+    kv, d = config.num_kv_heads, config.head_dim
+    g = config.num_heads // kv
+
+    def join(parts):
+        (w,) = parts
+        grouped = w.reshape(kv, g + 2, d, -1)  # [kv, g+2, d, in]
+        q = grouped[:, :g].reshape(kv * g * d, -1)
+        k = grouped[:, g].reshape(kv * d, -1)
+        v = grouped[:, g + 1].reshape(kv * d, -1)
+        return torch.cat([q, k, v], dim=0)
+
+    def split(whole):
+        q, k, v = whole.split([kv * g * d, kv * d, kv * d], dim=0)
+        grouped = torch.cat([q.reshape(kv, g, d, -1), k.reshape(kv, 1, d, -1), v.reshape(kv, 1, d, -1)], dim=1)
+        return [grouped.reshape(kv * (g + 2) * d, -1)]
+
+    return Join(join, split)
+
+
+def internlm2_decoder(config, *, src: str, head: str, dst: str) -> KeyMap:
+    """InternLM2 names (InternVL's modeling_internlm2.py): tok_embeddings, attention.wqkv/wo, feed_forward.w1/w3/w2."""
+    inter = config.intermediate_size
+    layer, official = f"{dst}layers.{{i}}.", f"{src}layers.{{i}}."
+    return KeyMap(
+        [
+            Rule(f"{dst}embed.weight", (f"{src}tok_embeddings.weight",)),
+            Rule(f"{layer}attn_norm.weight", (f"{official}attention_norm.weight",)),
+            Rule(f"{layer}mlp_norm.weight", (f"{official}ffn_norm.weight",)),
+            Rule(f"{layer}attn.qkv.weight", (f"{official}attention.wqkv.weight",), internlm2_wqkv(config)),
+            Rule(f"{layer}attn.o.weight", (f"{official}attention.wo.weight",)),
+            # w1 = gate, w3 = up, w2 = down
+            Rule(
+                f"{layer}mlp.gate_up.weight",
+                (f"{official}feed_forward.w1.weight", f"{official}feed_forward.w3.weight"),
+                stack_rows([inter, inter]),
+            ),
+            Rule(f"{layer}mlp.down.weight", (f"{official}feed_forward.w2.weight",)),
+            Rule(f"{dst}norm.weight", (f"{src}norm.weight",)),
+            Rule(
+                f"{dst}lm_head.weight",
+                (head,),
+                tied_to=f"{src}tok_embeddings.weight" if config.tie_word_embeddings else None,
+            ),
+        ],
+        ignore=ROTARY_BUFFERS,
+    )

@@ -1,0 +1,98 @@
+"""Reading the official config.json of each family into minisail's small config dataclasses.
+
+Unknown keys are ignored (the official configs carry dozens of transformers bookkeeping fields); a missing
+required key is a `ConfigError` that names it and where it was expected. Class defaults of the upstream
+config classes differ from every released checkpoint (select_layer -4, ps_version v1, ...), so minisail uses
+an upstream class default only where a released config can omit the key, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from minisail.errors import ConfigError
+from minisail.llm.decoder import DecoderConfig
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} is not a folder: point minisail at the checkpoint folder that holds config.json")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder} has no config.json: is this an official checkpoint folder?")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path} is not valid JSON ({error}): download it again") from error
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} is not a JSON object")
+    return config
+
+
+def require(config: dict, key: str, where: str, kind: type | tuple = (int, float, str, bool, list, dict)):
+    if key not in config or config[key] is None:
+        raise ConfigError(f"config.json has no {key!r} in {where}: the file is incomplete or not of this model family")
+    value = config[key]
+    if not isinstance(value, kind):
+        raise ConfigError(f"config.json: {where}.{key} = {value!r} has the wrong type")
+    return value
+
+
+def positive(config: dict, key: str, where: str) -> int:
+    value = require(config, key, where, int)
+    if isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"config.json: {where}.{key} = {value!r} must be a positive integer")
+    return value
+
+
+def architecture(config: dict) -> str:
+    names = config.get("architectures") or [""]
+    return names[0] if isinstance(names, list) and names else ""
+
+
+def decoder_config(llm: dict, where: str = "llm_config") -> DecoderConfig:
+    """A DecoderConfig from a Qwen2 / Qwen3 / InternLM2 / Llama text config."""
+    arch = architecture(llm)
+    hidden, heads = positive(llm, "hidden_size", where), positive(llm, "num_attention_heads", where)
+    kv_heads = llm.get("num_key_value_heads") or heads
+    head_dim = llm.get("head_dim") or hidden // heads  # Qwen3 states it; it need not be hidden / heads
+    if heads % kv_heads:
+        raise ConfigError(f"config.json: {where} has {heads} attention heads, not a multiple of {kv_heads} kv heads")
+    scaling = llm.get("rope_scaling") or None
+    dynamic_factor = None
+    if scaling is not None:
+        kind = scaling.get("type") or scaling.get("rope_type")
+        if kind != "dynamic":
+            raise ConfigError(f"config.json: {where}.rope_scaling type {kind!r} is not supported (only 'dynamic')")
+        dynamic_factor = float(scaling["factor"])
+    is_internlm2 = arch.startswith("InternLM2") or llm.get("model_type") == "internlm2"
+    if is_internlm2:
+        qkv_bias = bool(llm.get("bias", False))
+        if qkv_bias:
+            raise ConfigError(f"config.json: {where}.bias = true (InternLM2 with biases) is not supported")
+    elif arch.startswith("Qwen2") or llm.get("model_type") == "qwen2":
+        qkv_bias = True  # Qwen2 always has q/k/v biases (and none on o_proj)
+    else:
+        qkv_bias = bool(llm.get("attention_bias", False))
+        if qkv_bias:
+            raise ConfigError(f"config.json: {where}.attention_bias = true is not supported for {arch or 'this model'}")
+    return DecoderConfig(
+        vocab_size=positive(llm, "vocab_size", where),
+        hidden_size=hidden,
+        num_layers=positive(llm, "num_hidden_layers", where),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=positive(llm, "intermediate_size", where),
+        rms_norm_eps=float(require(llm, "rms_norm_eps", where, (int, float))),
+        rope_theta=float(llm.get("rope_theta", 10000.0)),
+        max_position_embeddings=positive(llm, "max_position_embeddings", where),
+        rope_dynamic_factor=dynamic_factor,
+        qkv_bias=qkv_bias,
+        qk_norm=arch.startswith("Qwen3") or llm.get("model_type") == "qwen3",
+        tie_word_embeddings=bool(llm.get("tie_word_embeddings", False)),
+        architecture=arch,
+    )

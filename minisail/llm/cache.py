@@ -1,0 +1,46 @@
+"""A static, preallocated key/value cache.
+
+Sized once for the whole generation (prompt + new tokens), so decoding never reallocates or concatenates.
+Every layer's keys and values live in two tensors [layers, B, kv_heads, capacity, head_dim]; each step writes
+its tokens into the next free slots and attends over all `capacity` slots, with a mask that hides the slots
+not written yet and the left padding. Fixed shapes also let `torch.compile` capture a decode step once.
+
+Slots are shared by the whole batch (left padding keeps rows aligned): slot s holds the s-th token fed to
+the model, pad or not; `valid[b, s]` says whether row b's token in slot s is a real token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minisail.errors import PromptError
+
+
+class KVCache:
+    def __init__(self, *, num_layers, batch_size, num_kv_heads, head_dim, capacity, dtype, device=None):
+        shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # [B, capacity]
+        self.capacity = capacity
+        self.length = 0  # slots written so far (a Python int: the readable path; see `slots`)
+        self.slots = torch.arange(0, device=device)  # the slots of the current step, [T]
+
+    def begin_step(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Reserve slots for a step of T tokens (attention_mask [B, T], 1 = real token); returns the slots [T]."""
+        T = attention_mask.shape[1]
+        if self.length + T > self.capacity:
+            raise PromptError(
+                f"the KV cache holds {self.capacity} tokens and this step needs {self.length + T}: "
+                "allocate a larger cache (a shorter prompt or fewer new tokens)"
+            )
+        self.slots = torch.arange(self.length, self.length + T, device=self.valid.device)
+        self.valid[:, self.slots] = attention_mask.to(torch.bool)
+        self.length += T
+        return self.slots
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, kv_heads, T, D] into this step's slots; return the whole cache of the layer."""
+        self.keys[layer].index_copy_(2, self.slots, k)
+        self.values[layer].index_copy_(2, self.slots, v)
+        return self.keys[layer], self.values[layer]  # [B, kv_heads, capacity, D]

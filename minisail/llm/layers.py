@@ -1,0 +1,137 @@
+"""The building blocks of the decoder: RMSNorm, rotary embedding, grouped-query attention, SwiGLU.
+
+Mirrors the layer classes of transformers' `modeling_qwen2.py` / `modeling_llama.py` and InternVL's
+`modeling_internlm2.py`; the families differ only in the switches of `DecoderConfig`:
+
+- q/k/v biases (Qwen2), per-head q/k RMSNorm before the rotary embedding (Qwen3), neither (InternLM2, Llama);
+- rotary embedding in the rotate-half layout over the full head_dim, optionally with InternLM2's dynamic
+  NTK scaling past `max_position_embeddings`;
+- the query, key and value projections are one fused Linear (`qkv`), and gate/up one fused Linear
+  (`gate_up`): the official checkpoints store them apart (or grouped, for InternLM2) and the weight maps
+  in `minisail/checkpoint/keymaps.py` join them at load. One matmul instead of three is the same math.
+
+Numerics follow upstream: RMSNorm statistics in float32; cos/sin computed in float32 then cast to the
+activation dtype, so the rotation itself runs in the activation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisail.llm.cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, normalised in float32 and cast back before the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary position embedding (rotate-half / NeoX layout: the first and second halves of a head are the pairs)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def rope_base(theta: float, kv_length: int, max_positions: int, dynamic_factor: float | None, head_dim: int):
+    """The rotary base in effect when the key/value sequence holds `kv_length` tokens.
+
+    Plain RoPE uses `theta` everywhere. InternLM2's dynamic NTK scaling (InternLM2DynamicNTKScalingRotaryEmbedding)
+    switches to a larger base once the sequence is longer than `max_positions`:
+        base = theta * (factor * n / max_positions - (factor - 1)) ** (d / (d - 2)).
+    Upstream recomputes it from the current key/value length at every call, and keys already in the cache keep
+    the rotation they were given. (Upstream also keeps the grown table for later, shorter calls on the same
+    module; minisail computes it from the call alone, which agrees within any one generation.)
+    """
+    if dynamic_factor is None or kv_length <= max_positions:
+        return float(theta)
+    scale = dynamic_factor * kv_length / max_positions - (dynamic_factor - 1)
+    return float(theta) * scale ** (head_dim / (head_dim - 2))
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
+    """cos, sin of shape [B, T, head_dim] for integer `positions` [B, T], computed in float32."""
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim)
+    )
+    angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    angles = torch.cat((angles, angles), dim=-1)  # [B, T, head_dim]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D] rotated by cos/sin [B, T, D]."""
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention and MLP
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention: `num_heads` query heads share `num_kv_heads` key/value heads."""
+
+    def __init__(self, config, layer_index: int):
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # Rows of qkv: [q heads; k heads; v heads], each head head_dim rows (official q_proj/k_proj/v_proj stacked).
+        self.qkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
+        self.o = nn.Linear(q_size, config.hidden_size, bias=False)
+        if config.qk_norm:  # Qwen3: RMSNorm over each head's head_dim, before the rotary embedding
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write this step's keys/values, attend over everything cached so far
+            k, v = cache.update(self.layer_index, k, v)  # [B, kv_heads, S, D]
+        # Query head h reads key/value head h // (num_heads / num_kv_heads).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o(y.transpose(1, 2).reshape(B, T, q_size))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); `gate_up` holds the gate rows then the up rows."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)

@@ -1,0 +1,1 @@
+"""Model families, each composing the shared parts; `registry.py` picks one from a config.json."""

@@ -1,0 +1,152 @@
+"""The InternVL chat model: InternViT -> pixel shuffle -> mlp1 -> a decoder, with image rows at <IMG_CONTEXT>.
+
+Covers SAIL-VL-2B (InternViT-300M + Qwen2.5), InternVL2-style checkpoints (InternViT + Qwen2) and
+InternVL-Chat-V1-5 (InternViT-6B + InternLM2). Mirrors `InternVLChatModel` in InternVL's
+`modeling_internvl_chat.py` (forward / extract_feature / pixel_shuffle) and SAIL-VL-2B's `modeling_sailvl.py`.
+
+One image, pixels to logits:
+    pixel_values [N tiles, 3, S, S]
+      -> InternViT hidden state at select_layer, CLS dropped      [N, (S/14)^2, C]       (1024 tokens at 448 px)
+      -> pixel shuffle (2x2 neighbours -> one token, v1 or v2)     [N, (S/28)^2, 4C]      (256 tokens)
+      -> mlp1 projector                                            [N, 256, H]
+      -> written, tile-major, into the rows of the text embeddings where input_ids == <IMG_CONTEXT>
+      -> decoder -> logits [B, T, V]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from minisail.config import decoder_config, positive, require
+from minisail.errors import ConfigError, PromptError
+from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
+from minisail.merge import pixel_shuffle, tokens_per_tile
+from minisail.projector import MLPProjector
+from minisail.vision.intern_vit import InternViT, InternViTConfig
+
+
+@dataclass(frozen=True)
+class InternVLConfig:
+    vision: InternViTConfig
+    llm: DecoderConfig
+    select_layer: int  # which ViT hidden state feeds the projector (-1 = last layer)
+    ps_version: str  # pixel-shuffle token order, "v1" (transposed) or "v2"
+    downsample_ratio: float  # 0.5: 2x2 tokens merge into one
+    image_size: int  # tile side in pixels (force_image_size, else the ViT's image_size)
+    template: str | None  # conversation template name
+    system_message: str | None  # overrides the template's system message when set
+    min_dynamic_patch: int
+    max_dynamic_patch: int
+    use_thumbnail: bool
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return tokens_per_tile(self.image_size, self.vision.patch_size, self.downsample_ratio)
+
+
+def intern_vit_config(vision: dict) -> InternViTConfig:
+    where = "vision_config"
+    norm_type = vision.get("norm_type", "rms_norm")  # upstream class default; InternViT-6B-V1-5 omits the key
+    if norm_type not in ("rms_norm", "layer_norm"):
+        raise ConfigError(f"config.json: vision_config.norm_type {norm_type!r} is not 'rms_norm' or 'layer_norm'")
+    hidden, heads = positive(vision, "hidden_size", where), positive(vision, "num_attention_heads", where)
+    if hidden % heads:
+        raise ConfigError(f"config.json: vision_config.hidden_size {hidden} is not divisible by {heads} heads")
+    return InternViTConfig(
+        hidden_size=hidden,
+        num_heads=heads,
+        num_layers=positive(vision, "num_hidden_layers", where),
+        intermediate_size=positive(vision, "intermediate_size", where),
+        image_size=positive(vision, "image_size", where),
+        patch_size=positive(vision, "patch_size", where),
+        norm_type=norm_type,
+        norm_eps=float(vision.get("layer_norm_eps", 1e-6)),
+        qkv_bias=bool(vision.get("qkv_bias", False)),
+        qk_normalization=bool(vision.get("qk_normalization", False)),
+    )
+
+
+def internvl_config(config: dict) -> InternVLConfig:
+    vision = intern_vit_config(require(config, "vision_config", "the top level", dict))
+    llm = decoder_config(require(config, "llm_config", "the top level", dict))
+    ps_version = config.get("ps_version", "v1")  # upstream class default
+    if ps_version not in ("v1", "v2"):
+        raise ConfigError(f"config.json: ps_version {ps_version!r} is not 'v1' or 'v2'")
+    return InternVLConfig(
+        vision=vision,
+        llm=llm,
+        select_layer=int(config.get("select_layer", -4)),  # upstream class default
+        ps_version=ps_version,
+        downsample_ratio=float(config.get("downsample_ratio", 0.5)),
+        image_size=int(config.get("force_image_size") or vision.image_size),
+        template=config.get("template"),
+        system_message=config.get("system_message"),
+        min_dynamic_patch=int(config.get("min_dynamic_patch", 1)),
+        max_dynamic_patch=int(config.get("max_dynamic_patch", 12)),
+        use_thumbnail=bool(config.get("use_thumbnail", True)),
+    )
+
+
+@dataclass
+class PreparedInputs:
+    """What the decoder consumes for a prompt: embeddings with image rows in place, mask, per-layer extras."""
+
+    embeds: torch.Tensor  # [B, T, H]
+    attention_mask: torch.Tensor  # [B, T]
+    layer_kwargs: dict
+
+
+class InternVLChatModel(nn.Module):
+    def __init__(self, config: InternVLConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = InternViT(config.vision)
+        merged = int(config.vision.hidden_size / config.downsample_ratio**2)  # 4C channels after the shuffle
+        self.projector = MLPProjector(merged, config.llm.hidden_size)
+        self.language_model = Decoder(config.llm)
+        self.image_token_id: int | None = None  # <IMG_CONTEXT>: set at load from the tokenizer (never hard-coded)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, S, S] -> image embeddings [N, tokens_per_tile, H] (upstream extract_feature)."""
+        features = self.vision_model(pixel_values, self.config.select_layer)  # [N, (S/p)^2, C]
+        merged = pixel_shuffle(features, version=self.config.ps_version, scale=self.config.downsample_ratio)
+        return self.projector(merged)  # [N, T_img, H]
+
+    def layer_kwargs(self, input_ids: torch.Tensor) -> dict:
+        """Extra per-token inputs of the decoder layers (none here; Mono-InternVL routes by token)."""
+        return {}
+
+    def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_embeds=None) -> PreparedInputs:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.language_model.embed(input_ids)  # [B, T, H]
+        if pixel_values is not None and image_embeds is None:
+            image_embeds = self.encode_images(pixel_values)
+        if image_embeds is not None:
+            embeds = self.place_images(input_ids, embeds, image_embeds)
+        return PreparedInputs(embeds, attention_mask, self.layer_kwargs(input_ids))
+
+    def place_images(self, input_ids, embeds, image_embeds):
+        """Write image rows, in order, at every <IMG_CONTEXT> of the batch (row 0 first); counts must agree."""
+        if self.image_token_id is None:
+            raise PromptError("the model does not know its <IMG_CONTEXT> id: load it with its tokenizer files")
+        slots = input_ids == self.image_token_id  # [B, T]
+        rows = image_embeds.reshape(-1, image_embeds.shape[-1])  # [N * T_img, H]
+        if int(slots.sum()) != rows.shape[0]:
+            raise PromptError(
+                f"the prompt has {int(slots.sum())} <IMG_CONTEXT> tokens but the images give {rows.shape[0]} "
+                f"embeddings ({image_embeds.shape[0]} tiles x {image_embeds.shape[1]}): build the prompt with the "
+                "same tile counts as pixel_values"
+            )
+        embeds = embeds.clone()
+        embeds[slots] = rows.to(embeds.dtype)
+        return embeds
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None) -> torch.Tensor:
+        """Full forward without cache: float32 logits [B, T, V]."""
+        inputs = self.prepare_inputs(input_ids, attention_mask, pixel_values)
+        positions = positions_from_mask(inputs.attention_mask)
+        return self.language_model(inputs.embeds, inputs.attention_mask, positions, **inputs.layer_kwargs)

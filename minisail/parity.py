@@ -1,0 +1,112 @@
+"""The golden-case runner behind `python -m minisail parity CASE_DIR ...`.
+
+A case directory (format: tests/golden/README.md) holds an official-layout `checkpoint/`, `inputs.safetensors`,
+`expected.safetensors` (logits, generated_ids, vision_embeds) and `meta.json`, all produced by the upstream
+model code. The runner loads `checkpoint/` with `minisail.load` exactly as a user would, then:
+
+- logits of the full forward (no cache), compared only where attention_mask is 1;
+- vision_embeds (the image rows right before they enter the LLM), where the case has them;
+- greedy decoding with the KV cache for K tokens, compared token for token.
+
+A case passes when both max abs differences are within `tolerance` (1e-4 in float32) and every token matches.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from minisail.checkpoint.safetensors_mmap import SafetensorsFile
+from minisail.errors import CheckpointError
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass
+class CaseResult:
+    case: str
+    logits_max_abs_diff: float
+    vision_max_abs_diff: float | None
+    tokens_equal: bool
+    expected_tokens: list
+    generated_tokens: list
+    passed: bool
+    seconds: float
+
+    def line(self) -> str:
+        vision = "-" if self.vision_max_abs_diff is None else f"{self.vision_max_abs_diff:.2e}"
+        verdict = "PASS" if self.passed else "FAIL"
+        return (
+            f"{verdict} {self.case}: logits max|diff| {self.logits_max_abs_diff:.2e}, vision max|diff| {vision}, "
+            f"tokens {'equal' if self.tokens_equal else 'DIFFER'} ({len(self.expected_tokens[0])} per row), "
+            f"{self.seconds:.1f}s"
+        )
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: a golden case needs inputs.safetensors and expected.safetensors")
+    file = SafetensorsFile(path)
+    return {name: file.read(name) for name in file.entries}
+
+
+def image_token_id(meta: dict) -> int | None:
+    tokens = meta.get("image_tokens") or {}
+    for key in ("IMG_CONTEXT_id", "image_token_index", "placeholder_id"):
+        if isinstance(tokens.get(key), int):
+            return tokens[key]
+    return None
+
+
+def run_case(case_dir: str | Path, *, tolerance: float = DEFAULT_TOLERANCE) -> CaseResult:
+    from minisail import load
+    from minisail.generate import greedy_generate
+
+    case_dir = Path(case_dir)
+    start = time.perf_counter()
+    meta = json.loads((case_dir / "meta.json").read_text()) if (case_dir / "meta.json").is_file() else {}
+    inputs = read_tensors(case_dir / "inputs.safetensors")
+    expected = read_tensors(case_dir / "expected.safetensors")
+    model = load(case_dir / "checkpoint", dtype=torch.float32)
+    token_id = image_token_id(meta)
+    if token_id is not None and getattr(model, "image_token_id", None) is None:
+        model.image_token_id = token_id
+
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    pixel_values = inputs.get("pixel_values")
+    with torch.inference_mode():
+        logits = model(input_ids, attention_mask, pixel_values)
+        real = attention_mask.bool()
+        expected_logits = expected["logits"]
+        if logits.shape != expected_logits.shape:
+            raise CheckpointError(
+                f"{case_dir.name}: logits shape {tuple(logits.shape)} != {tuple(expected_logits.shape)}"
+            )
+        logits_diff = (logits - expected_logits).abs()[real].max().item()
+
+        vision_diff = None
+        if "vision_embeds" in expected and pixel_values is not None:
+            vision = model.encode_images(pixel_values)
+            vision_diff = (vision.float() - expected["vision_embeds"]).abs().max().item()
+
+        want = expected["generated_ids"]
+        got = greedy_generate(model, input_ids, attention_mask, pixel_values, max_new_tokens=want.shape[1])
+    tokens_equal = got.shape == want.shape and bool((got == want).all())
+    passed = logits_diff <= tolerance and (vision_diff is None or vision_diff <= tolerance) and tokens_equal
+    return CaseResult(
+        case=case_dir.name,
+        logits_max_abs_diff=logits_diff,
+        vision_max_abs_diff=vision_diff,
+        tokens_equal=tokens_equal,
+        expected_tokens=want.tolist(),
+        generated_tokens=got.tolist(),
+        passed=passed,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,1 @@
+"""Vision encoders: InternViT (SAIL-VL-2B, InternVL-Chat-V1-5)."""

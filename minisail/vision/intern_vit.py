@@ -1,0 +1,142 @@
+"""InternViT: the vision transformer of SAIL-VL-2B (InternViT-300M-448px) and InternVL-Chat-V1-5 (InternViT-6B).
+
+Mirrors InternVL's `modeling_intern_vit.py` (InternVisionEmbeddings / InternAttention / InternVisionEncoderLayer);
+parameter names are the official ones, so the checkpoint's `vision_model.*` keys load unchanged.
+
+    pixel_values [N, 3, S, S]
+      -> patch conv (14x14, stride 14, bias) -> [N, C, g, g] -> tokens [N, g*g, C] (row-major)
+      -> prepend class_embedding -> [N, 1 + g*g, C]
+      -> + position_embedding (its patch part bicubic-resized, in float32, to g x g)
+      -> layers: x + ls1 * attn(norm1(x));  x + ls2 * mlp(norm2(x))      (pre-norm, layer scale)
+      -> hidden_states[select_layer] (0 = embeddings, L = last layer), CLS dropped -> [N, g*g, C]
+
+Two variants, set by the config: InternViT-300M uses LayerNorm and a qkv bias; InternViT-6B uses RMSNorm, no
+qkv bias, and RMS-normalises q and k over all heads at once (one norm of width heads*head_dim, not per head).
+There is no final norm. Attention softmax runs in the activation dtype, as upstream's naive path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisail.llm.layers import RMSNorm
+
+
+@dataclass(frozen=True)
+class InternViTConfig:
+    hidden_size: int
+    num_heads: int
+    num_layers: int
+    intermediate_size: int
+    image_size: int  # the size the position table was trained at (its grid is image_size // patch_size)
+    patch_size: int
+    norm_type: str  # "layer_norm" (300M) or "rms_norm" (6B)
+    norm_eps: float
+    qkv_bias: bool
+    qk_normalization: bool
+
+
+def make_norm(config: InternViTConfig, dim: int) -> nn.Module:
+    if config.norm_type == "rms_norm":
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps)
+
+
+class InternVisionEmbeddings(nn.Module):
+    def __init__(self, config: InternViTConfig):
+        super().__init__()
+        C, self.grid = config.hidden_size, config.image_size // config.patch_size
+        self.class_embedding = nn.Parameter(torch.empty(1, 1, C))
+        self.patch_embedding = nn.Conv2d(3, C, kernel_size=config.patch_size, stride=config.patch_size)
+        self.position_embedding = nn.Parameter(torch.empty(1, 1 + self.grid**2, C))
+
+    def position_table(self, height: int, width: int) -> torch.Tensor:
+        """[1, 1 + height*width, C]: the CLS row as stored, the patch rows bicubic-resized (float32) to the grid."""
+        table = self.position_embedding
+        patches = table[:, 1:].float().reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # [1, C, G, G]
+        patches = F.interpolate(patches, size=(height, width), mode="bicubic", align_corners=False)
+        patches = patches.reshape(1, -1, height * width).permute(0, 2, 1).to(table.dtype)  # [1, h*w, C]
+        return torch.cat([table[:, :1], patches], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [N, C, h, w]
+        N, C, h, w = patches.shape
+        tokens = patches.flatten(2).transpose(1, 2)  # [N, h*w, C]
+        cls = self.class_embedding.expand(N, 1, C).to(tokens.dtype)
+        return torch.cat([cls, tokens], dim=1) + self.position_table(h, w).to(tokens.dtype)  # [N, 1+h*w, C]
+
+
+class InternAttention(nn.Module):
+    def __init__(self, config: InternViTConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.num_heads, self.head_dim = config.num_heads, C // config.num_heads
+        self.qkv = nn.Linear(C, 3 * C, bias=config.qkv_bias)  # rows: [q all heads; k; v]
+        self.qk_normalization = config.qk_normalization
+        if self.qk_normalization:  # 6B: RMSNorm over the whole width C = heads * head_dim
+            self.q_norm = RMSNorm(C, config.norm_eps)
+            self.k_norm = RMSNorm(C, config.norm_eps)
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, L, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)  # each [N, L, C]
+        if self.qk_normalization:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.view(N, L, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [N, h, L, d]
+        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, no mask
+        return self.proj(y.transpose(1, 2).reshape(N, L, C))
+
+
+class InternMLP(nn.Module):
+    def __init__(self, config: InternViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+
+
+class InternVisionLayer(nn.Module):
+    def __init__(self, config: InternViTConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.norm1, self.norm2 = make_norm(config, C), make_norm(config, C)
+        self.attn, self.mlp = InternAttention(config), InternMLP(config)
+        self.ls1 = nn.Parameter(torch.empty(C))  # layer scales
+        self.ls2 = nn.Parameter(torch.empty(C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x)) * self.ls1
+        return x + self.mlp(self.norm2(x)) * self.ls2
+
+
+class InternVisionEncoder(nn.Module):
+    def __init__(self, config: InternViTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(InternVisionLayer(config) for _ in range(config.num_layers))
+
+
+class InternViT(nn.Module):
+    """`forward(pixel_values [N,3,S,S], select_layer) -> [N, g*g, C]`: a hidden state with the CLS token dropped."""
+
+    def __init__(self, config: InternViTConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = InternVisionEmbeddings(config)
+        self.encoder = InternVisionEncoder(config)
+
+    def forward(self, pixel_values: torch.Tensor, select_layer: int = -1) -> torch.Tensor:
+        # hidden_states = [embeddings, layer 1, ..., layer L]; later layers cannot influence the one selected.
+        depth = select_layer if select_layer >= 0 else self.config.num_layers + 1 + select_layer
+        if not 0 <= depth <= self.config.num_layers:
+            raise ValueError(f"select_layer {select_layer} is outside a {self.config.num_layers}-layer ViT")
+        x = self.embeddings(pixel_values)
+        for layer in self.encoder.layers[:depth]:
+            x = layer(x)
+        return x[:, 1:]  # drop CLS
