@@ -61,7 +61,10 @@ def decoder_config(llm: dict, where: str = "llm_config") -> DecoderConfig:
     head_dim = llm.get("head_dim") or hidden // heads  # Qwen3 states it; it need not be hidden / heads
     if heads % kv_heads:
         raise ConfigError(f"config.json: {where} has {heads} attention heads, not a multiple of {kv_heads} kv heads")
-    scaling = llm.get("rope_scaling") or None
+    # transformers 4.x writes rope_theta / rope_scaling; 5.x writes both into rope_parameters.
+    rope = llm.get("rope_parameters") or {}
+    rope_theta = float(llm.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    scaling = llm.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     dynamic_factor = None
     if scaling is not None:
         kind = scaling.get("type") or scaling.get("rope_type")
@@ -88,7 +91,7 @@ def decoder_config(llm: dict, where: str = "llm_config") -> DecoderConfig:
         head_dim=head_dim,
         intermediate_size=positive(llm, "intermediate_size", where),
         rms_norm_eps=float(require(llm, "rms_norm_eps", where, (int, float))),
-        rope_theta=float(llm.get("rope_theta", 10000.0)),
+        rope_theta=rope_theta,
         max_position_embeddings=positive(llm, "max_position_embeddings", where),
         rope_dynamic_factor=dynamic_factor,
         qkv_bias=qkv_bias,

@@ -1,0 +1,153 @@
+"""Tiny random-config parity against transformers' native classes for the same math (the `parity` extra).
+
+- InternVLVisionModel (transformers' port of InternViT, both the 300M LayerNorm variant and the 6B RMSNorm +
+  qk-norm variant) against minisail's InternViT, hidden state by hidden state.
+- Qwen2ForCausalLM against minisail's decoder loaded through `minisail.load` from an official-layout checkpoint:
+  logits of a left-padded batch, and greedy tokens with the KV cache against transformers' generate().
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from checkpoints import golden_config, golden_tensors, randomize_, write_checkpoint  # noqa: E402
+
+import minisail  # noqa: E402
+from minisail.generate import greedy_generate  # noqa: E402
+from minisail.models.internvl import intern_vit_config  # noqa: E402
+from minisail.vision.intern_vit import InternViT  # noqa: E402
+
+
+def official_intern_vit_state(hf_state: dict) -> dict:
+    """transformers' InternVLVision names -> the official InternViT names (the inverse of its converter)."""
+    out = {}
+    for name, value in hf_state.items():
+        name = (
+            name.replace("embeddings.cls_token", "embeddings.class_embedding")
+            .replace("embeddings.position_embeddings", "embeddings.position_embedding")
+            .replace("embeddings.patch_embeddings.projection", "embeddings.patch_embedding")
+            .replace("encoder.layer.", "encoder.layers.")
+            .replace("lambda_1", "ls1")
+            .replace("lambda_2", "ls2")
+            .replace("attention.projection_layer", "attn.proj")
+            .replace("attention.q_norm", "attn.q_norm")
+            .replace("attention.k_norm", "attn.k_norm")
+            .replace("layernorm_before", "norm1")
+            .replace("layernorm_after", "norm2")
+        )
+        out[name] = value
+    for key in [k for k in out if ".attention.q_proj." in k]:
+        kind = key.rsplit(".", 1)[1]
+        prefix = key.split(".attention.q_proj.")[0]
+        parts = [out.pop(f"{prefix}.attention.{p}_proj.{kind}") for p in "qkv"]
+        out[f"{prefix}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["300m", "6b"])
+def test_intern_vit_matches_transformers(variant):
+    from transformers import InternVLVisionConfig, InternVLVisionModel
+
+    six_b = variant == "6b"
+    hf_config = InternVLVisionConfig(
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=96,
+        image_size=[56, 56],
+        patch_size=[14, 14],
+        norm_type="rms_norm" if six_b else "layer_norm",
+        use_qk_norm=six_b,
+        attention_bias=not six_b,
+        layer_norm_eps=1e-6,
+        use_mean_pooling=True,
+        attn_implementation="eager",
+    )
+    hf = randomize_(InternVLVisionModel(hf_config), seed=1).eval()
+    ours = InternViT(
+        intern_vit_config(
+            {
+                "hidden_size": 48,
+                "num_attention_heads": 4,
+                "num_hidden_layers": 3,
+                "intermediate_size": 96,
+                "image_size": 56,
+                "patch_size": 14,
+                "norm_type": "rms_norm" if six_b else "layer_norm",
+                "layer_norm_eps": 1e-6,
+                "qkv_bias": not six_b,
+                "qk_normalization": six_b,
+            }
+        )
+    )
+    state = official_intern_vit_state(hf.state_dict())
+    ours.load_state_dict({k: v for k, v in state.items() if not k.startswith("layernorm")}, strict=True)
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        hidden = hf(pixels, output_hidden_states=True).hidden_states  # (embeddings, layer 1, ..., layer L)
+        for select in (-1, -2, -3, 0):
+            want = hidden[select][:, 1:]
+            got = ours(pixels, select_layer=select)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def qwen2_checkpoint(tmp_path, tie: bool):
+    """An official-layout InternVL checkpoint whose language model is a random transformers Qwen2."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    hf_config = Qwen2Config(
+        vocab_size=400,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
+    )
+    hf = randomize_(Qwen2ForCausalLM(hf_config), seed=2).eval()
+    config = golden_config("internvl-qwen2-tiny")
+    llm = hf_config.to_dict()
+    llm["architectures"] = ["Qwen2ForCausalLM"]
+    config["llm_config"] = llm
+    tensors = {k: v for k, v in golden_tensors("internvl-qwen2-tiny").items() if not k.startswith("language_model.")}
+    state = hf.state_dict()
+    if tie:
+        state.pop("lm_head.weight")  # a tied checkpoint stores only the embedding
+    tensors.update({f"language_model.{k}": v for k, v in state.items()})
+    return hf, write_checkpoint(tmp_path / "ckpt", config, tensors)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_qwen2_matches_transformers(tmp_path, tie):
+    hf, folder = qwen2_checkpoint(tmp_path, tie)
+    model = minisail.load(folder, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(4)
+    input_ids = torch.randint(0, 360, (2, 20), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :6] = 0  # row 1 is left-padded
+    input_ids[1, :6] = 360
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        got = model(input_ids, attention_mask)
+    real = attention_mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+
+    with torch.no_grad():
+        hf_tokens = hf.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=360,
+            eos_token_id=None,
+        )[:, input_ids.shape[1] :]
+    ours = greedy_generate(model, input_ids, attention_mask, max_new_tokens=8)
+    assert ours.tolist() == hf_tokens.tolist()

@@ -1,0 +1,166 @@
+"""Strict loading: every tensor consumed, every parameter filled, shapes checked, clear errors, no half-loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from checkpoints import GOLDEN, golden_config, golden_tensors, write_checkpoint
+
+import minisail
+from minisail.checkpoint.keymaps import internlm2_wqkv
+from minisail.checkpoint.loader import to_official_state_dict
+from minisail.errors import CheckpointError, ConfigError
+from minisail.llm.decoder import DecoderConfig
+from minisail.models.registry import detect_family
+
+CASE = "internvl-qwen2-tiny"
+
+
+def copy_case(tmp_path, case=CASE):
+    return shutil.copytree(GOLDEN / case / "checkpoint", tmp_path / case)
+
+
+def test_load_defaults_to_the_checkpoint_dtype_and_is_zero_copy():
+    model = minisail.load(GOLDEN / CASE / "checkpoint")
+    assert model.language_model.embed.weight.dtype == torch.float32
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not model.training
+    # A tensor taken as stored is a view into the memory-mapped file, not a copy.
+    assert model.language_model.embed.weight.untyped_storage().nbytes() > model.language_model.embed.weight.nbytes
+
+
+def test_load_casts_to_the_requested_dtype():
+    model = minisail.load(GOLDEN / CASE / "checkpoint", dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        minisail.load(GOLDEN / CASE / "checkpoint", dtype="float8")
+
+
+def test_sharded_checkpoint_loads_the_same(tmp_path):
+    config, tensors = golden_config(CASE), golden_tensors(CASE)
+    folder = write_checkpoint(tmp_path / "sharded", config, tensors, shards=3)
+    a = minisail.load(GOLDEN / CASE / "checkpoint")
+    b = minisail.load(folder)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_missing_tensor_is_named(tmp_path):
+    tensors = golden_tensors(CASE)
+    del tensors["language_model.model.layers.1.self_attn.k_proj.bias"]
+    folder = write_checkpoint(tmp_path / "c", golden_config(CASE), tensors)
+    with pytest.raises(CheckpointError, match=r"layers\.1\.self_attn\.k_proj\.bias"):
+        minisail.load(folder)
+
+
+def test_unused_tensor_is_named(tmp_path):
+    tensors = golden_tensors(CASE)
+    tensors["language_model.model.layers.2.mlp.up_proj.weight"] = torch.zeros(4, 4)
+    folder = write_checkpoint(tmp_path / "c", golden_config(CASE), tensors)
+    with pytest.raises(CheckpointError, match=r"not used.*layers\.2\.mlp\.up_proj"):
+        minisail.load(folder)
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path):
+    config = golden_config(CASE)
+    config["llm_config"]["intermediate_size"] = 100  # the weights say 128
+    folder = write_checkpoint(tmp_path / "c", config, golden_tensors(CASE))
+    with pytest.raises(CheckpointError, match=r"gate_proj\.weight.*\(128, 64\)"):
+        minisail.load(folder)
+
+
+def test_untied_head_missing_is_an_error(tmp_path):
+    tensors = golden_tensors(CASE)
+    del tensors["language_model.lm_head.weight"]
+    folder = write_checkpoint(tmp_path / "c", golden_config(CASE), tensors)
+    with pytest.raises(CheckpointError, match="lm_head"):
+        minisail.load(folder)
+
+
+def test_truncated_shard_is_reported(tmp_path):
+    folder = copy_case(tmp_path)
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        minisail.load(folder)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x01\x02", b"\xff" * 64])
+def test_corrupt_file_is_reported(tmp_path, content):
+    folder = copy_case(tmp_path)
+    (folder / "model.safetensors").write_bytes(content)
+    with pytest.raises(CheckpointError):
+        minisail.load(folder)
+
+
+def test_missing_shard_is_named(tmp_path):
+    folder = shutil.copytree(GOLDEN / "internvl-internlm2-tiny" / "checkpoint", tmp_path / "c")
+    (folder / "model-00003-of-00004.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00003-of-00004.safetensors"):
+        minisail.load(folder)
+
+
+def test_index_pointing_at_the_wrong_shard(tmp_path):
+    folder = shutil.copytree(GOLDEN / "internvl-internlm2-tiny" / "checkpoint", tmp_path / "c")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    key = next(iter(index["weight_map"]))
+    others = sorted(set(index["weight_map"].values()) - {index["weight_map"][key]})
+    index["weight_map"][key] = others[0]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="does not hold it"):
+        minisail.load(folder)
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not a folder"):
+        minisail.load(tmp_path / "nowhere")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        minisail.load(tmp_path / "a")
+    folder = copy_case(tmp_path)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        minisail.load(folder)
+    config = golden_config(CASE)
+    del config["llm_config"]["num_hidden_layers"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        minisail.load(folder)
+    config = golden_config(CASE)
+    config["vision_config"]["architectures"] = ["SomethingElse"]
+    config["vision_config"]["model_type"] = "other"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="does not support"):
+        detect_family(config)
+
+
+@pytest.mark.parametrize("case", [CASE, "internvl-internlm2-tiny"])
+def test_weight_map_round_trips_to_the_official_keys(case):
+    model = minisail.load(GOLDEN / case / "checkpoint")
+    family = detect_family(golden_config(case))
+    official = to_official_state_dict(model, family.keymap(model))
+    stored = golden_tensors(case)
+    assert official.keys() == stored.keys()
+    for name, value in stored.items():
+        assert torch.equal(official[name], value), name
+
+
+def test_internlm2_wqkv_grouping():
+    """Rows of wqkv: per kv head, its g query heads, then k, then v; query head h*g + j uses kv head h."""
+    config = DecoderConfig(
+        vocab_size=8, hidden_size=4, num_layers=1, num_heads=6, num_kv_heads=2, head_dim=3,
+        intermediate_size=4, rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=8,
+    )  # fmt: skip
+    g, d = 3, 3
+    rows = torch.arange(2 * (g + 2) * d, dtype=torch.float32)[:, None].expand(-1, 4)  # row r holds the value r
+    fused = internlm2_wqkv(config).join([rows])
+    q, k, v = fused[:, 0].split([6 * d, 2 * d, 2 * d])
+    group = g + 2
+    assert q.tolist() == [float(h * group * d + j * d + i) for h in range(2) for j in range(g) for i in range(d)]
+    assert k.tolist() == [float(h * group * d + g * d + i) for h in range(2) for i in range(d)]
+    assert v.tolist() == [float(h * group * d + (g + 1) * d + i) for h in range(2) for i in range(d)]
+    assert torch.equal(internlm2_wqkv(config).split(fused)[0], rows)
