@@ -74,7 +74,9 @@ def run_case(case_dir: str | Path, *, tolerance: float = DEFAULT_TOLERANCE) -> C
     meta = json.loads((case_dir / "meta.json").read_text()) if (case_dir / "meta.json").is_file() else {}
     inputs = read_tensors(case_dir / "inputs.safetensors")
     expected = read_tensors(case_dir / "expected.safetensors")
-    model = load(case_dir / "checkpoint", dtype=torch.float32)
+    # Cases are float32 unless their meta.json says they were recorded in bfloat16 (tests/tools/record_golden.py).
+    dtype = torch.bfloat16 if str(meta.get("dtype", "")).startswith("bfloat16") else torch.float32
+    model = load(case_dir / "checkpoint", dtype=dtype)
     token_id = image_token_id(meta)
     if token_id is not None and getattr(model, "image_token_id", None) is None:
         model.image_token_id = token_id
