@@ -1,0 +1,131 @@
+"""Image -> pixel_values: InternVL's dynamic tiling policy and Yi-VL's pad-to-square policy.
+
+InternVL policy (SAIL-VL-2B, SAIL-VL2, InternVL-Chat-V1-5, Mono-InternVL-2B) mirrors the model cards'
+`load_image` = `dynamic_preprocess` (OpenGVLab/InternVL `internvl_chat/internvl/train/dataset.py`) +
+`build_transform`:
+    RGB image -> grid = tiling.best_grid -> resize to (S*cols, S*rows), PIL BICUBIC -> crop S x S tiles
+    row-major -> + whole image resized to (S, S) last if more than one tile -> float32(u) / 255
+    -> (x - ImageNet mean) / std in float32                               -> pixel_values [N, 3, S, S]
+torchvision's per-tile `Resize((S, S))` is skipped: the tiles are already S x S and it returns them unchanged.
+
+Yi-VL policy mirrors 01-ai/Yi `VL/single_inference.py` (`expand2square` from `VL/llava/mm_utils.py`, then
+transformers' `CLIPImageProcessor`):
+    pad to a square with the CLIP-mean colour (122, 116, 104), original centred (floor division) -> resize
+    to (S, S), PIL BICUBIC (shortest edge S of a square; the centre crop is then a no-op) -> u * (1/255) in
+    float64, then float32 -> (x - CLIP mean) / std in float32                -> pixel_values [1, 3, S, S]
+Upstream pads the file in its own mode; minisail converts to RGB first (image/io.py). For RGB and RGBA files
+the two are identical (an unmasked paste copies the channels, and RGBA -> RGB only drops alpha). Other modes
+go wrong upstream and are not copied: L, LA and I;16 raise TypeError in Image.new, a P image's indices are
+pasted into a canvas with another palette, and a CMYK canvas of (122, 116, 104) is black in RGB.
+
+Both reproduce tests/data/preprocess/preprocess_cases.json bit for bit (uint8 tiles and float32 values)
+with Pillow 13.0.0; another Pillow or libjpeg-turbo may decode or resample differently.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from minisail import tiling
+from minisail.errors import ImageError
+from minisail.image.io import open_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Yi-VL pads with tuple(int(x * 255) for x in image_mean): truncation, not rounding.
+YIVL_BACKGROUND = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104)
+
+MAX_RESIZED_PIXELS = 1 << 28  # 268M px (~800 MB of RGB): 12 tiles of 448 px are 2.4M
+BICUBIC = Image.Resampling.BICUBIC  # Pillow's default for resize(), named here so the choice is visible
+
+ImageSource = str | os.PathLike | Image.Image
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """What the vision tower sees for one picture, before normalisation."""
+
+    images: list[Image.Image]  # N RGB images of S x S: grid tiles row-major, then the thumbnail if any
+    grid: tuple[int, int]  # (cols, rows)
+    thumbnail: bool  # whether images[-1] is the whole-image thumbnail
+    original_size: tuple[int, int]  # (width, height) of the input
+    image_size: int  # S, the tile side
+
+    def uint8(self) -> torch.Tensor:
+        """The tiles as one uint8 tensor [N, S, S, 3] (RGB, HWC), the layout the golden hashes use."""
+        return torch.from_numpy(np.stack([np.asarray(tile) for tile in self.images]))
+
+
+def internvl_tiles(
+    image: ImageSource, *, min_tiles: int = 1, max_tiles: int = 12, image_size: int = 448, use_thumbnail: bool = True
+) -> Tiles:
+    """Cut an image into InternVL's dynamic tiles (+ thumbnail), as PIL images for inspection."""
+    image = open_image(image)
+    grid = tiling.best_grid(*image.size, min_tiles=min_tiles, max_tiles=max_tiles, image_size=image_size)
+    target = tiling.resized_size(grid, image_size)  # (S*cols, S*rows)
+    if target[0] * target[1] > MAX_RESIZED_PIXELS:
+        raise ImageError(
+            f"tiling {image.size[0]}x{image.size[1]} into {grid[0]}x{grid[1]} tiles of {image_size}px needs a "
+            f"{target[0]}x{target[1]} intermediate image; lower max_tiles or image_size"
+        )
+    resized = image.resize(target, BICUBIC)
+    tiles = [resized.crop(box) for box in tiling.tile_boxes(grid, image_size)]
+    thumbnail = tiling.has_thumbnail(grid, use_thumbnail=use_thumbnail)
+    if thumbnail:
+        tiles.append(image.resize((image_size, image_size), BICUBIC))
+    return Tiles(images=tiles, grid=grid, thumbnail=thumbnail, original_size=image.size, image_size=image_size)
+
+
+def internvl_pixel_values(
+    image: ImageSource, *, min_tiles: int = 1, max_tiles: int = 12, image_size: int = 448, use_thumbnail: bool = True
+) -> torch.Tensor:
+    """InternVL pixel_values, float32 [N, 3, S, S] with N = cols*rows (+1 thumbnail)."""
+    tiles = internvl_tiles(
+        image, min_tiles=min_tiles, max_tiles=max_tiles, image_size=image_size, use_thumbnail=use_thumbnail
+    )
+    x = tiles.uint8().permute(0, 3, 1, 2).to(torch.float32) / 255  # ToTensor: float32(u) / 255, [N, 3, S, S]
+    return _normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def yivl_padded(image: ImageSource) -> Image.Image:
+    """Yi-VL's `expand2square`: the RGB image centred on a max(w, h) square of YIVL_BACKGROUND."""
+    image = open_image(image)
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), YIVL_BACKGROUND)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def yivl_tile(image: ImageSource, *, image_size: int = 448) -> Image.Image:
+    """The single S x S RGB image Yi-VL's CLIP tower sees (padded, then resized with PIL bicubic)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= tiling.MAX_TILE_SIZE:
+        raise ImageError(f"image_size must be an integer between 1 and {tiling.MAX_TILE_SIZE}, got {image_size!r}")
+    padded = yivl_padded(image)
+    # CLIPImageProcessor: shortest edge -> S (the image is square, so (S, S)), then centre crop S: a no-op.
+    return padded.resize((image_size, image_size), BICUBIC)
+
+
+def yivl_pixel_values(image: ImageSource, *, image_size: int = 448) -> torch.Tensor:
+    """Yi-VL pixel_values, float32 [1, 3, S, S]."""
+    u = torch.from_numpy(np.asarray(yivl_tile(image, image_size=image_size)).copy())  # [S, S, 3] uint8
+    # transformers' rescale multiplies by 1/255 in float64 and only then casts, unlike InternVL's float32(u)/255
+    # (for uint8 input the two happen to round alike for all 256 values; tests/test_preprocess.py checks it).
+    x = (u.permute(2, 0, 1).to(torch.float64) * (1 / 255)).to(torch.float32)[None]  # [1, 3, S, S]
+    return _normalize(x, CLIP_MEAN, CLIP_STD)
+
+
+def _normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(x - mean) / std per channel, all in float32 as torchvision and transformers do it. x: [N, 3, S, S]."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
