@@ -1,6 +1,7 @@
 """`minisail.load(path, *, dtype=None, device=None)`: an official checkpoint folder -> a ready model.
 
-1. read config.json and pick the family from its sub-configs (models/registry.py);
+1. read config.json and pick the family from its sub-configs (models/registry.py), then read the files the
+   config points to (Yi-VL: the vision folder's own config.json);
 2. build the model on the meta device: no memory, no random init;
 3. fill every parameter from the memory-mapped checkpoint through the family's weight map, strictly
    (checkpoint/loader.py), casting floats to `dtype` (default: the checkpoint's own, bf16 for the releases);
@@ -40,10 +41,13 @@ def load(path, *, dtype=None, device=None):
     folder = Path(path)
     config = read_config(folder)
     family = detect_family(config)
+    config = family.complete_config(folder, config)
     with torch.device("meta"):
         model = family.build(config)
     tensors = family.open_tensors(folder, config)
     dtype = resolve_dtype(dtype) or checkpoint_dtype(tensors)
+    if hasattr(model, "check_dtype"):  # a family that cannot run in some dtype says so before any tensor is read
+        model.check_dtype(dtype)
     fill_from_checkpoint(model, tensors, family.keymap(model), dtype)
     model.eval()
     if device is not None:

@@ -14,6 +14,7 @@ A case passes when both max abs differences are within `tolerance` (1e-4 in floa
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,7 +63,13 @@ def image_token_id(meta: dict) -> int | None:
     for key in ("IMG_CONTEXT_id", "image_token_index", "placeholder_id"):
         if isinstance(tokens.get(key), int):
             return tokens[key]
-    return None
+    # The SAIL-VL2 and Mono cases name it under "tokens", e.g. "IMG_CONTEXT (<IMG_CONTEXT>)": 388.
+    for key, value in (meta.get("tokens") or {}).items():
+        if key.startswith("IMG_CONTEXT") and isinstance(value, int):
+            return value
+    # The Yi-VL cases describe LLaVA's placeholder in prose: "... IMAGE_TOKEN_INDEX = -200 in input_ids ..."
+    found = re.search(r"IMAGE_TOKEN_INDEX\s*=\s*(-?\d+)", str(meta.get("image_token", "")))
+    return int(found.group(1)) if found else None
 
 
 def run_case(case_dir: str | Path, *, tolerance: float = DEFAULT_TOLERANCE) -> CaseResult:
@@ -86,6 +93,8 @@ def run_case(case_dir: str | Path, *, tolerance: float = DEFAULT_TOLERANCE) -> C
     with torch.inference_mode():
         logits = model(input_ids, attention_mask, pixel_values)
         real = attention_mask.bool()
+        if real.shape != logits.shape[:2]:  # LLaVA (Yi-VL) splices image rows in: compare over the spliced mask
+            real = model.prepare_inputs(input_ids, attention_mask, pixel_values).attention_mask.bool()
         expected_logits = expected["logits"]
         if logits.shape != expected_logits.shape:
             raise CheckpointError(

@@ -8,6 +8,11 @@ Layouts (the official ones, as save_pretrained writes them):
 `CheckpointTensors` maps every tensor name to the file that holds it and hands out either a zero-copy view
 or a fresh copy (see `SafetensorsFile`). A missing shard, a tensor the index promises but the shard lacks,
 or a tensor stored twice is a `CheckpointError` that names it.
+
+`open_checkpoint_folder` also takes the PyTorch `.bin` layouts (checkpoint/torch_bin.py), preferring
+safetensors when a folder has both. `NamespacedTensors` joins several folders into one set of names (Yi-VL:
+the main checkpoint plus the vision tower's `vit/<name>/` folder under "vit."), so a weight map can say
+which folder each tensor comes from.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 import torch
 
 from minisail.checkpoint.safetensors_mmap import SafetensorsFile
+from minisail.checkpoint.torch_bin import BinTensors, open_bin_folder
 from minisail.errors import CheckpointError
 
 
@@ -79,3 +85,55 @@ def open_safetensors_folder(folder: Path, prefix: str = "model") -> CheckpointTe
         f"{folder} has neither {single.name} nor {index.name}: point minisail at the checkpoint folder "
         "that holds config.json and the weights"
     )
+
+
+def open_checkpoint_folder(folder: Path) -> CheckpointTensors | BinTensors:
+    """The tensors of `folder`: safetensors (model.safetensors[.index.json]) if present, else PyTorch .bin
+    (pytorch_model.bin[.index.json]); each with its index followed exactly."""
+    folder = Path(folder)
+    if any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        return open_safetensors_folder(folder)
+    if any((folder / name).is_file() for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        return open_bin_folder(folder)
+    raise CheckpointError(
+        f"{folder} has no weights (neither model.safetensors[.index.json] nor pytorch_model.bin[.index.json]): "
+        "point minisail at the checkpoint folder that holds config.json and the weights"
+    )
+
+
+class NamespacedTensors:
+    """Several tensor sets seen as one: the tensor `n` of the set registered under prefix `p` is named `p + n`.
+
+    Same interface as `CheckpointTensors`; views and copies come from the underlying set unchanged.
+    """
+
+    def __init__(self, parts: dict[str, CheckpointTensors | BinTensors], description: str):
+        self.description = description
+        self.location: dict[str, tuple[CheckpointTensors | BinTensors, str]] = {}
+        for prefix, tensors in parts.items():
+            for name in tensors.keys():
+                if prefix + name in self.location:
+                    raise CheckpointError(f"{description}: two folders provide a tensor named {prefix + name!r}")
+                self.location[prefix + name] = (tensors, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.location
+
+    def keys(self):
+        return self.location.keys()
+
+    def dtype(self, name: str) -> torch.dtype:
+        tensors, inner = self.location[name]
+        return tensors.dtype(inner)
+
+    def shape(self, name: str) -> list[int]:
+        tensors, inner = self.location[name]
+        return tensors.shape(inner)
+
+    def view(self, name: str) -> torch.Tensor:
+        tensors, inner = self.location[name]
+        return tensors.view(inner)
+
+    def read(self, name: str) -> torch.Tensor:
+        tensors, inner = self.location[name]
+        return tensors.read(inner)

@@ -188,3 +188,66 @@ def internlm2_decoder(config, *, src: str, head: str, dst: str) -> KeyMap:
         ],
         ignore=ROTARY_BUFFERS,
     )
+
+
+def internlm2_visual_experts(config, *, src: str, dst: str) -> KeyMap:
+    """Mono-InternVL's two FFNs per layer: `feed_forward` (text) and `feed_forward_ve` (visual), each w1/w3/w2.
+
+    Put these rules before `internlm2_decoder`'s: they fill `mlp.text.*` and `mlp.visual.*` of a
+    `VisualExpertMLP`; the plain `mlp.*` rules then match nothing and every other name is shared.
+    """
+    inter = config.intermediate_size
+    layer, official = f"{dst}layers.{{i}}.", f"{src}layers.{{i}}."
+    rules = []
+    for expert, module in (("text", "feed_forward"), ("visual", "feed_forward_ve")):
+        rules.append(
+            Rule(
+                f"{layer}mlp.{expert}.gate_up.weight",
+                (f"{official}{module}.w1.weight", f"{official}{module}.w3.weight"),
+                stack_rows([inter, inter]),
+            )
+        )
+        rules.append(Rule(f"{layer}mlp.{expert}.down.weight", (f"{official}{module}.w2.weight",)))
+    return KeyMap(rules)
+
+
+def sail_vit(src: str = "vision_model.", dst: str = "vision_model.") -> KeyMap:
+    """SAIL-ViT (SAIL-VL2's `modeling_sailvit.py`): minisail keeps the official names, so every rule is a rename.
+
+    The biases (`qkv_bias`, `use_bias`) exist only when the config asks for them (never in the releases).
+    """
+    block, official = f"{dst}trunk.blocks.{{i}}.", f"{src}trunk.blocks.{{i}}."
+    names = [f"preprocessor.patchifier.proj.{kind}" for kind in ("weight", "bias")]
+    names += ["preprocessor.patchifier.norm.weight", "preprocessor.pos_embed", "trunk.post_trunk_norm.weight"]
+    rules = [Rule(dst + name, (src + name,)) for name in names]
+    for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "mlp.fc3"):
+        rules += [Rule(f"{block}{name}.{kind}", (f"{official}{name}.{kind}",)) for kind in ("weight", "bias")]
+    rules += [Rule(f"{block}{name}.weight", (f"{official}{name}.weight",)) for name in ("norm_1", "norm_2")]
+    return KeyMap(rules)
+
+
+def renamed(dst: str, src: str) -> KeyMap:
+    """Parameters named as the checkpoint under another prefix (the CLIP tower: `vit.vision_model.*`)."""
+    return KeyMap([Rule(dst + "*", (src + "*",))])
+
+
+def llava_norm_projector(depth: int, dst: str = "projector.", src: str = "model.mm_projector.") -> KeyMap:
+    """LLaVA's mlp{depth}x_gelu_Norm = Sequential(Linear, LayerNorm, [GELU, Linear, LayerNorm] ...): the k-th
+    Linear is index 3k, its LayerNorm 3k + 1 (Yi-VL: 0, 1, 3, 4)."""
+    rules = []
+    for k in range(depth):
+        for kind in ("weight", "bias"):
+            rules.append(Rule(f"{dst}fcs.{k}.{kind}", (f"{src}{3 * k}.{kind}",)))
+            rules.append(Rule(f"{dst}norms.{k}.{kind}", (f"{src}{3 * k + 1}.{kind}",)))
+    return KeyMap(rules)
+
+
+def clip_vision_unused(src: str, *, num_layers: int, depth: int) -> KeyMap:
+    """The official CLIP vision keys LLaVA never reads, so minisail does not build them:
+    - `post_layernorm`: it only normalises the pooled CLS output, and LLaVA takes an inner hidden state;
+    - blocks `depth` .. num_layers - 1: they come after the selected hidden state (Yi-VL: the last block);
+    - `embeddings.position_ids`: an arange buffer that checkpoints of older transformers versions store."""
+    prefix = re.escape(src)
+    ignore = [prefix + r"post_layernorm\.(weight|bias)", prefix + r"embeddings\.position_ids"]
+    ignore += [prefix + re.escape(f"encoder.layers.{i}.") + ".+" for i in range(depth, num_layers)]
+    return KeyMap([], ignore)

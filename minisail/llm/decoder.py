@@ -21,6 +21,7 @@ from torch import nn
 
 from minisail.llm.cache import KVCache
 from minisail.llm.layers import Attention, RMSNorm, SwiGLU, rope_base, rope_cos_sin
+from minisail.llm.moe import VisualExpertMLP
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class DecoderConfig:
     rope_dynamic_factor: float | None = None  # InternLM2 rope_scaling {type: dynamic, factor}
     qkv_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3
+    visual_experts: bool = False  # Mono-InternVL: a second FFN for <IMG_CONTEXT> tokens (minisail/llm/moe.py)
     tie_word_embeddings: bool = False  # only used when the checkpoint stores no lm_head
     architecture: str = ""  # the official class name, for messages
 
@@ -48,10 +50,16 @@ class DecoderLayer(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = Attention(config, layer_index)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.visual_experts = config.visual_experts
+        if config.visual_experts:  # text and visual FFN, routed per token by visual_token_mask
+            self.mlp = VisualExpertMLP(config.hidden_size, config.intermediate_size)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(self, x, cos, sin, mask, cache, visual_token_mask=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        if self.visual_experts:
+            return x + self.mlp(self.mlp_norm(x), visual_token_mask)  # visual_token_mask [B, T] bool
         return x + self.mlp(self.mlp_norm(x))
 
 

@@ -3,10 +3,12 @@
 Covers SAIL-VL-2B (InternViT-300M + Qwen2.5), InternVL2-style checkpoints (InternViT + Qwen2) and
 InternVL-Chat-V1-5 (InternViT-6B + InternLM2). Mirrors `InternVLChatModel` in InternVL's
 `modeling_internvl_chat.py` (forward / extract_feature / pixel_shuffle) and SAIL-VL-2B's `modeling_sailvl.py`.
+SAIL-VL2 is this model with SAIL-ViT passed in as the vision tower (models/sailvl2.py): its chat-level config,
+pixel shuffle, mlp1 and image placement are the same code upstream.
 
 One image, pixels to logits:
     pixel_values [N tiles, 3, S, S]
-      -> InternViT hidden state at select_layer, CLS dropped      [N, (S/14)^2, C]       (1024 tokens at 448 px)
+      -> ViT hidden state at select_layer (InternViT: CLS dropped) [N, (S/14)^2, C]       (1024 tokens at 448 px)
       -> pixel shuffle (2x2 neighbours -> one token, v1 or v2)     [N, (S/28)^2, 4C]      (256 tokens)
       -> mlp1 projector                                            [N, 256, H]
       -> written, tile-major, into the rows of the text embeddings where input_ids == <IMG_CONTEXT>
@@ -26,11 +28,12 @@ from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
 from minisail.merge import pixel_shuffle, tokens_per_tile
 from minisail.projector import MLPProjector
 from minisail.vision.intern_vit import InternViT, InternViTConfig
+from minisail.vision.sail_vit import SailViTConfig
 
 
 @dataclass(frozen=True)
 class InternVLConfig:
-    vision: InternViTConfig
+    vision: InternViTConfig | SailViTConfig  # the tower's; this module reads hidden_size, patch_size, image_size
     llm: DecoderConfig
     select_layer: int  # which ViT hidden state feeds the projector (-1 = last layer)
     ps_version: str  # pixel-shuffle token order, "v1" (transposed) or "v2"
@@ -69,8 +72,10 @@ def intern_vit_config(vision: dict) -> InternViTConfig:
     )
 
 
-def internvl_config(config: dict) -> InternVLConfig:
-    vision = intern_vit_config(require(config, "vision_config", "the top level", dict))
+def internvl_config(config: dict, vision: InternViTConfig | SailViTConfig | None = None) -> InternVLConfig:
+    """The chat-level keys of config.json; `vision` is the tower's config if the caller read it (SAIL-VL2)."""
+    if vision is None:
+        vision = intern_vit_config(require(config, "vision_config", "the top level", dict))
     llm = decoder_config(require(config, "llm_config", "the top level", dict))
     ps_version = config.get("ps_version", "v1")  # upstream class default
     if ps_version not in ("v1", "v2"):
@@ -100,10 +105,12 @@ class PreparedInputs:
 
 
 class InternVLChatModel(nn.Module):
-    def __init__(self, config: InternVLConfig):
+    """`vision_model`: any tower with `forward(pixel_values, select_layer) -> [N, (S/p)^2, C]` (default InternViT)."""
+
+    def __init__(self, config: InternVLConfig, vision_model: nn.Module | None = None):
         super().__init__()
         self.config = config
-        self.vision_model = InternViT(config.vision)
+        self.vision_model = vision_model if vision_model is not None else InternViT(config.vision)
         merged = int(config.vision.hidden_size / config.downsample_ratio**2)  # 4C channels after the shuffle
         self.projector = MLPProjector(merged, config.llm.hidden_size)
         self.language_model = Decoder(config.llm)

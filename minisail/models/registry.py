@@ -26,6 +26,8 @@ class Family:
     build: Callable[[dict], nn.Module]  # config.json dict -> model on the current (meta) device
     keymap: Callable[[nn.Module], keymaps.KeyMap]  # built model -> its weight map
     open_tensors: Callable[[Path, dict], CheckpointTensors] = lambda folder, config: open_safetensors_folder(folder)
+    # config.json completed with the files it points to, before build (Yi-VL: the vision folder's config.json)
+    complete_config: Callable[[Path, dict], dict] = lambda folder, config: config
 
 
 def sub_config_kinds(config: dict) -> tuple[str, str]:
@@ -64,7 +66,100 @@ def _internvl_keymap(model) -> keymaps.KeyMap:
 INTERNVL = Family("internvl", _is_internvl, _build_internvl, _internvl_keymap)
 
 
-FAMILIES: list[Family] = [INTERNVL]
+# --- Mono-InternVL: patch embedding (no ViT layers) + InternLM2 with FFN visual experts --------------------------
+
+
+def _is_mono(config: dict) -> bool:
+    vision, llm = sub_config_kinds(config)
+    return vision in ("InternVisionPatchModel", "intern_vit_patch") and llm == "InternLM2VEForCausalLM"
+
+
+def _build_mono(config: dict) -> nn.Module:
+    from minisail.models.mono import MonoInternVLChatModel, mono_config
+
+    return MonoInternVLChatModel(mono_config(config))
+
+
+def _mono_keymap(model) -> keymaps.KeyMap:
+    # The visual-expert rules come first: they claim feed_forward{,_ve}.*; the rest is InternLM2 as in V1-5.
+    root = "language_model."
+    experts = keymaps.internlm2_visual_experts(model.config.llm, src=f"{root}model.", dst=root)
+    llm = llm_keymap(model.config.llm, root=root, dst=root)
+    return keymaps.passthrough("vision_model.") + keymaps.mlp1_projector() + experts + llm
+
+
+MONO = Family("mono-internvl", _is_mono, _build_mono, _mono_keymap)
+
+
+# --- SAIL-ViT + Qwen3: SAIL-VL2 (2B, 8B, -Thinking); its top-level model_type `sailvl` is SAIL-VL-2B's too ---------
+
+
+def _is_sailvl2(config: dict) -> bool:
+    vision, llm = sub_config_kinds(config)
+    return vision in ("SAILViTModel", "sailvit") and llm in ("Qwen3ForCausalLM", "qwen3")
+
+
+def _build_sailvl2(config: dict) -> nn.Module:
+    from minisail.models.sailvl2 import build_sailvl2
+
+    return build_sailvl2(config)
+
+
+def _sailvl2_keymap(model) -> keymaps.KeyMap:
+    llm = llm_keymap(model.config.llm, root="language_model.", dst="language_model.")
+    return keymaps.sail_vit() + keymaps.mlp1_projector() + llm
+
+
+SAILVL2 = Family("sailvl2", _is_sailvl2, _build_sailvl2, _sailvl2_keymap)
+
+
+# --- CLIP ViT-H + mlp2x_gelu_Norm + Yi (Llama): Yi-VL-6B / 34B, a LLaVA checkpoint with its tower in vit/<name>/ ------
+
+
+def _is_yivl(config: dict) -> bool:
+    # transformers' own llava configs (the "-hf" conversions) nest a text_config instead of the mm_* keys
+    return config.get("model_type") == "llava" and "mm_vision_tower" in config and "text_config" not in config
+
+
+def _build_yivl(config: dict) -> nn.Module:
+    from minisail.models.yivl import YiVLModel, yivl_config
+
+    return YiVLModel(yivl_config(config))
+
+
+def _complete_yivl_config(folder: Path, config: dict) -> dict:
+    from minisail.models.yivl import with_vision_config
+
+    return with_vision_config(folder, config)
+
+
+def _open_yivl_tensors(folder: Path, config: dict):
+    from minisail.models.yivl import open_yivl_tensors
+
+    return open_yivl_tensors(folder, config)
+
+
+def _yivl_keymap(model) -> keymaps.KeyMap:
+    from minisail.models.yivl import VIT_PREFIX
+
+    c, vit = model.config, f"{VIT_PREFIX}vision_model."
+    return (
+        keymaps.renamed("vision_tower.", vit)
+        + keymaps.clip_vision_unused(vit, num_layers=c.vision.num_layers, depth=model.vision_tower.depth)
+        + keymaps.llava_norm_projector(c.projector_depth)
+        + keymaps.hf_decoder(c.llm, src="model.", head="lm_head.weight", dst="language_model.")
+        # The main shards also hold a bf16 copy of the tower. Upstream never loads it (it builds the tower with
+        # delay_load=True and then from vit/<name>/, float32), so the copy is deliberately left unused.
+        + keymaps.KeyMap([], ignore=[r"model\.vision_tower\.vision_tower\..+"])
+    )
+
+
+YIVL = Family(
+    "yi-vl", _is_yivl, _build_yivl, _yivl_keymap, open_tensors=_open_yivl_tensors, complete_config=_complete_yivl_config
+)
+
+
+FAMILIES: list[Family] = [INTERNVL, MONO, SAILVL2, YIVL]
 
 
 def detect_family(config: dict) -> Family:

@@ -1,0 +1,101 @@
+"""Mono-InternVL-2B: a patch embedding -> pixel shuffle -> mlp1 -> InternLM2 with FFN visual experts.
+
+Mirrors `InternVLChatModel` of Mono-InternVL (github OpenGVLab/Mono-InternVL @ 5b17ab45,
+`internvl/model/internvl_chat/modeling_internvl_chat.py`) with `InternVisionPatchModel` as its vision model
+and `InternLM2VEForCausalLM` as its language model. It is InternVL's composition with two parts swapped:
+
+    pixel_values [N, 3, S, S]
+      -> patch conv + position table, CLS dropped (vision/patch_embed.py)   [N, (S/14)^2, C]   no ViT layers
+      -> pixel shuffle v2 -> mlp1                                            [N, 256, H]
+      -> written at <IMG_CONTEXT>, as in InternVL
+      -> InternLM2 whose layers have a text and a visual FFN (llm/moe.py); a token uses the visual FFN
+         exactly when its id is <IMG_CONTEXT>, in the prompt and in every decode step alike
+
+So this class reuses InternVLChatModel's encode_images / prepare_inputs / place_images / forward and only
+builds other modules and returns the routing mask from `layer_kwargs`.
+
+A decoded token is routed by the same rule. Upstream's cached decoding runs the text FFN on every new token
+whatever it is; a model that generated <IMG_CONTEXT> (no sensible model does: it is a placeholder for image
+rows) would take the visual FFN here and the text FFN there, which is what upstream itself computes when the
+same sequence is replayed without a cache.
+
+float16 is refused: the upstream model overflows to NaN in float16 (lmdeploy refuses it too, PR #2727).
+Loading with dtype float16, or casting a loaded model to it, is a ConfigError; use bfloat16 or float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from minisail.config import decoder_config, positive, require
+from minisail.errors import ConfigError
+from minisail.models.internvl import InternVLChatModel, InternVLConfig
+from minisail.vision.patch_embed import InternVisionPatchModel, PatchEmbedConfig
+
+
+def patch_embed_config(vision: dict) -> PatchEmbedConfig:
+    where = "vision_config"
+    return PatchEmbedConfig(
+        hidden_size=positive(vision, "hidden_size", where),
+        image_size=positive(vision, "image_size", where),
+        patch_size=positive(vision, "patch_size", where),
+    )
+
+
+def mono_config(config: dict) -> InternVLConfig:
+    """The InternVL chat-level fields, a patch-embedding vision config and an InternLM2 with visual experts."""
+    vision = patch_embed_config(require(config, "vision_config", "the top level", dict))
+    llm = replace(decoder_config(require(config, "llm_config", "the top level", dict)), visual_experts=True)
+    select_layer = int(config.get("select_layer", -4))  # upstream class default
+    if select_layer != -1:  # upstream reads the last hidden state only; any other value fails there
+        raise ConfigError(
+            f"config.json: select_layer {select_layer} is not -1: Mono-InternVL's vision model has no layers, "
+            "only the patch embedding (select_layer -1)"
+        )
+    ps_version = config.get("ps_version", "v1")  # upstream class default
+    if ps_version not in ("v1", "v2"):
+        raise ConfigError(f"config.json: ps_version {ps_version!r} is not 'v1' or 'v2'")
+    return InternVLConfig(
+        vision=vision,
+        llm=llm,
+        select_layer=select_layer,
+        ps_version=ps_version,
+        downsample_ratio=float(config.get("downsample_ratio", 0.5)),
+        image_size=int(config.get("force_image_size") or vision.image_size),
+        template=config.get("template"),
+        system_message=config.get("system_message"),
+        min_dynamic_patch=int(config.get("min_dynamic_patch", 1)),
+        max_dynamic_patch=int(config.get("max_dynamic_patch", 12)),
+        use_thumbnail=bool(config.get("use_thumbnail", True)),
+    )
+
+
+def refuse_float16(dtype: torch.dtype) -> None:
+    if dtype == torch.float16:
+        raise ConfigError(
+            "Mono-InternVL does not run in float16: the official model overflows to NaN in float16 "
+            "(lmdeploy refuses it for the same reason). Load it with dtype=torch.bfloat16 (the checkpoint's "
+            "own) or torch.float32"
+        )
+
+
+class MonoInternVLChatModel(InternVLChatModel):
+    def __init__(self, config: InternVLConfig):
+        # config.llm.visual_experts makes the decoder's layers hold VisualExpertMLP FFNs (llm/moe.py).
+        super().__init__(config, vision_model=InternVisionPatchModel(config.vision))
+
+    def layer_kwargs(self, input_ids: torch.Tensor) -> dict:
+        """The FFN routing of `input_ids` [B, T]: visual_token_mask [B, T] bool, True at <IMG_CONTEXT>.
+
+        Called for the prompt and for every decoded token, so one rule routes them all. Without a known
+        <IMG_CONTEXT> id no token can be visual (and no image can be placed: place_images refuses)."""
+        refuse_float16(self.language_model.embed.weight.dtype)  # also after a model.half() following load
+        if self.image_token_id is None:
+            return {}
+        return {"visual_token_mask": input_ids == self.image_token_id}
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """Called by minisail.load before any tensor is read: refuse float16 up front."""
+        refuse_float16(dtype)

@@ -1,0 +1,249 @@
+"""Yi-VL (01-ai/Yi-VL-6B, -34B): a LLaVA model, CLIP ViT-H -> `mlp2x_gelu_Norm` projector -> Yi (a Llama).
+
+Mirrors Yi `VL/llava/model/llava_llama.py` (LlavaLlamaForCausalLM), `llava_arch.py` (encode_images,
+prepare_inputs_labels_for_multimodal) and `clip_encoder/clip_encoder.py` (feature_select), at github
+01-ai/Yi @ f73194c.
+
+One image, pixels to logits:
+    pixel_values [N images, 3, S, S]          (S = 448, padded to a square: image/preprocess.yivl_pixel_values)
+      -> CLIP hidden_states[mm_vision_select_layer] (-2: the output of the second-to-last block)  [N, 1 + g*g, C]
+      -> CLS dropped (mm_vision_select_feature "patch")                                    [N, g*g, C]  1024 x 1280
+      -> projector (Linear, LayerNorm, GELU, Linear, LayerNorm)                           [N, g*g, H]
+      -> spliced into the text embeddings in place of each IMAGE_TOKEN_INDEX (-200) of input_ids: no start/end
+         tokens, so every image grows the sequence by g*g - 1 (1023)
+      -> Llama decoder, positions attention_mask.cumsum(-1) - 1 over the spliced sequence -> logits [B, T', V]
+
+The checkpoint is two folders: config.json is a Llama config plus `mm_*` keys, and `mm_vision_tower` names the
+vision tower's own folder relative to the checkpoint (`./vit/clip-vit-H-14-laion2B-s32B-b79K-yi-vl-6B-448`),
+with a CLIPVisionModel config.json and float32 weights. Upstream builds the tower from that folder
+(delay_load=True), so the bf16 copy of the tower in the main shards is never used: minisail ignores it too.
+
+Batches: upstream splices every row, then right-pads the rows to one length, and at inference (labels=None)
+that branch fails (it reads `_new_labels`, defined only for training); rows of equal spliced length get the
+mask [original mask, ones]. minisail splices every row and **left**-pads the spliced rows with zero embeddings
+(mask 0): identical to upstream whenever upstream runs (left-padded rows of equal spliced length), and what the
+shared KV-cache generation expects (every row's last real token at the end). Images are matched to
+placeholders in order, row 0 first; unlike upstream, a row without a placeholder consumes no image.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minisail.checkpoint.files import NamespacedTensors, open_checkpoint_folder
+from minisail.config import decoder_config, positive, read_config, require
+from minisail.errors import CheckpointError, ConfigError, PromptError
+from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
+from minisail.models.internvl import PreparedInputs
+from minisail.projector import LayerNormMLPProjector
+from minisail.vision.clip_vit import ACTIVATIONS, CLIPVisionConfig, CLIPVisionTower, depth_for
+
+IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder in input_ids (Yi `llava/model/constants.py`): not a vocabulary id
+VIT_PREFIX = "vit."  # the vision folder's tensors, as the weight map sees them
+
+
+@dataclass(frozen=True)
+class YiVLConfig:
+    vision: CLIPVisionConfig
+    llm: DecoderConfig
+    vision_tower: str  # mm_vision_tower as config.json writes it: the vision folder, relative to the checkpoint
+    select_layer: int  # mm_vision_select_layer: which CLIP hidden state feeds the projector
+    select_feature: str  # "patch" (CLS dropped) or "cls_patch"
+    projector_depth: int  # N of mlpNx_gelu_Norm
+    template: str = "mm_default"  # llava configs carry no template key; Yi's single_inference.py uses this one
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.image_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision.grid**2 + (self.select_feature == "cls_patch")
+
+
+# --- config.json + vit/<name>/config.json -----------------------------------------------------------------------
+
+
+def vision_folder(folder: Path, config: dict) -> Path:
+    """The vision tower's folder: mm_vision_tower joined to the checkpoint folder, as upstream joins it."""
+    name = require(config, "mm_vision_tower", "the top level", str)
+    path = Path(folder) / name
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{folder}: config.json's mm_vision_tower {name!r} is not a folder ({path} is missing). Yi-VL checkpoints "
+            "ship their CLIP vision tower (config.json + weights) in that folder: download it too"
+        )
+    return path
+
+
+def with_vision_config(folder: Path, config: dict) -> dict:
+    """config.json plus the vision folder's CLIP config as `vision_config` (what `yivl_config` reads)."""
+    vit = read_config(vision_folder(folder, config))
+    if isinstance(vit.get("vision_config"), dict):  # a full CLIPConfig: its vision half, as CLIPVisionConfig reads it
+        vit = vit["vision_config"]
+    return {**config, "vision_config": vit}
+
+
+def clip_vision_config(vision: dict, where: str = "the vision tower's config.json") -> CLIPVisionConfig:
+    hidden, heads = positive(vision, "hidden_size", where), positive(vision, "num_attention_heads", where)
+    if hidden % heads:
+        raise ConfigError(f"config.json: {where} hidden_size {hidden} is not divisible by {heads} heads")
+    act = vision.get("hidden_act", "quick_gelu")  # CLIPVisionConfig's class default; Yi-VL's says "gelu"
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"{where}: hidden_act {act!r} is not supported (only {', '.join(ACTIVATIONS)})")
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        num_heads=heads,
+        num_layers=positive(vision, "num_hidden_layers", where),
+        intermediate_size=positive(vision, "intermediate_size", where),
+        image_size=positive(vision, "image_size", where),
+        patch_size=positive(vision, "patch_size", where),
+        layer_norm_eps=float(vision.get("layer_norm_eps", 1e-5)),  # the class default
+        hidden_act=act,
+        num_channels=int(vision.get("num_channels", 3)),
+    )
+
+
+def yivl_config(config: dict) -> YiVLConfig:
+    vision = clip_vision_config(require(config, "vision_config", "the top level (see with_vision_config)", dict))
+    llm = decoder_config(config, where="the top level")
+    projector = str(config.get("mm_projector_type", "linear"))  # upstream's default
+    match = re.fullmatch(r"mlp(\d+)x_gelu_Norm", projector)
+    if not match or int(match.group(1)) < 1:
+        raise ConfigError(
+            f"config.json: mm_projector_type {projector!r} is not supported: minisail runs Yi-VL's mlp2x_gelu_Norm "
+            "(any mlpNx_gelu_Norm), not other LLaVA projectors"
+        )
+    if config.get("mm_use_im_start_end"):
+        raise ConfigError("config.json: mm_use_im_start_end = true is not supported (Yi-VL has no image start/end)")
+    select_feature = config.get("mm_vision_select_feature", "patch")  # upstream's default
+    if select_feature not in ("patch", "cls_patch"):
+        raise ConfigError(f"config.json: mm_vision_select_feature {select_feature!r} is not 'patch' or 'cls_patch'")
+    select_layer = require(config, "mm_vision_select_layer", "the top level", int)
+    try:
+        depth_for(select_layer, vision.num_layers)
+    except ValueError as error:
+        raise ConfigError(f"config.json: mm_vision_select_layer: {error}") from None
+    mm_hidden = positive(config, "mm_hidden_size", "the top level")
+    if mm_hidden != vision.hidden_size:
+        raise ConfigError(
+            f"config.json: mm_hidden_size {mm_hidden} != the vision tower's hidden_size {vision.hidden_size}"
+        )
+    return YiVLConfig(
+        vision=vision,
+        llm=llm,
+        vision_tower=config["mm_vision_tower"],
+        select_layer=select_layer,
+        select_feature=select_feature,
+        projector_depth=int(match.group(1)),
+    )
+
+
+def open_yivl_tensors(folder: Path, config: dict) -> NamespacedTensors:
+    """The main checkpoint's tensors as named, plus the vision folder's under VIT_PREFIX (safetensors or .bin)."""
+    vit = vision_folder(folder, config)
+    main = open_checkpoint_folder(folder)
+    return NamespacedTensors({"": main, VIT_PREFIX: open_checkpoint_folder(vit)}, f"{folder} (+ {vit} as vit.*)")
+
+
+# --- splicing ---------------------------------------------------------------------------------------------------
+
+
+def splice_images(input_ids, attention_mask, text_embeds, image_embeds, image_token_id=IMAGE_TOKEN_INDEX):
+    """Replace every placeholder by its image's rows, then left-pad the rows to one length.
+
+    input_ids, attention_mask [B, T]; text_embeds [B, T, H]; image_embeds [N, T_img, H], one per placeholder in
+    reading order (row 0 first). Returns embeds [B, T', H] and attention_mask [B, T'] with T' = the longest
+    spliced row; image rows get mask 1, pads (added on the left) mask 0 and zero embeddings.
+    """
+    slots = input_ids == image_token_id
+    if int(slots.sum()) != image_embeds.shape[0]:
+        raise PromptError(
+            f"the prompt has {int(slots.sum())} image placeholders ({image_token_id}) but {image_embeds.shape[0]} "
+            "images were given: Yi-VL takes one image per placeholder"
+        )
+    if bool((attention_mask[slots] == 0).any()):
+        raise PromptError("an image placeholder sits at a padded position (attention_mask 0): fix the padding")
+    images = iter(image_embeds.to(text_embeds.dtype))
+    rows, masks = [], []
+    for b in range(input_ids.shape[0]):
+        pieces, piece_masks, start = [], [], 0
+        for slot in slots[b].nonzero().flatten().tolist():
+            image = next(images)  # [T_img, H]
+            pieces += [text_embeds[b, start:slot], image]
+            piece_masks += [attention_mask[b, start:slot], attention_mask.new_ones(image.shape[0])]
+            start = slot + 1
+        pieces.append(text_embeds[b, start:])
+        piece_masks.append(attention_mask[b, start:])
+        rows.append(torch.cat(pieces))
+        masks.append(torch.cat(piece_masks))
+    length = max(row.shape[0] for row in rows)
+    embeds = text_embeds.new_zeros(len(rows), length, text_embeds.shape[-1])  # [B, T', H]
+    mask = attention_mask.new_zeros(len(rows), length)  # [B, T']
+    for b, (row, row_mask) in enumerate(zip(rows, masks, strict=True)):
+        embeds[b, length - row.shape[0] :] = row
+        mask[b, length - row.shape[0] :] = row_mask
+    return embeds, mask
+
+
+# --- the model --------------------------------------------------------------------------------------------------
+
+
+class YiVLModel(nn.Module):
+    def __init__(self, config: YiVLConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = CLIPVisionTower(config.vision, depth_for(config.select_layer, config.vision.num_layers))
+        self.projector = LayerNormMLPProjector(
+            config.vision.hidden_size, config.llm.hidden_size, config.projector_depth
+        )
+        self.language_model = Decoder(config.llm)
+        self.image_token_id = IMAGE_TOKEN_INDEX
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, S, S] -> image embeddings [N, tokens_per_image, H] (upstream encode_images)."""
+        hidden = self.vision_tower(pixel_values)  # [N, 1 + g*g, C]
+        features = hidden[:, 1:] if self.config.select_feature == "patch" else hidden
+        return self.projector(features)  # [N, T_img, H]
+
+    def layer_kwargs(self, input_ids: torch.Tensor) -> dict:
+        """Extra per-token inputs of the decoder layers: none (a plain Llama)."""
+        return {}
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, H]; placeholder slots get a dummy row (they are replaced by the splice)."""
+        placeholders = input_ids == self.image_token_id
+        ids = input_ids.masked_fill(placeholders, 0)
+        vocab = self.config.llm.vocab_size
+        outside = (ids < 0) | (ids >= vocab)
+        if bool(outside.any()):
+            bad = ids[outside][0].item()
+            raise PromptError(
+                f"input_ids holds {bad}: outside the vocabulary [0, {vocab}) and not the image placeholder"
+            )
+        return self.language_model.embed(ids)
+
+    def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_embeds=None) -> PreparedInputs:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.embed_text(input_ids)  # [B, T, H]
+        has_placeholder = bool((input_ids == self.image_token_id).any())
+        if pixel_values is None and image_embeds is None:
+            if has_placeholder:
+                raise PromptError("the prompt has an image placeholder (-200) but no pixel_values were given")
+            return PreparedInputs(embeds, attention_mask, {})
+        if image_embeds is None:
+            image_embeds = self.encode_images(pixel_values)
+        embeds, attention_mask = splice_images(input_ids, attention_mask, embeds, image_embeds, self.image_token_id)
+        return PreparedInputs(embeds, attention_mask, self.layer_kwargs(input_ids))
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None) -> torch.Tensor:
+        """Full forward without cache: float32 logits [B, T', V] over the spliced sequence."""
+        inputs = self.prepare_inputs(input_ids, attention_mask, pixel_values)
+        positions = positions_from_mask(inputs.attention_mask)
+        return self.language_model(inputs.embeds, inputs.attention_mask, positions, **inputs.layer_kwargs)
