@@ -1,0 +1,297 @@
+"""Prompt assembly exactly as the official `chat()` / `batch_chat()` build it, then ids via the Tokenizer.
+
+Mirrors `InternVLChatModel.chat()` / `batch_chat()` of InternVL `modeling_internvl_chat.py` (@ 2410d1d; the
+same logic in SAIL-VL2-2B's `modeling_sailvl.py`), the older prefix style of the Mono-InternVL training
+repository's `chat()` / `batch_chat()` / `multi_image_chat()` (@ 5b17ab4, the InternVL 1.5-era code), the
+SAIL-VL2 README processor path (`processing_sailvl.py`), and Yi's `VL/single_inference.py`, `VL/cli.py` and
+`tokenizer_image_token` of `VL/llava/mm_utils.py`.
+
+InternVL rules (`image_style="placeholder"`, the default):
+- `<image>\\n` goes in front of the question only if `history is None`, images are given and the question
+  has no `<image>`. So `history=[]` disables it.
+- The whole conversation is rendered first, then each image's `<image>` (first occurrence, in order, history
+  turns included) becomes `<img>` + `<IMG_CONTEXT>` x tokens_per_tile x tiles + `</img>`.
+- Where upstream fails later (history=[] with an image; two images but one placeholder: an assert or a
+  shape error in `generate`), minisail raises a PromptError that says what to write instead.
+- The returned history holds the question as used (with the prepended `<image>\\n`, unexpanded).
+
+Prefix style (`image_style="prefix"`): on the first turn the expanded image block and `\\n` are put in
+front of the question (several images get `<image i> (图i):` labels, as `multi_image_chat`); `<image>` in
+the question stays text; the history holds the expanded question.
+
+Then: `encode_queries` tokenizes and left-pads a batch (pad id of the tokenizer, mask 0 on pads),
+`chat_eos_token_id` is the eos chat() passes (`sep.strip()`, i.e. `<|im_end|>`; its templates' stop lists
+are unused), `decode_reply` decodes with special tokens skipped, cuts at `sep.strip()` and strips.
+Yi-VL: `build_yivl_query` / `encode_yivl_query` (chunks around `<image_placeholder>`, joined with -200).
+SAIL-VL2 README path: `build_sailvl2_processor_query` (chat_template.jinja, then the same expansion).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from minisail.errors import PromptError, TokenizerError
+from minisail.text.templates import SINGLE, Template, get_template, render_sailvl2_chat_template
+
+IMAGE_PLACEHOLDER = "<image>"
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+YIVL_IMAGE_PLACEHOLDER = "<image_placeholder>"
+YIVL_IMAGE_TOKEN_INDEX = -200  # spliced into Yi-VL input_ids where the image features go
+IMAGE_STYLES = ("placeholder", "prefix")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One prompt: the exact text the tokenizer gets, and the question as chat() stores it in history."""
+
+    text: str
+    question: str
+    num_patches_list: tuple[int, ...]  # tiles per image, in prompt order
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    input_ids: torch.Tensor  # [B, T] int64, shorter rows left-padded with the tokenizer's pad id
+    attention_mask: torch.Tensor  # [B, T] int64, 0 on the pads
+
+
+def image_block(tiles: int, tokens_per_tile: int = 256) -> str:
+    """The text one image becomes: `<img>`, one `<IMG_CONTEXT>` per visual token, `</img>`."""
+    return IMG_START + IMG_CONTEXT * (tokens_per_tile * tiles) + IMG_END
+
+
+def compact_image_runs(text: str) -> str:
+    """Runs of `<IMG_CONTEXT>` written as `<IMG_CONTEXT>*N`, for humans (the goldens' `query_compact`)."""
+    return re.sub(f"(?:{re.escape(IMG_CONTEXT)})+", lambda m: f"{IMG_CONTEXT}*{len(m[0]) // len(IMG_CONTEXT)}", text)
+
+
+def _is_count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+
+def _check_tiles(num_patches_list: Sequence[int] | None, tokens_per_tile: int = 256) -> tuple[int, ...]:
+    tiles = tuple(num_patches_list or ())
+    if not all(map(_is_count, tiles)):
+        raise PromptError(f"tile counts must be whole numbers >= 1, one per image; got {list(tiles)}")
+    if not _is_count(tokens_per_tile):
+        raise PromptError(f"tokens_per_tile must be a whole number >= 1, not {tokens_per_tile!r}")
+    return tiles
+
+
+def expand_images(text: str, num_patches_list: Sequence[int], tokens_per_tile: int = 256, *, hint: str = "") -> str:
+    """Replace the first `<image>` once per image, in order, by its block (upstream `replace(.., 1)`)."""
+    tiles = _check_tiles(num_patches_list, tokens_per_tile)
+    found = text.count(IMAGE_PLACEHOLDER)
+    if found < len(tiles):
+        if not hint and len(tiles) > 1:
+            hint = (
+                "With several images write one '<image>' per image, e.g. 'Image-1: <image>\\nImage-2: <image>\\n...'."
+            )
+        raise PromptError(
+            f"{len(tiles)} image(s) given but the prompt has only {found} '<image>' placeholder(s), "
+            f"so an image would have nowhere to go. {hint}".strip()
+        )
+    for n in tiles:
+        text = text.replace(IMAGE_PLACEHOLDER, image_block(n, tokens_per_tile), 1)
+    return text
+
+
+def build_query(
+    template: Template,
+    question: str,
+    *,
+    history: Sequence[tuple[str, str]] | None = None,
+    num_patches_list: Sequence[int] | None = None,
+    tokens_per_tile: int = 256,
+    image_style: str = "placeholder",
+) -> Query:
+    """The text `chat(tokenizer, pixel_values, question, history=..., num_patches_list=...)` tokenizes.
+
+    `num_patches_list` holds the tile count of each image (None or [] = no image); `history` holds
+    (question, answer) pairs as a previous call returned them.
+    """
+    if template.sep_style == SINGLE:
+        raise PromptError(f"template {template.name!r} is Yi-VL's; build its prompt with build_yivl_query")
+    if image_style not in IMAGE_STYLES:
+        raise PromptError(f"image_style must be one of {IMAGE_STYLES}, not {image_style!r}")
+    tiles = _check_tiles(num_patches_list, tokens_per_tile)
+    if image_style == "placeholder":
+        if history is None and tiles and IMAGE_PLACEHOLDER not in question:
+            question = IMAGE_PLACEHOLDER + "\n" + question
+        text = template.render(template.conversation(history or (), question))
+        hint = ""
+        if history is not None and IMAGE_PLACEHOLDER not in text:
+            hint = (
+                "chat() puts '<image>\\n' in front of the question only on a first turn (history=None); "
+                "pass history=None, or write '<image>' in the question where the image goes."
+            )
+        text = expand_images(text, tiles, tokens_per_tile, hint=hint)
+    else:
+        if history is None and tiles:
+            if len(tiles) == 1:
+                prefix = image_block(tiles[0], tokens_per_tile)
+            else:
+                prefix = "".join(
+                    f"<image {i}> (图{i}):" + image_block(n, tokens_per_tile) for i, n in enumerate(tiles, 1)
+                )
+            question = prefix + "\n" + question
+        text = template.render(template.conversation(history or (), question))
+    expected = tokens_per_tile * sum(tiles)
+    if text.count(IMG_CONTEXT) != expected:  # e.g. a pre-expanded history that does not match the images
+        where = (
+            "with image_style='prefix' images go in on the first turn only (history=None), later turns carry "
+            "them in their history"
+            if image_style == "prefix"
+            else f"history and question must hold '<image>' placeholders, not expanded {IMG_CONTEXT} runs"
+        )
+        raise PromptError(
+            f"the prompt holds {text.count(IMG_CONTEXT)} {IMG_CONTEXT} tokens but the images need "
+            f"{expected} ({list(tiles)} tiles x {tokens_per_tile}); {where}"
+        )
+    return Query(text=text, question=question, num_patches_list=tiles)
+
+
+def build_batch_queries(
+    template: Template,
+    questions: Sequence[str],
+    *,
+    num_patches_list: Sequence[int] | None = None,
+    tokens_per_tile: int = 256,
+    image_style: str = "placeholder",
+) -> list[Query]:
+    """`batch_chat()`: a single-turn prompt per question, question i with `num_patches_list[i]` tiles."""
+    if num_patches_list is not None and len(num_patches_list) != len(questions):
+        raise PromptError(
+            f"num_patches_list has {len(num_patches_list)} entries for {len(questions)} questions; "
+            "give one tile count per question (or None for a text-only batch)"
+        )
+    return [
+        build_query(
+            template,
+            question,
+            num_patches_list=None if num_patches_list is None else [num_patches_list[i]],
+            tokens_per_tile=tokens_per_tile,
+            image_style=image_style,
+        )
+        for i, question in enumerate(questions)
+    ]
+
+
+def build_sailvl2_processor_query(
+    messages: Sequence[dict], num_patches_list: Sequence[int] | None, tokens_per_tile: int = 256
+) -> str:
+    """SAIL-VL2 README path: `chat_template.jinja`, then the processor's image expansion."""
+    text = render_sailvl2_chat_template(messages)
+    tiles = _check_tiles(num_patches_list, tokens_per_tile)
+    if text.count(IMAGE_PLACEHOLDER) != len(tiles):
+        raise PromptError(
+            f"the messages hold {text.count(IMAGE_PLACEHOLDER)} image item(s) but {len(tiles)} image(s) were given"
+        )
+    return expand_images(text, tiles, tokens_per_tile)
+
+
+def _image_context_check(tokenizer, text: str, ids: Sequence[int]) -> None:
+    wanted = text.count(IMG_CONTEXT)
+    if not wanted:
+        return
+    context_id = tokenizer.token_to_id(IMG_CONTEXT)
+    if context_id is None or list(ids).count(context_id) != wanted:
+        raise TokenizerError(
+            f"the tokenizer does not map {IMG_CONTEXT} to a single added token, so the image features "
+            "cannot be placed; use the tokenizer files shipped with the checkpoint (they add <img>, </img>, "
+            "<IMG_CONTEXT>)"
+        )
+
+
+def encode_queries(tokenizer, texts: str | Sequence[str]) -> EncodedBatch:
+    """Tokenize like `tokenizer(texts, padding=True)` with `padding_side='left'`; BOS as it adds it."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise PromptError("no prompts to encode")
+    rows = [tokenizer.encode(text) for text in texts]
+    for text, ids in zip(texts, rows, strict=True):
+        _image_context_check(tokenizer, text, ids)
+    width = max(len(ids) for ids in rows)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None and any(len(ids) < width for ids in rows):
+        raise TokenizerError("the tokenizer has no pad token, so prompts of different lengths cannot be batched")
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in rows], dtype=torch.long)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], dtype=torch.long)
+    return EncodedBatch(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def chat_eos_token_id(tokenizer, template: Template) -> int:
+    """The eos `chat()` passes to generate: the id of `sep.strip()` (`<|im_end|>`); Yi-VL: tokenizer eos."""
+    if template.sep_style == SINGLE:
+        token, token_id = "eos", tokenizer.eos_token_id
+    else:
+        token = template.sep.strip()
+        token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise TokenizerError(f"the tokenizer has no {token!r} token, which template {template.name!r} stops on")
+    return token_id
+
+
+def postprocess_reply(text: str, template: Template) -> str:
+    """chat()'s reply clean-up of the decoded text (decode with skip_special_tokens=True first).
+
+    chatml: cut at `sep.strip()`, strip (the cut is a no-op once special tokens are skipped). Yi-VL: strip,
+    drop a trailing `###`, strip.
+    """
+    if template.sep_style == SINGLE:
+        text = text.strip()
+        text = text[: -len(template.sep)] if text.endswith(template.sep) else text
+        return text.strip()
+    return text.split(template.sep.strip())[0].strip()
+
+
+def decode_reply(tokenizer, generated_ids: Sequence[int], template: Template) -> str:
+    return postprocess_reply(tokenizer.decode(list(generated_ids), skip_special_tokens=True), template)
+
+
+def append_history(history: list | None, question: str, response: str) -> list:
+    """chat()'s returned history: a new list on a first turn, else the caller's list extended in place."""
+    history = [] if history is None else history
+    history.append((question, response))
+    return history
+
+
+def build_yivl_query(
+    question: str,
+    *,
+    history: Sequence[tuple[str, str]] | None = None,
+    image: bool = False,
+    template: Template | None = None,
+) -> Query:
+    """Yi-VL (`mm_default`): the image goes in as `<image_placeholder>\\n` on the first user turn only."""
+    template = template or get_template("mm_default")
+    history = list(history or ())
+    if image and not any(YIVL_IMAGE_PLACEHOLDER in q for q, _ in history) and YIVL_IMAGE_PLACEHOLDER not in question:
+        question = YIVL_IMAGE_PLACEHOLDER + "\n" + question
+    text = template.render(template.conversation(history, question))
+    if text.count(YIVL_IMAGE_PLACEHOLDER) != int(image):
+        raise PromptError(
+            f"Yi-VL takes exactly one image per conversation through one {YIVL_IMAGE_PLACEHOLDER}; "
+            f"the prompt has {text.count(YIVL_IMAGE_PLACEHOLDER)} for {int(image)} image(s)"
+        )
+    return Query(text=text, question=question, num_patches_list=(1,) if image else ())
+
+
+def encode_yivl_query(tokenizer, text: str) -> list[int]:
+    """`tokenizer_image_token`: chunks around the placeholder tokenized separately, joined with -200.
+
+    Only the first chunk keeps the BOS the tokenizer adds (if it adds one).
+    """
+    chunks = [tokenizer.encode(chunk) for chunk in text.split(YIVL_IMAGE_PLACEHOLDER)]
+    bos = tokenizer.bos_token_id
+    has_bos = bos is not None and chunks[0][:1] == [bos]
+    ids = [bos] if has_bos else []
+    for index, chunk in enumerate(chunks):
+        if index:
+            ids.append(YIVL_IMAGE_TOKEN_INDEX)
+        ids += chunk[1:] if has_bos and chunk[:1] == [bos] else chunk
+    return ids
