@@ -48,6 +48,14 @@ def positive(config: dict, key: str, where: str) -> int:
     return value
 
 
+def width_and_heads(config: dict, where: str) -> tuple[int, int]:
+    """(hidden_size, num_attention_heads) of a transformer config, checked to split into whole heads."""
+    hidden, heads = positive(config, "hidden_size", where), positive(config, "num_attention_heads", where)
+    if hidden % heads:
+        raise ConfigError(f"config.json: {where}.hidden_size {hidden} is not divisible by {heads} heads")
+    return hidden, heads
+
+
 def architecture(config: dict) -> str:
     names = config.get("architectures") or [""]
     return names[0] if isinstance(names, list) and names else ""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minisail.config import decoder_config, positive, require
+from minisail.config import decoder_config, positive, require, width_and_heads
 from minisail.errors import ConfigError, PromptError
 from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
 from minisail.merge import pixel_shuffle, tokens_per_tile
@@ -55,9 +55,7 @@ def intern_vit_config(vision: dict) -> InternViTConfig:
     norm_type = vision.get("norm_type", "rms_norm")  # upstream class default; InternViT-6B-V1-5 omits the key
     if norm_type not in ("rms_norm", "layer_norm"):
         raise ConfigError(f"config.json: vision_config.norm_type {norm_type!r} is not 'rms_norm' or 'layer_norm'")
-    hidden, heads = positive(vision, "hidden_size", where), positive(vision, "num_attention_heads", where)
-    if hidden % heads:
-        raise ConfigError(f"config.json: vision_config.hidden_size {hidden} is not divisible by {heads} heads")
+    hidden, heads = width_and_heads(vision, where)
     return InternViTConfig(
         hidden_size=hidden,
         num_heads=heads,
@@ -72,8 +70,9 @@ def intern_vit_config(vision: dict) -> InternViTConfig:
     )
 
 
-def internvl_config(config: dict, vision: InternViTConfig | SailViTConfig | None = None) -> InternVLConfig:
-    """The chat-level keys of config.json; `vision` is the tower's config if the caller read it (SAIL-VL2)."""
+def internvl_config(config: dict, vision=None) -> InternVLConfig:
+    """The chat-level keys of config.json. `vision` is the tower config when the caller read it (SAIL-ViT, Mono's
+    patch model): any dataclass with `image_size` and `patch_size`; by default InternViT's is read here."""
     if vision is None:
         vision = intern_vit_config(require(config, "vision_config", "the top level", dict))
     llm = decoder_config(require(config, "llm_config", "the top level", dict))

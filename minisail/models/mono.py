@@ -29,9 +29,9 @@ from dataclasses import replace
 
 import torch
 
-from minisail.config import decoder_config, positive, require
+from minisail.config import positive, require
 from minisail.errors import ConfigError
-from minisail.models.internvl import InternVLChatModel, InternVLConfig
+from minisail.models.internvl import InternVLChatModel, InternVLConfig, internvl_config
 from minisail.vision.patch_embed import InternVisionPatchModel, PatchEmbedConfig
 
 
@@ -47,29 +47,13 @@ def patch_embed_config(vision: dict) -> PatchEmbedConfig:
 def mono_config(config: dict) -> InternVLConfig:
     """The InternVL chat-level fields, a patch-embedding vision config and an InternLM2 with visual experts."""
     vision = patch_embed_config(require(config, "vision_config", "the top level", dict))
-    llm = replace(decoder_config(require(config, "llm_config", "the top level", dict)), visual_experts=True)
-    select_layer = int(config.get("select_layer", -4))  # upstream class default
-    if select_layer != -1:  # upstream reads the last hidden state only; any other value fails there
+    chat = internvl_config(config, vision)
+    if chat.select_layer != -1:  # upstream reads the last hidden state only; any other value fails there
         raise ConfigError(
-            f"config.json: select_layer {select_layer} is not -1: Mono-InternVL's vision model has no layers, "
+            f"config.json: select_layer {chat.select_layer} is not -1: Mono-InternVL's vision model has no layers, "
             "only the patch embedding (select_layer -1)"
         )
-    ps_version = config.get("ps_version", "v1")  # upstream class default
-    if ps_version not in ("v1", "v2"):
-        raise ConfigError(f"config.json: ps_version {ps_version!r} is not 'v1' or 'v2'")
-    return InternVLConfig(
-        vision=vision,
-        llm=llm,
-        select_layer=select_layer,
-        ps_version=ps_version,
-        downsample_ratio=float(config.get("downsample_ratio", 0.5)),
-        image_size=int(config.get("force_image_size") or vision.image_size),
-        template=config.get("template"),
-        system_message=config.get("system_message"),
-        min_dynamic_patch=int(config.get("min_dynamic_patch", 1)),
-        max_dynamic_patch=int(config.get("max_dynamic_patch", 12)),
-        use_thumbnail=bool(config.get("use_thumbnail", True)),
-    )
+    return replace(chat, llm=replace(chat.llm, visual_experts=True))
 
 
 def refuse_float16(dtype: torch.dtype) -> None:

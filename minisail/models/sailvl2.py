@@ -12,7 +12,7 @@ and upstream uses that tensor: the weight map prefers a stored head and ties onl
 
 from __future__ import annotations
 
-from minisail.config import positive, require
+from minisail.config import positive, require, width_and_heads
 from minisail.errors import ConfigError
 from minisail.models.internvl import InternVLChatModel, InternVLConfig, internvl_config
 from minisail.vision.sail_vit import SailViT, SailViTConfig, select_depth
@@ -21,9 +21,7 @@ from minisail.vision.sail_vit import SailViT, SailViTConfig, select_depth
 def sail_vit_config(vision: dict) -> SailViTConfig:
     """The SAIL-ViT part of config.json (`vision_config`, SAILViTConfig; class defaults where a key may be absent)."""
     where = "vision_config"
-    hidden, heads = positive(vision, "hidden_size", where), positive(vision, "num_attention_heads", where)
-    if hidden % heads:
-        raise ConfigError(f"config.json: vision_config.hidden_size {hidden} is not divisible by {heads} heads")
+    hidden, heads = width_and_heads(vision, where)
     image_size, patch_size = positive(vision, "image_size", where), positive(vision, "patch_size", where)
     if image_size % patch_size:
         raise ConfigError(

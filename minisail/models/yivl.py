@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from minisail.checkpoint.files import NamespacedTensors, open_checkpoint_folder
-from minisail.config import decoder_config, positive, read_config, require
+from minisail.config import decoder_config, positive, read_config, require, width_and_heads
 from minisail.errors import CheckpointError, ConfigError, PromptError
 from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
 from minisail.models.internvl import PreparedInputs
@@ -90,9 +90,7 @@ def with_vision_config(folder: Path, config: dict) -> dict:
 
 
 def clip_vision_config(vision: dict, where: str = "the vision tower's config.json") -> CLIPVisionConfig:
-    hidden, heads = positive(vision, "hidden_size", where), positive(vision, "num_attention_heads", where)
-    if hidden % heads:
-        raise ConfigError(f"config.json: {where} hidden_size {hidden} is not divisible by {heads} heads")
+    hidden, heads = width_and_heads(vision, where)
     act = vision.get("hidden_act", "quick_gelu")  # CLIPVisionConfig's class default; Yi-VL's says "gelu"
     if act not in ACTIVATIONS:
         raise ConfigError(f"{where}: hidden_act {act!r} is not supported (only {', '.join(ACTIVATIONS)})")
