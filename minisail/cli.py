@@ -46,13 +46,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _add_prompt(parser: argparse.ArgumentParser) -> None:
+    from minisail.text.templates import TEMPLATES
+
     parser.add_argument("question", help="the user's question; write <image> where an image goes")
     source = parser.add_argument_group("where the template and tokenizer come from (--model, or both of the others)")
     source.add_argument(
         "--model", metavar="DIR", help="checkpoint folder: config.json template/system_message + tokenizer"
     )
     source.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (tokenizer.json or tokenizer.model)")
-    source.add_argument("--template", metavar="NAME", help="conversation template, e.g. internvl2_5, Hermes-2")
+    source.add_argument("--template", metavar="NAME", help=f"conversation template: {', '.join(sorted(TEMPLATES))}")
     parser.add_argument("--system", metavar="TEXT", help="replace the template's system message")
     parser.add_argument(
         "--tiles",
@@ -72,28 +74,30 @@ def _add_prompt(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object (query, input_ids, ...)")
 
 
-def _read_json(path: str, what: str):
+def _read_json(path, what: str, error_class: type[MinisailError] = MinisailError):
     import json
     from pathlib import Path
 
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise MinisailError(f"{what} {path} does not exist") from None
+        raise error_class(f"{what} {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MinisailError(f"cannot read {what} {path}: {error}") from None
+        raise error_class(f"cannot read {what} {path}: {error}") from None
 
 
 def _prompt_sources(args):
     """(template, tokenizer folder, tokens per tile from the config or None) from --model or the flags."""
     from pathlib import Path
 
-    from minisail.errors import ConfigError, TokenizerError
+    from minisail.errors import CheckpointError, ConfigError, TokenizerError
     from minisail.merge import tokens_per_tile
     from minisail.text.templates import get_template, template_for_config
 
     if args.model:
-        config = _read_json(str(Path(args.model) / "config.json"), "checkpoint config")
+        if not Path(args.model).is_dir():
+            raise CheckpointError(f"checkpoint folder {args.model} does not exist")
+        config = _read_json(Path(args.model) / "config.json", "checkpoint config", ConfigError)
         if not isinstance(config, dict):
             raise ConfigError(f"{args.model}/config.json is not a JSON object")
         template = get_template(args.template) if args.template else template_for_config(config)
@@ -141,9 +145,11 @@ def _run_prompt(args) -> int:
     template, folder, config_per_tile = _prompt_sources(args)
     if args.system is not None:
         template = template.with_system_message(args.system)
+    if args.tokens_per_tile is not None and args.tokens_per_tile < 1:
+        raise PromptError(f"--tokens-per-tile must be at least 1, not {args.tokens_per_tile}")
     history = None
     if args.history:
-        history = _read_json(args.history, "history file")
+        history = _read_json(args.history, "history file", PromptError)
         if not isinstance(history, list) or not all(
             isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in history
         ):
@@ -265,3 +271,112 @@ def _run_parity(args) -> int:
 
 
 COMMANDS["parity"] = ("compare minisail with golden outputs of the official code", _add_parity, _run_parity)
+
+
+# --- chat: talk to a model, the reply streamed to stdout ------------------------------------------------------------
+
+
+def _add_chat(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "question",
+        nargs="?",
+        help="ask once and exit; without it, chat on stdin, one question per line (/reset clears the history, "
+        "/exit or the end of input quits)",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (weights and tokenizer)")
+    parser.add_argument(
+        "--image", action="append", default=[], metavar="IMG", help="an image for the first question (repeatable)"
+    )
+    parser.add_argument(
+        "--max-tiles", type=int, metavar="N", help="most tiles per image (default: the checkpoint's own setting)"
+    )
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--system", metavar="TEXT", help="replace the template's system message")
+    parser.add_argument("--template", metavar="NAME", help="conversation template (default: the checkpoint config's)")
+    parser.add_argument(
+        "--think",
+        action="store_true",
+        help="thinking models (SAIL-VL2-Thinking): ask for <think> reasoning and a \\boxed{} answer; the reasoning "
+        "is shown dimmed",
+    )
+    sampling = parser.add_argument_group("generation (default: greedy)")
+    sampling.add_argument("--temperature", type=float, metavar="T", help="sample at this temperature (0 = greedy)")
+    sampling.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep this much probability")
+    sampling.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens (default 50)")
+    sampling.add_argument("--repetition-penalty", type=float, metavar="R", help="> 1 discourages repeats (1 = off)")
+    sampling.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="reply length cap (512)")
+    sampling.add_argument("--seed", type=int, help="seed for sampling (reproducible replies)")
+
+
+def _chat_turn(session, question: str, images, args) -> None:
+    """Ask one question and stream the reply; with --think the reasoning goes first, dimmed (or labelled)."""
+    from minisail.chat import split_thinking
+
+    out = sys.stdout
+    tty = out.isatty()
+    labels = {"reasoning": ("\x1b[2m", "\x1b[0m\n\n") if tty else ("[thinking]\n", "\n[answer]\n")}
+    sampling = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+    }
+    current = None
+    for event in session.ask(question, images, stream=True, think=args.think, **sampling):
+        kind, text = event if args.think else ("answer", event)
+        if kind != current:
+            if current in labels:
+                out.write(labels[current][1])
+            if kind in labels:
+                out.write(labels[kind][0])
+            current = kind
+        out.write(text)
+        out.flush()
+    if current == "reasoning" and tty:
+        out.write("\x1b[0m")
+    out.write("\n")
+    if args.think:
+        reply = split_thinking(session.history[-1][1])
+        if reply.answer != reply.response:
+            out.write(f"final answer: {reply.answer}\n")
+    out.flush()
+
+
+def _run_chat(args) -> int:
+    from minisail.chat import Session
+    from minisail.image.io import open_image
+
+    images = [open_image(path) for path in args.image]  # an unreadable image fails before the model loads
+
+    def log(message: str) -> None:
+        print(f"minisail: {message}", file=sys.stderr, flush=True)
+
+    session = Session(args.model, max_tiles=args.max_tiles, dtype=args.dtype, device=args.device,
+                      system=args.system, template=args.template, log=log)  # fmt: skip
+    if args.question is not None:
+        _chat_turn(session, args.question, images, args)
+        return 0
+    pending = images  # the images go with the first question (again after /reset)
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        question = line.rstrip("\r\n")
+        if question.strip() == "/reset":
+            session.reset()
+            pending = images
+            log("history cleared")
+        elif question.strip():
+            try:
+                _chat_turn(session, question, pending, args)
+                pending = []
+            except MinisailError as error:  # say what went wrong and keep the conversation going
+                print(f"minisail: error: {error}", file=sys.stderr, flush=True)
+
+
+COMMANDS["chat"] = ("chat with a model about images; the reply streams to stdout", _add_chat, _run_chat)

@@ -1,35 +1,303 @@
-"""Generation on the static KV cache.
+"""Generation on the static KV cache: greedy or sampled, stop tokens, batches, and UTF-8-safe text streaming.
 
 Prefill runs the whole prompt once (image rows in place) and fills the cache; each decode step feeds one
 new token per row. Positions continue from the mask-derived prompt positions, so left-padded rows decode as
 if unpadded.
+
+Choosing the next token mirrors transformers' `generate()` (the `chat()` of every family calls it):
+    float32 logits [B, V]
+      -> repetition penalty on tokens already seen (RepetitionPenaltyLogitsProcessor: positive / p, negative * p)
+      -> if do_sample: / temperature -> top-k -> top-p (TemperatureLogitsWarper, TopK..., TopP...) -> softmax
+         -> one multinomial draw from a torch.Generator (a seed makes it reproducible); else argmax
+A row stops after it emits one of the stop ids (eos; the id itself is kept, as transformers keeps it) or a
+stop string; finished rows then emit the pad id, and generation ends when every row has finished.
+
+"Already seen" for the repetition penalty: transformers penalises every id in its `input_ids`, which is the
+prompt for a model called with input_ids (`penalize_prompt=True`, the default here). Every upstream chat()
+calls `language_model.generate(inputs_embeds=...)`, where input_ids starts empty, so there only the new
+tokens count: `minisail.chat` passes `penalize_prompt=False` to match it.
+
+`decode_step` is the one function a decode step runs, with fixed shapes ([B, 1] in, [B, V] out, a cache
+allocated once), so it can be handed to `torch.compile`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
+
 import torch
 
+from minisail.errors import ConfigError, PromptError
 from minisail.llm.decoder import positions_from_mask
+
+# Keys of transformers' GenerationConfig that chat() users pass and that change nothing here, with the only
+# value minisail supports (None: any value).
+INERT_KEYS = {"num_beams": 1, "num_return_sequences": 1, "use_cache": None}
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings with transformers' names and defaults (top_k 50 applies only when sampling)."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    eos_token_id: int | list[int] | None = None  # stop ids; chat() sets the template's
+    pad_token_id: int | None = None  # what finished rows emit (default: the first stop id, as transformers)
+    stop_strings: list[str] = field(default_factory=list)  # stop once the new text contains one (needs a tokenizer)
+    seed: int | None = None  # minisail's addition: seeds the sampling generator
+
+    def __post_init__(self):
+        def bad(key, value, rule):
+            raise ConfigError(f"generation config: {key} = {value!r} {rule}")
+
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad("max_new_tokens", self.max_new_tokens, "must be a whole number >= 1")
+        if self.do_sample and not self.temperature > 0:
+            bad("temperature", self.temperature, "must be > 0 when sampling (use do_sample=False for greedy)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "must be in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", self.top_k, "must be a whole number >= 0 (0 = no top-k)")
+        if not self.repetition_penalty > 0:
+            bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1.0 = no penalty)")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = [self.stop_strings]
+
+    @classmethod
+    def from_dict(cls, options: Mapping | GenerationConfig | None) -> GenerationConfig:
+        """The dict users pass to upstream `chat()`, e.g. `dict(max_new_tokens=1024, do_sample=True)`."""
+        if isinstance(options, GenerationConfig):
+            return options
+        options = {key: value for key, value in dict(options or {}).items() if value is not None}  # None: unset
+        known = {f.name for f in fields(cls)}
+        for key, required in INERT_KEYS.items():
+            if key in options and required is not None and options[key] != required:
+                raise ConfigError(f"generation config: {key} = {options[key]!r} is not supported (only {required})")
+            options.pop(key, None)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                f"generation config: unsupported option(s) {', '.join(unknown)}; minisail supports "
+                f"{', '.join(sorted(known))} (and {', '.join(INERT_KEYS)} at their defaults)"
+            )
+        return cls(**options)
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        eos = self.eos_token_id
+        return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+
+    def with_options(self, **options) -> GenerationConfig:
+        return replace(self, **options)
+
+
+# --- choosing the next token --------------------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits [B, V], seen [B, V] bool: seen tokens' positive logits / penalty, negative ones * penalty."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the logits >= the k-th largest (ties at the boundary survive, as in transformers)."""
+    kth = torch.topk(logits, min(k, logits.shape[-1])).values[..., -1:]  # [B, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: drop the least likely tokens whose total probability is <= 1 - p; the most likely always stays."""
+    sorted_logits, order = torch.sort(logits, descending=False)  # ascending, [B, V]
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    remove = cumulative <= (1 - p)
+    remove[..., -1:] = False
+    return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+
+
+def next_tokens(logits, config: GenerationConfig, seen=None, generator=None) -> torch.Tensor:
+    """logits [B, V] float32 -> token ids [B]."""
+    if seen is not None and config.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+    if not config.do_sample:
+        return logits.argmax(-1)
+    logits = logits / config.temperature
+    if config.top_k:
+        logits = top_k_filter(logits, config.top_k)
+    if config.top_p < 1.0:
+        logits = top_p_filter(logits, config.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+# --- the loop ---------------------------------------------------------------------------------------------------
+
+
+def decode_step(model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One new token per row through the cached decoder: tokens, positions [B, 1] -> float32 logits [B, V]."""
+    decoder = model.language_model
+    embeds = decoder.embed(tokens)  # [B, 1, H]
+    ones = torch.ones_like(tokens)
+    return decoder(embeds, ones, positions, cache, last_only=True, **model.layer_kwargs(tokens))[:, -1]
+
+
+def context_length(decoder_config) -> int:
+    """The longest sequence a model is meant for: max_position_embeddings, times the dynamic-NTK factor if any."""
+    return int(decoder_config.max_position_embeddings * (decoder_config.rope_dynamic_factor or 1))
+
+
+def new_token_budget(prompt_tokens: int, max_new_tokens: int, context: int | None) -> int:
+    """How many new tokens fit after the prompt in a context of `context` tokens (None: no limit)."""
+    if context is None:
+        return max_new_tokens
+    if prompt_tokens >= context:
+        raise PromptError(
+            f"the prompt is {prompt_tokens} tokens long (image tokens included) but the model's context holds "
+            f"{context}: shorten the question or the history, use fewer images or tiles (--max-tiles), or start "
+            "a new conversation"
+        )
+    return min(max_new_tokens, context - prompt_tokens)
+
+
+def _seen_mask(input_ids, vocab_size: int, penalize_prompt: bool) -> torch.Tensor:
+    """[B, V] bool: the prompt's ids (pads included, as transformers' input_ids) or nothing yet."""
+    seen = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.bool, device=input_ids.device)
+    if penalize_prompt:
+        rows, cols = ((input_ids >= 0) & (input_ids < vocab_size)).nonzero(as_tuple=True)  # not Yi-VL's -200
+        seen[rows, input_ids[rows, cols]] = True
+    return seen
+
+
+@torch.inference_mode()
+def generate_steps(
+    model,
+    input_ids: torch.Tensor,  # [B, T], left-padded
+    attention_mask: torch.Tensor | None = None,  # [B, T]
+    pixel_values: torch.Tensor | None = None,
+    config: GenerationConfig | Mapping | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    penalize_prompt: bool = True,
+    tokenizer=None,  # needed for stop_strings
+    limit_context: bool = True,  # refuse prompts longer than the model's context, stop new tokens at its end
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, [B], step by step, until every row has stopped."""
+    config = GenerationConfig.from_dict(config)
+    if config.stop_strings and tokenizer is None:
+        raise ConfigError("generation config: stop_strings need a tokenizer to read the text")
+    inputs = model.prepare_inputs(input_ids, attention_mask, pixel_values)
+    decoder = model.language_model
+    B, T = inputs.attention_mask.shape
+    context = context_length(decoder.config) if limit_context else None
+    max_new = new_token_budget(T, config.max_new_tokens, context)
+    cache = decoder.new_cache(B, T + max_new)
+    positions = positions_from_mask(inputs.attention_mask)
+    logits = decoder(inputs.embeds, inputs.attention_mask, positions, cache, last_only=True, **inputs.layer_kwargs)
+    logits = logits[:, -1]  # [B, V]
+    if generator is None and config.do_sample and config.seed is not None:
+        generator = torch.Generator(logits.device).manual_seed(config.seed)
+    stop_ids = torch.tensor(config.stop_token_ids, dtype=torch.long, device=logits.device)
+    pad = config.pad_token_id if config.pad_token_id is not None else (config.stop_token_ids or (0,))[0]
+    seen = _seen_mask(input_ids, logits.shape[-1], penalize_prompt) if config.repetition_penalty != 1.0 else None
+    finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    rows: list[list[int]] = [[] for _ in range(B)]  # new ids per row, kept only to look for stop strings
+    next_position = positions[:, -1:] + 1  # [B, 1]
+    for step in range(max_new):
+        token = next_tokens(logits, config, seen, generator).masked_fill(finished, pad)  # [B]
+        yield token
+        finished |= torch.isin(token, stop_ids)
+        if config.stop_strings:
+            finished |= _hits_stop_string(rows, token, finished, config.stop_strings, tokenizer)
+        if bool(finished.all()) or step == max_new - 1:
+            return
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        logits = decode_step(model, cache, token[:, None], next_position)
+        next_position = next_position + 1
+
+
+def _hits_stop_string(rows, token, finished, stop_strings, tokenizer) -> torch.Tensor:
+    """Per row: does the text of its newest tokens contain a stop string (Yi-VL's KeywordsStoppingCriteria)?"""
+    hits = torch.zeros_like(finished)
+    for b, token_id in enumerate(token.tolist()):
+        if finished[b]:
+            continue
+        rows[b].append(token_id)
+        window = max(len(s) for s in stop_strings) + 4  # a stop string ends in the newest token, spans a few
+        text = tokenizer.decode(rows[b][-window:], skip_special_tokens=True)
+        hits[b] = any(s in text for s in stop_strings)
+    return hits
+
+
+def generate(model, input_ids, attention_mask=None, pixel_values=None, config=None, **options) -> torch.Tensor:
+    """New tokens [B, n] (n <= max_new_tokens; finished rows padded), like transformers' generate() on embeds.
+
+    `options` are generate_steps' keywords (generator, penalize_prompt, tokenizer, limit_context)."""
+    steps = list(generate_steps(model, input_ids, attention_mask, pixel_values, config, **options))
+    return torch.stack(steps, dim=1)
 
 
 @torch.inference_mode()
 def greedy_generate(model, input_ids, attention_mask=None, pixel_values=None, *, max_new_tokens: int):
-    """[B, max_new_tokens] argmax continuation (no early stop): the reference path of the parity runner."""
-    inputs = model.prepare_inputs(input_ids, attention_mask, pixel_values)
-    decoder = model.language_model
-    B, T = inputs.attention_mask.shape
-    cache = decoder.new_cache(B, T + max_new_tokens)
-    positions = positions_from_mask(inputs.attention_mask)
-    logits = decoder(inputs.embeds, inputs.attention_mask, positions, cache, last_only=True, **inputs.layer_kwargs)
-    new_tokens = []
-    next_position = positions[:, -1:] + 1
-    ones = torch.ones(B, 1, dtype=inputs.attention_mask.dtype, device=input_ids.device)
-    for step in range(max_new_tokens):
-        token = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
-        new_tokens.append(token)
-        if step == max_new_tokens - 1:
-            break
-        embeds = decoder.embed(token)
-        logits = decoder(embeds, ones, next_position, cache, last_only=True, **model.layer_kwargs(token))
-        next_position = next_position + 1
-    return torch.cat(new_tokens, dim=1)
+    """[B, max_new_tokens] argmax continuation (no early stop, no context limit): the parity runner's path."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    return generate(model, input_ids, attention_mask, pixel_values, config, limit_context=False)
+
+
+# --- text ---------------------------------------------------------------------------------------------------------
+
+
+def stream_text(tokenizer, token_ids: Iterable[int], *, skip_special_tokens: bool = True) -> Iterator[str]:
+    """Text pieces as the ids arrive, never splitting a character; they join to the decode of all ids.
+
+    Byte-level tokenizers spend several tokens on one CJK character or emoji, and a prefix of them decodes
+    to U+FFFD. So the ids so far are decoded whole each time, and new text is emitted only when it has grown
+    and does not end in U+FFFD (transformers' TextStreamer rule). Should a tokenizer ever rewrite text it
+    already produced (never for byte-level BPE), the last piece resumes after the longest common prefix.
+    """
+    ids: list[int] = []
+    emitted = ""
+    for token_id in token_ids:
+        ids.append(int(token_id))
+        text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        if len(text) > len(emitted) and not text.endswith("\ufffd") and text.startswith(emitted):
+            yield text[len(emitted) :]
+            emitted = text
+    final = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    common = len(emitted) if final.startswith(emitted) else _common_prefix(final, emitted)
+    if final[common:]:
+        yield final[common:]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def generate_stream(
+    model, tokenizer, input_ids, attention_mask=None, pixel_values=None, config=None, *, on_token=None, **options
+) -> Iterator[str]:
+    """The text of a one-row generation, piece by piece (stop tokens are not part of the text).
+
+    `on_token(id)` sees every new id, the stop token included (to keep the ids, e.g. for history)."""
+    if input_ids.shape[0] != 1:
+        raise PromptError(f"streaming generates one row; got a batch of {input_ids.shape[0]} (use generate())")
+    config = GenerationConfig.from_dict(config)
+    options.setdefault("tokenizer", tokenizer)
+    stop_ids = set(config.stop_token_ids)
+
+    def text_ids():
+        for token in generate_steps(model, input_ids, attention_mask, pixel_values, config, **options):
+            token_id = int(token[0])
+            if on_token is not None:
+                on_token(token_id)
+            if token_id not in stop_ids:
+                yield token_id
+
+    yield from stream_text(tokenizer, text_ids())

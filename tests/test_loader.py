@@ -164,3 +164,30 @@ def test_internlm2_wqkv_grouping():
     assert k.tolist() == [float(h * group * d + g * d + i) for h in range(2) for i in range(d)]
     assert v.tolist() == [float(h * group * d + (g + 1) * d + i) for h in range(2) for i in range(d)]
     assert torch.equal(internlm2_wqkv(config).split(fused)[0], rows)
+
+
+def test_select_layer_outside_the_vit_is_a_config_error(tmp_path):
+    config = golden_config(CASE)
+    config["select_layer"] = -8  # the tiny ViT has 6 layers: hidden_states has 7 entries
+    folder = write_checkpoint(tmp_path / "c", config, golden_tensors(CASE))
+    with pytest.raises(ConfigError, match="select_layer -8 is outside a 6-layer InternViT"):
+        minisail.load(folder)
+
+
+@pytest.mark.parametrize("folder", ["sail-vl2", "internvl-qwen2.5", "internvl-internlm2"])
+def test_image_token_id_comes_from_the_checkpoint_tokenizer(folder, request):
+    from minisail.loading import image_token_id_from_tokenizer
+
+    tokenizer_dir = request.getfixturevalue(
+        {"sail-vl2": "sailvl2_tokenizer_dir", "internvl-qwen2.5": "qwen25_tokenizer_dir"}.get(
+            folder, "internlm2_tokenizer_dir"
+        )
+    )
+    expected = minisail.load_tokenizer(tokenizer_dir).token_to_id("<IMG_CONTEXT>")
+    assert image_token_id_from_tokenizer(tokenizer_dir, None) == expected
+    assert expected in (151671, 151667, 92546)
+
+
+def test_loaded_models_have_the_upstream_chat_methods():
+    model = minisail.load(GOLDEN / CASE / "checkpoint")
+    assert callable(model.chat) and callable(model.batch_chat)

@@ -73,8 +73,15 @@ def intern_vit_config(vision: dict) -> InternViTConfig:
 def internvl_config(config: dict, vision=None) -> InternVLConfig:
     """The chat-level keys of config.json. `vision` is the tower config when the caller read it (SAIL-ViT, Mono's
     patch model): any dataclass with `image_size` and `patch_size`; by default InternViT's is read here."""
+    select_layer = int(config.get("select_layer", -4))  # upstream class default
     if vision is None:
         vision = intern_vit_config(require(config, "vision_config", "the top level", dict))
+        # hidden_states = [embeddings, layer 1, ..., layer L]: L + 1 entries to pick from
+        if not -(vision.num_layers + 1) <= select_layer <= vision.num_layers:
+            raise ConfigError(
+                f"config.json: select_layer {select_layer} is outside a {vision.num_layers}-layer InternViT "
+                f"(valid: -{vision.num_layers + 1} .. {vision.num_layers})"
+            )
     llm = decoder_config(require(config, "llm_config", "the top level", dict))
     ps_version = config.get("ps_version", "v1")  # upstream class default
     if ps_version not in ("v1", "v2"):
@@ -82,7 +89,7 @@ def internvl_config(config: dict, vision=None) -> InternVLConfig:
     return InternVLConfig(
         vision=vision,
         llm=llm,
-        select_layer=int(config.get("select_layer", -4)),  # upstream class default
+        select_layer=select_layer,
         ps_version=ps_version,
         downsample_ratio=float(config.get("downsample_ratio", 0.5)),
         image_size=int(config.get("force_image_size") or vision.image_size),

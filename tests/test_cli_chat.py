@@ -1,0 +1,108 @@
+"""`python -m minisail chat` end to end (in process): streamed replies, interactive turns, --think, clear errors."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+from types import SimpleNamespace
+
+import pytest
+from test_chat import IMAGE, build_chat_checkpoint
+
+import minisail
+from minisail.chat import Session, chat
+from minisail.cli import _chat_turn, main
+from minisail.image.preprocess import internvl_pixel_values
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_chat_checkpoint(tmp_path_factory.mktemp("cli-chat") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return minisail.load(checkpoint), minisail.load_tokenizer(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference(loaded):
+    """Replies through the chat() API (its own tests check them against the raw greedy ids)."""
+    pixel_values = internvl_pixel_values(IMAGE, max_tiles=12, image_size=56)
+    return lambda question, **kw: chat(*loaded, pixel_values, question, dict(max_new_tokens=8), **kw)
+
+
+def run(capsys, *argv, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(["chat", *map(str, argv)])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def test_one_question_streams_the_greedy_reply(checkpoint, reference, capsys):
+    question = "What animal is in the picture?"
+    code, out, err = run(capsys, "--model", checkpoint, "--image", IMAGE, "--max-new-tokens", 8, question)
+    assert code == 0
+    assert out == reference(question) + "\n"
+    assert "loading the checkpoint" in err and "loaded internvl" in err  # progress goes to stderr
+
+
+def test_interactive_chat_keeps_history_and_resets(checkpoint, reference, capsys, monkeypatch):
+    q1, q2 = "What animal is in the picture?", "Where does it live?"
+    stdin = f"{q1}\n{q2}\n/reset\n{q1}\n/exit\nnever asked\n"
+    code, out, err = run(capsys, "--model", checkpoint, "--image", IMAGE, "--max-new-tokens", 8, stdin=stdin,
+                         monkeypatch=monkeypatch)  # fmt: skip
+    assert code == 0
+    first, history = reference(q1, return_history=True)
+    second = reference(q2, history=history)  # turn 2 sees turn 1 and the same image
+    assert out == f"{first}\n{second}\n{first}\n"  # after /reset the image goes with the first question again
+    assert "history cleared" in err
+
+
+def test_sampling_flags_reach_the_sampler(checkpoint, loaded, capsys):
+    flags = ["--temperature", 1.2, "--top-p", 0.9, "--top-k", 100, "--repetition-penalty", 1.1, "--seed", 3]
+    code, out, _ = run(capsys, "--model", checkpoint, "--max-new-tokens", 6, *flags, "Tell me a story.")
+    sampling = dict(temperature=1.2, top_p=0.9, top_k=100, repetition_penalty=1.1, seed=3, max_new_tokens=6)
+    assert code == 0
+    assert out == Session(*loaded).ask("Tell me a story.", **sampling) + "\n"
+    assert out != Session(*loaded).ask("Tell me a story.", max_new_tokens=6) + "\n"  # not greedy
+
+
+def test_errors_exit_2_with_a_clear_message(checkpoint, tmp_path, capsys):
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(checkpoint / name, no_tokenizer / name)
+    code, _, err = run(capsys, "--model", no_tokenizer, "Hi")
+    assert code == 2 and "no tokenizer files" in err
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not a jpeg")
+    code, _, err = run(capsys, "--model", checkpoint, "--image", broken, "Hi")
+    assert code == 2 and "not an image file" in err and "loading" not in err  # fails before loading
+
+    code, _, err = run(capsys, "--model", checkpoint, "word " * 5000)
+    assert code == 2 and "context holds 4096" in err
+
+
+class FakeSession:
+    """Replays (kind, text) events, to check how --think prints them."""
+
+    def __init__(self, events, reply):
+        self.events, self.history = events, [("q", reply)]
+
+    def ask(self, question, images, *, stream, think, **sampling):
+        return iter(self.events)
+
+
+def test_think_output_shows_reasoning_then_answer(capsys):
+    events = [("reasoning", "1 + 1 = 2."), ("answer", "The sum is \\boxed{2}.")]
+    session = FakeSession(events, "<think>1 + 1 = 2.</think> The sum is \\boxed{2}.")
+    args = SimpleNamespace(think=True, temperature=None, top_p=None, top_k=None, repetition_penalty=None,
+                           max_new_tokens=8, seed=None)  # fmt: skip
+    _chat_turn(session, "What is 1+1?", [], args)
+    out = capsys.readouterr().out
+    assert out == "[thinking]\n1 + 1 = 2.\n[answer]\nThe sum is \\boxed{2}.\nfinal answer: 2\n"
