@@ -311,7 +311,7 @@ def _add_chat(parser: argparse.ArgumentParser) -> None:
 
 def _chat_turn(session, question: str, images, args) -> None:
     """Ask one question and stream the reply; with --think the reasoning goes first, dimmed (or labelled)."""
-    from minisail.chat import split_thinking
+    from minisail.session import split_thinking
 
     out = sys.stdout
     tty = out.isatty()
@@ -346,8 +346,8 @@ def _chat_turn(session, question: str, images, args) -> None:
 
 
 def _run_chat(args) -> int:
-    from minisail.chat import Session
     from minisail.image.io import open_image
+    from minisail.session import Session
 
     images = [open_image(path) for path in args.image]  # an unreadable image fails before the model loads
 

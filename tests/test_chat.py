@@ -18,24 +18,21 @@ from checkpoints import GOLDEN, golden_config, randomize_, write_checkpoint
 from safetensors.torch import load_file
 
 import minisail
-from minisail.chat import (
-    THINK_INSTRUCTION,
-    ReplyStream,
-    Session,
-    ThoughtReply,
-    batch_chat,
-    bind_chat,
-    boxed_content,
-    chat,
-    prepare_chat,
-    split_thinking,
-    tile_limits,
-)
+from minisail.chat import batch_chat, bind_chat, chat, prepare_chat
 from minisail.checkpoint.loader import to_official_state_dict
 from minisail.errors import PromptError
 from minisail.generate import greedy_generate
 from minisail.image.preprocess import internvl_pixel_values
 from minisail.models.registry import detect_family
+from minisail.session import (
+    THINK_INSTRUCTION,
+    ReplyStream,
+    Session,
+    ThoughtReply,
+    boxed_content,
+    split_thinking,
+    tile_limits,
+)
 from minisail.text.prompt import build_query, decode_reply, encode_queries
 from minisail.text.templates import get_template
 

@@ -11,9 +11,10 @@ import pytest
 from test_chat import IMAGE, build_chat_checkpoint
 
 import minisail
-from minisail.chat import Session, chat
+from minisail.chat import chat
 from minisail.cli import _chat_turn, main
 from minisail.image.preprocess import internvl_pixel_values
+from minisail.session import Session
 
 
 @pytest.fixture(scope="module")
