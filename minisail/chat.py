@@ -56,7 +56,8 @@ def chat_template(model) -> Template:
     config = {"template": getattr(c, "template", None)}
     if is_yivl(model):
         return template_for_config(config)
-    config["vision_config"] = {"hidden_size": c.vision.hidden_size}
+    # What template_for_config reads to tell InternVL-Chat-V1-5 (InternViT-6B with qk-norm + InternLM2) apart.
+    config["vision_config"] = {"qk_normalization": getattr(c.vision, "qk_normalization", False)}
     config["llm_config"] = {"architectures": [c.llm.architecture]}
     if c.system_message is not None and not isinstance(c.vision, SailViTConfig):  # SAIL-VL2 ignores the key
         config["system_message"] = c.system_message

@@ -41,6 +41,21 @@ def require(config: dict, key: str, where: str, kind: type | tuple = (int, float
     return value
 
 
+def optional(config: dict, key: str, where: str, kind: type | tuple, default):
+    """config[key] if present and not null, else `default`; a value of another type is a ConfigError."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ConfigError(f"config.json: {where}.{key} = {value!r} has the wrong type")
+    if not isinstance(value, kind):
+        raise ConfigError(f"config.json: {where}.{key} = {value!r} has the wrong type")
+    return value
+
+
+NUMBER = (int, float)
+
+
 def positive(config: dict, key: str, where: str) -> int:
     value = require(config, key, where, int)
     if isinstance(value, bool) or value <= 0:
@@ -65,20 +80,23 @@ def decoder_config(llm: dict, where: str = "llm_config") -> DecoderConfig:
     """A DecoderConfig from a Qwen2 / Qwen3 / InternLM2 / Llama text config."""
     arch = architecture(llm)
     hidden, heads = positive(llm, "hidden_size", where), positive(llm, "num_attention_heads", where)
-    kv_heads = llm.get("num_key_value_heads") or heads
-    head_dim = llm.get("head_dim") or hidden // heads  # Qwen3 states it; it need not be hidden / heads
+    kv_heads = positive(llm, "num_key_value_heads", where) if llm.get("num_key_value_heads") else heads
+    # Qwen3 states head_dim; it need not be hidden / heads
+    head_dim = positive(llm, "head_dim", where) if llm.get("head_dim") else hidden // heads
     if heads % kv_heads:
         raise ConfigError(f"config.json: {where} has {heads} attention heads, not a multiple of {kv_heads} kv heads")
     # transformers 4.x writes rope_theta / rope_scaling; 5.x writes both into rope_parameters.
-    rope = llm.get("rope_parameters") or {}
-    rope_theta = float(llm.get("rope_theta", rope.get("rope_theta", 10000.0)))
-    scaling = llm.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    rope = optional(llm, "rope_parameters", where, dict, {})
+    rope_theta = float(optional(llm, "rope_theta", where, NUMBER, optional(rope, "rope_theta", where, NUMBER, 1e4)))
+    scaling = optional(llm, "rope_scaling", where, dict, None)
+    if scaling is None and rope.get("rope_type", "default") != "default":
+        scaling = rope
     dynamic_factor = None
     if scaling is not None:
         kind = scaling.get("type") or scaling.get("rope_type")
         if kind != "dynamic":
             raise ConfigError(f"config.json: {where}.rope_scaling type {kind!r} is not supported (only 'dynamic')")
-        dynamic_factor = float(scaling["factor"])
+        dynamic_factor = float(require(scaling, "factor", f"{where}.rope_scaling", NUMBER))
     is_internlm2 = arch.startswith("InternLM2") or llm.get("model_type") == "internlm2"
     if is_internlm2:
         qkv_bias = bool(llm.get("bias", False))

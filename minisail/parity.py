@@ -24,7 +24,10 @@ import torch
 from minisail.checkpoint.safetensors_mmap import SafetensorsFile
 from minisail.errors import CheckpointError
 
-DEFAULT_TOLERANCE = 1e-4
+# float32 cases: the official numbers to ~1e-5. A case recorded in bfloat16 (tests/tools/record_golden.py
+# --dtype bfloat16) only agrees to bf16 rounding: minisail's SDPA and the official eager attention round at
+# different points, so its default gate is loose; record in float32 for a logit-for-logit check.
+DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-1}
 
 
 @dataclass
@@ -36,6 +39,7 @@ class CaseResult:
     expected_tokens: list
     generated_tokens: list
     passed: bool
+    tolerance: float
     seconds: float
 
     def line(self) -> str:
@@ -72,30 +76,51 @@ def image_token_id(meta: dict) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def run_case(case_dir: str | Path, *, tolerance: float = DEFAULT_TOLERANCE) -> CaseResult:
+def read_meta(case_dir: Path) -> dict:
+    path = case_dir / "meta.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return meta
+
+
+def need(tensors: dict, name: str, path: Path) -> torch.Tensor:
+    if name not in tensors:
+        raise CheckpointError(f"{path} has no tensor {name!r} (see tests/golden/README.md for the case format)")
+    return tensors[name]
+
+
+def run_case(case_dir: str | Path, *, tolerance: float | None = None) -> CaseResult:
     from minisail import load
     from minisail.generate import greedy_generate
 
     case_dir = Path(case_dir)
     start = time.perf_counter()
-    meta = json.loads((case_dir / "meta.json").read_text()) if (case_dir / "meta.json").is_file() else {}
+    meta = read_meta(case_dir)
     inputs = read_tensors(case_dir / "inputs.safetensors")
     expected = read_tensors(case_dir / "expected.safetensors")
     # Cases are float32 unless their meta.json says they were recorded in bfloat16 (tests/tools/record_golden.py).
     dtype = torch.bfloat16 if str(meta.get("dtype", "")).startswith("bfloat16") else torch.float32
+    tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
     model = load(case_dir / "checkpoint", dtype=dtype)
     token_id = image_token_id(meta)
     if token_id is not None and getattr(model, "image_token_id", None) is None:
         model.image_token_id = token_id
 
-    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    inputs_path, expected_path = case_dir / "inputs.safetensors", case_dir / "expected.safetensors"
+    input_ids, attention_mask = need(inputs, "input_ids", inputs_path), need(inputs, "attention_mask", inputs_path)
     pixel_values = inputs.get("pixel_values")
     with torch.inference_mode():
         logits = model(input_ids, attention_mask, pixel_values)
         real = attention_mask.bool()
         if real.shape != logits.shape[:2]:  # LLaVA (Yi-VL) splices image rows in: compare over the spliced mask
             real = model.prepare_inputs(input_ids, attention_mask, pixel_values).attention_mask.bool()
-        expected_logits = expected["logits"]
+        expected_logits = need(expected, "logits", expected_path)
         if logits.shape != expected_logits.shape:
             raise CheckpointError(
                 f"{case_dir.name}: logits shape {tuple(logits.shape)} != {tuple(expected_logits.shape)}"
@@ -107,7 +132,7 @@ def run_case(case_dir: str | Path, *, tolerance: float = DEFAULT_TOLERANCE) -> C
             vision = model.encode_images(pixel_values)
             vision_diff = (vision.float() - expected["vision_embeds"]).abs().max().item()
 
-        want = expected["generated_ids"]
+        want = need(expected, "generated_ids", expected_path)
         got = greedy_generate(model, input_ids, attention_mask, pixel_values, max_new_tokens=want.shape[1])
     tokens_equal = got.shape == want.shape and bool((got == want).all())
     passed = logits_diff <= tolerance and (vision_diff is None or vision_diff <= tolerance) and tokens_equal
@@ -119,5 +144,6 @@ def run_case(case_dir: str | Path, *, tolerance: float = DEFAULT_TOLERANCE) -> C
         expected_tokens=want.tolist(),
         generated_tokens=got.tolist(),
         passed=passed,
+        tolerance=tolerance,
         seconds=time.perf_counter() - start,
     )

@@ -264,3 +264,25 @@ def test_yivl_chat_splices_the_image_and_stops_on_its_separator():
     assert history == [("<image_placeholder>\nWhat is it?", response)]
     with pytest.raises(PromptError, match="one image"):
         chat(model, tokenizer, torch.cat([pixel_values] * 2), "Two?", {})
+
+
+@pytest.mark.parametrize(
+    ("case", "template"),
+    [
+        ("internvl-internlm2-tiny", "internlm2-chat-v1-5"),  # V1-5 layout: the English InternLM system message
+        ("mono-internvl-tiny", "internlm2-chat"),
+        ("internvl-qwen2-tiny", "internvl2_5"),
+        ("sail-vl2-tiny", "univl-chat"),
+    ],
+)
+def test_chat_paths_use_the_template_the_config_resolves_to(case, template):
+    import json
+
+    from minisail.chat import chat_template
+    from minisail.text.templates import template_for_config
+
+    folder = GOLDEN / case / "checkpoint"
+    resolved = template_for_config(json.loads((folder / "config.json").read_text()))
+    used = chat_template(minisail.load(folder))
+    assert used.name == resolved.name == template
+    assert used.system_message == resolved.system_message

@@ -104,3 +104,15 @@ def test_image_token_count_mismatch_is_a_clear_error():
     input_ids[0, first] = 0  # one <IMG_CONTEXT> fewer than the 3 tiles x 16 rows
     with pytest.raises(PromptError, match="47 <IMG_CONTEXT> tokens but the images give 48"):
         model(input_ids, attention_mask, pixel_values)
+
+
+def test_out_of_vocabulary_ids_and_images_without_pixels_are_clear_errors():
+    model = minisail.load(GOLDEN / "internvl-qwen2-tiny" / "checkpoint")
+    model.image_token_id = 384
+    input_ids, attention_mask, pixel_values = case_inputs("internvl-qwen2-tiny")
+    bad = input_ids.clone()
+    bad[0, 3] = 400  # the tiny vocabulary is 0..399
+    with pytest.raises(PromptError, match="400, outside the vocabulary"):
+        model(bad, attention_mask, pixel_values)
+    with pytest.raises(PromptError, match="no pixel_values"):
+        model(input_ids, attention_mask)

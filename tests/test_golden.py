@@ -48,3 +48,20 @@ def test_parity_cli_on_a_case_without_inputs(tmp_path, capsys):
     (tmp_path / "checkpoint").mkdir()
     assert main(["parity", str(tmp_path)]) == 2
     assert "inputs.safetensors" in capsys.readouterr().err
+
+
+def test_parity_cli_reports_a_malformed_case_clearly(tmp_path, capsys):
+    import shutil
+
+    case = shutil.copytree(GOLDEN / "internvl-qwen2-textonly", tmp_path / "case")
+    (case / "meta.json").write_text("{oops")
+    assert main(["parity", str(case)]) == 2
+    assert "meta.json is not valid JSON" in capsys.readouterr().err
+    (case / "meta.json").write_text("{}")
+    from safetensors.torch import load_file, save_file
+
+    expected = load_file(case / "expected.safetensors")
+    del expected["generated_ids"]
+    save_file(expected, case / "expected.safetensors")
+    assert main(["parity", str(case)]) == 2
+    assert "no tensor 'generated_ids'" in capsys.readouterr().err

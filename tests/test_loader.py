@@ -191,3 +191,23 @@ def test_image_token_id_comes_from_the_checkpoint_tokenizer(folder, request):
 def test_loaded_models_have_the_upstream_chat_methods():
     model = minisail.load(GOLDEN / CASE / "checkpoint")
     assert callable(model.chat) and callable(model.batch_chat)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.update(select_layer="x"), "select_layer = 'x' has the wrong type"),
+        (lambda c: c["llm_config"].update(rope_theta="abc"), "rope_theta = 'abc' has the wrong type"),
+        (lambda c: c["llm_config"].update(rope_scaling={"type": "dynamic"}), "no 'factor'"),
+        (lambda c: c["llm_config"].update(rope_scaling={"type": "yarn", "factor": 2}), "'yarn' is not supported"),
+        (lambda c: c.update(vision_config="oops"), "vision_config is str, not an object"),
+        (lambda c: c["llm_config"].update(num_key_value_heads=3), "not a multiple of 3 kv heads"),
+        (lambda c: c.update(max_dynamic_patch=True), "max_dynamic_patch = True has the wrong type"),
+    ],
+)
+def test_malformed_config_values_are_config_errors(tmp_path, edit, message):
+    config = golden_config(CASE)
+    edit(config)
+    folder = write_checkpoint(tmp_path / "c", config, golden_tensors(CASE))
+    with pytest.raises(ConfigError, match=message):
+        minisail.load(folder)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minisail.config import decoder_config, positive, require, width_and_heads
+from minisail.config import NUMBER, decoder_config, optional, positive, require, width_and_heads
 from minisail.errors import ConfigError, PromptError
 from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
 from minisail.merge import pixel_shuffle, tokens_per_tile
@@ -64,7 +64,7 @@ def intern_vit_config(vision: dict) -> InternViTConfig:
         image_size=positive(vision, "image_size", where),
         patch_size=positive(vision, "patch_size", where),
         norm_type=norm_type,
-        norm_eps=float(vision.get("layer_norm_eps", 1e-6)),
+        norm_eps=float(optional(vision, "layer_norm_eps", where, NUMBER, 1e-6)),
         qkv_bias=bool(vision.get("qkv_bias", False)),
         qk_normalization=bool(vision.get("qk_normalization", False)),
     )
@@ -73,7 +73,7 @@ def intern_vit_config(vision: dict) -> InternViTConfig:
 def internvl_config(config: dict, vision=None) -> InternVLConfig:
     """The chat-level keys of config.json. `vision` is the tower config when the caller read it (SAIL-ViT, Mono's
     patch model): any dataclass with `image_size` and `patch_size`; by default InternViT's is read here."""
-    select_layer = int(config.get("select_layer", -4))  # upstream class default
+    select_layer = optional(config, "select_layer", "the top level", int, -4)  # upstream class default
     if vision is None:
         vision = intern_vit_config(require(config, "vision_config", "the top level", dict))
         # hidden_states = [embeddings, layer 1, ..., layer L]: L + 1 entries to pick from
@@ -83,6 +83,7 @@ def internvl_config(config: dict, vision=None) -> InternVLConfig:
                 f"(valid: -{vision.num_layers + 1} .. {vision.num_layers})"
             )
     llm = decoder_config(require(config, "llm_config", "the top level", dict))
+    top = "the top level"
     ps_version = config.get("ps_version", "v1")  # upstream class default
     if ps_version not in ("v1", "v2"):
         raise ConfigError(f"config.json: ps_version {ps_version!r} is not 'v1' or 'v2'")
@@ -91,14 +92,23 @@ def internvl_config(config: dict, vision=None) -> InternVLConfig:
         llm=llm,
         select_layer=select_layer,
         ps_version=ps_version,
-        downsample_ratio=float(config.get("downsample_ratio", 0.5)),
-        image_size=int(config.get("force_image_size") or vision.image_size),
-        template=config.get("template"),
-        system_message=config.get("system_message"),
-        min_dynamic_patch=int(config.get("min_dynamic_patch", 1)),
-        max_dynamic_patch=int(config.get("max_dynamic_patch", 12)),
-        use_thumbnail=bool(config.get("use_thumbnail", True)),
+        downsample_ratio=float(optional(config, "downsample_ratio", top, NUMBER, 0.5)),
+        image_size=optional(config, "force_image_size", top, int, 0) or vision.image_size,
+        template=optional(config, "template", top, str, None),
+        system_message=optional(config, "system_message", top, str, None),
+        # Not the upstream class defaults (6 tiles, no thumbnail): every release's config and model card's
+        # load_image use dynamic tiling with a thumbnail and up to 12 tiles.
+        min_dynamic_patch=optional(config, "min_dynamic_patch", top, int, 1),
+        max_dynamic_patch=optional(config, "max_dynamic_patch", top, int, 12),
+        use_thumbnail=optional(config, "use_thumbnail", top, bool, True),
     )
+
+
+def check_vocabulary(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """A PromptError for ids outside [0, vocab_size) (an embedding lookup would fail obscurely, or assert on CUDA)."""
+    if input_ids.numel() and not bool(((input_ids >= 0) & (input_ids < vocab_size)).all()):
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0].item()
+        raise PromptError(f"input_ids holds {bad}, outside the vocabulary [0, {vocab_size}): wrong tokenizer?")
 
 
 @dataclass
@@ -135,11 +145,14 @@ class InternVLChatModel(nn.Module):
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_embeds=None) -> PreparedInputs:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        check_vocabulary(input_ids, self.config.llm.vocab_size)
         embeds = self.language_model.embed(input_ids)  # [B, T, H]
         if pixel_values is not None and image_embeds is None:
             image_embeds = self.encode_images(pixel_values)
         if image_embeds is not None:
             embeds = self.place_images(input_ids, embeds, image_embeds)
+        elif self.image_token_id is not None and bool((input_ids == self.image_token_id).any()):
+            raise PromptError("the prompt has <IMG_CONTEXT> tokens but no pixel_values were given")
         return PreparedInputs(embeds, attention_mask, self.layer_kwargs(input_ids))
 
     def place_images(self, input_ids, embeds, image_embeds):

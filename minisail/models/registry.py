@@ -32,8 +32,10 @@ class Family:
 
 def sub_config_kinds(config: dict) -> tuple[str, str]:
     """(vision tower kind, language model kind): the architectures entry, else the model_type."""
-    vision = config.get("vision_config") or {}
-    llm = config.get("llm_config") or {}
+    vision, llm = config.get("vision_config") or {}, config.get("llm_config") or {}
+    for key, value in (("vision_config", vision), ("llm_config", llm)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config.json: {key} is {type(value).__name__}, not an object: the file is corrupt")
     return architecture(vision) or vision.get("model_type", ""), architecture(llm) or llm.get("model_type", "")
 
 

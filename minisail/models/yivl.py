@@ -39,7 +39,7 @@ from minisail.checkpoint.files import NamespacedTensors, open_checkpoint_folder
 from minisail.config import decoder_config, positive, read_config, require, width_and_heads
 from minisail.errors import CheckpointError, ConfigError, PromptError
 from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
-from minisail.models.internvl import PreparedInputs
+from minisail.models.internvl import PreparedInputs, check_vocabulary
 from minisail.projector import LayerNormMLPProjector
 from minisail.vision.clip_vit import ACTIVATIONS, CLIPVisionConfig, CLIPVisionTower, depth_for
 
@@ -217,13 +217,7 @@ class YiVLModel(nn.Module):
         """Token embeddings [B, T, H]; placeholder slots get a dummy row (they are replaced by the splice)."""
         placeholders = input_ids == self.image_token_id
         ids = input_ids.masked_fill(placeholders, 0)
-        vocab = self.config.llm.vocab_size
-        outside = (ids < 0) | (ids >= vocab)
-        if bool(outside.any()):
-            bad = ids[outside][0].item()
-            raise PromptError(
-                f"input_ids holds {bad}: outside the vocabulary [0, {vocab}) and not the image placeholder"
-            )
+        check_vocabulary(ids, self.config.llm.vocab_size)
         return self.language_model.embed(ids)
 
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_embeds=None) -> PreparedInputs:
