@@ -55,6 +55,36 @@ def build_query(model, question: str, num_patches: int) -> str:
     return query.replace("<image>", image_tokens, 1)
 
 
+def reference_config(folder: Path):
+    """The checkpoint's config with the official code put on its plain reference paths.
+
+    - eager attention in the LLM: SAIL-VL2's remote Qwen3 replaces the global sdpa kernel with an Ascend-NPU
+      function when llm_config says "sdpa", and from_pretrained(attn_implementation=...) does not reach it;
+    - no flash-attn in InternViT (`use_flash_attn`), so the ViT takes its naive attention path;
+    - SAIL-VL2's forward() calls torch.distributed.get_rank() unconditionally: a one-process gloo group on the
+      loopback address satisfies it.
+    """
+    import os
+
+    import torch.distributed as dist
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    for sub in ("llm_config", "text_config"):
+        llm = getattr(config, sub, None)
+        if llm is not None:
+            llm.attn_implementation = "eager"
+            llm._attn_implementation = "eager"
+    vision = getattr(config, "vision_config", None)
+    if vision is not None and hasattr(vision, "use_flash_attn"):
+        vision.use_flash_attn = False
+    if dist.is_available() and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    return config
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="official checkpoint folder with its remote code")
@@ -72,7 +102,9 @@ def main(argv=None) -> int:
     from minisail.image.preprocess import internvl_pixel_values
 
     dtype = getattr(torch, args.dtype)
-    model = AutoModel.from_pretrained(args.model, torch_dtype=dtype, trust_remote_code=True).eval()
+    model = AutoModel.from_pretrained(
+        args.model, config=reference_config(args.model), torch_dtype=dtype, trust_remote_code=True
+    ).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True, use_fast=False)
     size = model.config.force_image_size or model.config.vision_config.image_size
     pixel_values = internvl_pixel_values(args.image, max_tiles=args.max_tiles, image_size=size).to(dtype)
