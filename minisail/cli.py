@@ -212,9 +212,15 @@ def _add_tiles(parser: argparse.ArgumentParser) -> None:
 def _run_tiles(args) -> int:
     import json
 
+    from minisail.errors import ImageError
     from minisail.image.preprocess import internvl_tiles
     from minisail.image.render import render_tiles, summarize
 
+    if 1 <= args.max_tiles < args.min_tiles:  # upstream silently falls back to one tile; on a command line it is a typo
+        raise ImageError(
+            f"--min-tiles {args.min_tiles} is larger than --max-tiles {args.max_tiles}: no grid fits; give min <= max "
+            "(minisail.tiling.best_grid reproduces upstream's 1x1 fallback where that is wanted)"
+        )
     tiles = internvl_tiles(args.image, min_tiles=args.min_tiles, max_tiles=args.max_tiles, image_size=args.image_size)
     summary = {"image": args.image, "min_tiles": args.min_tiles, "max_tiles": args.max_tiles, **summarize(tiles)}
     if args.out:

@@ -78,6 +78,8 @@ def test_errors_exit_2_with_a_message(capsys, tmp_path):
     assert code == 2 and "not an image file" in err
     code, _, err = run(capsys, RED_PANDA, "--max-tiles", "0")
     assert code == 2 and "max_tiles must be between 1 and" in err
+    code, _, err = run(capsys, RED_PANDA, "--min-tiles", "5", "--max-tiles", "2")
+    assert code == 2 and "--min-tiles 5 is larger than --max-tiles 2" in err
     code, _, err = run(capsys, RED_PANDA, "--out", str(tmp_path / "missing_dir" / "t.png"))
     assert code == 2 and "cannot write" in err
 
