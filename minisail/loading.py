@@ -1,11 +1,24 @@
-"""`minisail.load(path, *, dtype=None, device=None)`: an official checkpoint folder -> a ready model.
+"""`minisail.load(path, *, dtype=None, device=None, quantize=None)`: an official checkpoint folder -> a ready model.
 
 1. read config.json and pick the family from its sub-configs (models/registry.py), then read the files the
    config points to (Yi-VL: the vision folder's own config.json);
 2. build the model on the meta device: no memory, no random init;
-3. fill every parameter from the memory-mapped checkpoint through the family's weight map, strictly
+3. turn into `Int8Linear` (minisail/quant.py) every Linear the checkpoint stores as bitsandbytes int8, and with
+   `quantize="int8"` every Linear of the decoder layers;
+4. fill every parameter from the memory-mapped checkpoint through the family's weight map, strictly
    (checkpoint/loader.py), casting floats to `dtype` (default: the checkpoint's own, bf16 for the releases);
-4. move to `device`, switch to eval mode, and read the image-token id from the tokenizer files if present.
+5. move to `device`, switch to eval mode, and read the image-token id from the tokenizer files if present.
+
+Int8 (weight-only; activations stay in `dtype`):
+- A pre-quantised bitsandbytes LLM.int8 checkpoint (InternVL-Chat-V1-5-Int8) is recognised tensor by tensor:
+  a Linear is int8 exactly when each official weight it reads has an `.SCB` companion, whatever the config's
+  skip list says. Such a checkpoint always loads as int8 (never dequantised); `quantize` may be None.
+- `quantize="int8"` quantises a float checkpoint's decoder-layer Linears (attention qkv/o, MLP gate_up/down,
+  Mono's visual experts) row by row as each tensor is read. Kept float, as bitsandbytes keeps its output head:
+  the embedding and lm_head (whose rows are the logits), and the vision tower and projector. Those run once per
+  image over hundreds of tokens, where weight-only int8 saves no time (the matmul is compute-bound) and would only
+  perturb every image token; the decoder linears are re-read for every generated token, where int8 halves (bf16)
+  or quarters (fp32) the bytes streamed, and they hold most of the weights.
 """
 
 from __future__ import annotations
@@ -14,12 +27,15 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from minisail.chat import bind_chat
+from minisail.checkpoint.keymaps import KeyMap, bnb_scale_key
 from minisail.checkpoint.loader import checkpoint_dtype, fill_from_checkpoint
 from minisail.config import read_config
-from minisail.errors import ConfigError, MinisailError
+from minisail.errors import CheckpointError, ConfigError, MinisailError
 from minisail.models.registry import detect_family
+from minisail.quant import swap_in_int8_linears
 
 IMG_CONTEXT = "<IMG_CONTEXT>"
 
@@ -41,18 +57,24 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
 
 
-def load(path, *, dtype=None, device=None):
+def load(path, *, dtype=None, device=None, quantize=None):
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"unknown quantize={quantize!r}: use None (as stored) or 'int8' (int8 decoder weights)")
     folder = Path(path)
     config = read_config(folder)
+    check_quantization_config(config)
     family = detect_family(config)
     config = family.complete_config(folder, config)
     with torch.device("meta"):
         model = family.build(config)
     tensors = family.open_tensors(folder, config)
+    keymap = family.keymap(model)
+    int8_names = int8_linear_names(model, keymap, tensors, quantize, bnb="quantization_config" in config)
+    swap_in_int8_linears(model, int8_names)
     dtype = resolve_dtype(dtype) or checkpoint_dtype(tensors)
     if hasattr(model, "check_dtype"):  # a family that cannot run in some dtype says so before any tensor is read
         model.check_dtype(dtype)
-    fill_from_checkpoint(model, tensors, family.keymap(model), dtype)
+    fill_from_checkpoint(model, tensors, keymap, dtype)
     model.eval()
     if device is not None:
         model.to(device)
@@ -61,6 +83,55 @@ def load(path, *, dtype=None, device=None):
     model.image_token_id = image_token_id_from_tokenizer(folder, model.image_token_id)
     bind_chat(model)  # model.chat(tokenizer, pixel_values, question, generation_config) as upstream
     return model
+
+
+def check_quantization_config(config: dict) -> None:
+    """A `quantization_config` must be bitsandbytes 8-bit (LLM.int8), the only quantised format minisail reads."""
+    quantization = config.get("quantization_config")
+    if quantization is None:
+        return
+    if not isinstance(quantization, dict):
+        raise ConfigError(f"config.json: quantization_config must be an object, not {quantization!r}")
+    method = quantization.get("quant_method", "bitsandbytes")  # configs from before transformers 4.33 lack it
+    if method != "bitsandbytes" or quantization.get("load_in_4bit") or not quantization.get("load_in_8bit", True):
+        raise ConfigError(
+            f"config.json: quantization_config {quantization!r} is not bitsandbytes 8-bit; minisail reads float "
+            "checkpoints and bitsandbytes LLM.int8 ones (InternVL-Chat-V1-5-Int8) only"
+        )
+
+
+def int8_linear_names(model: nn.Module, keymap: KeyMap, tensors, quantize, *, bnb: bool) -> list[str]:
+    """The nn.Linear modules to build as Int8Linear: those whose official weights are all stored as bitsandbytes
+    int8 (`.SCB` present), plus with quantize="int8" every Linear inside the decoder layers.
+
+    `bnb`: config.json has a quantization_config, so the checkpoint must hold int8 weights."""
+    to_quantize = set()
+    if quantize == "int8":
+        to_quantize = {id(m) for m in model.language_model.layers.modules() if isinstance(m, nn.Linear)}
+    names, any_stored = [], False
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        try:
+            _rule, sources, _tied = keymap.resolve(f"{name}.weight")
+        except KeyError:
+            continue  # the loader reports it
+        stored = [bnb_scale_key(source) in tensors for source in sources]
+        any_stored = any_stored or any(stored)
+        if all(stored) or id(module) in to_quantize:
+            names.append(name)
+        elif any(stored):
+            kinds = ", ".join(f"{s!r} {'int8' if k else 'float'}" for s, k in zip(sources, stored, strict=True))
+            raise CheckpointError(
+                f"{tensors.description}: {name} fuses official weights stored partly as bitsandbytes int8 and partly "
+                f"as float ({kinds}); load with quantize='int8' to quantise the float ones as well"
+            )
+    if bnb and not any_stored:
+        raise CheckpointError(
+            f"{tensors.description}: config.json has a bitsandbytes quantization_config, but no weight has the "
+            "`.SCB` scale an int8 weight needs: the files are not the quantised checkpoint the config describes"
+        )
+    return names
 
 
 def image_token_id_from_tokenizer(folder: Path, default):

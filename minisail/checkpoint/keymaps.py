@@ -3,7 +3,8 @@
 A `Rule` says which official tensors make one minisail parameter and how (`Join`): most are a rename; the
 fused projections are the official q/k/v (or gate/up) matrices stacked by rows; InternLM2's `wqkv`, stored
 grouped per key/value head, is regrouped into [q; k; v]. Every `Join` has its inverse (`split`), so the same
-table writes official-layout checkpoints (tests, benchmark) and round-trips exactly.
+table writes official-layout checkpoints (tests, benchmark) and round-trips exactly. Joins only move rows, so
+an int8 Linear's per-row scales (bitsandbytes' `X.SCB`) go through its weight's rule unchanged (loader.py).
 
 Patterns: `{i}` stands for a layer index, `*` for the rest of a name (one per pattern). Rules are tried in
 order and the first whose target matches a parameter name wins.
@@ -76,6 +77,16 @@ class KeyMap:
 ROTARY_BUFFERS = [r".*rotary_emb\.(inv_freq|cos_cached|sin_cached)"]
 
 
+def bnb_scale_key(weight_key: str) -> str:
+    """bitsandbytes LLM.int8 checkpoints store a quantised Linear `X` as `X.weight` (int8 [out, in]) plus `X.SCB`
+    (float32 [out], each row's absmax) and sometimes `X.weight_format` (uint8 scalar, 0 = row-major)."""
+    return weight_key.removesuffix("weight") + "SCB"
+
+
+def bnb_format_key(weight_key: str) -> str:
+    return weight_key + "_format"
+
+
 def passthrough(prefix: str) -> KeyMap:
     """Parameters named exactly as the checkpoint (InternViT under `vision_model.`)."""
     return KeyMap([Rule(prefix + "*", (prefix + "*",))])
@@ -141,22 +152,25 @@ def internlm2_wqkv(config) -> Join:
 
     Official rows: for each kv head h, its g = heads/kv_heads query heads, then its key head, then its value
     head, each head_dim rows: W.view(kv, g + 2, head_dim, hidden). Query head h*g + j uses kv head h.
+    Only rows move, so the same regroup applies to anything with one entry per row (int8 per-row scales).
     """
     kv, d = config.num_kv_heads, config.head_dim
     g = config.num_heads // kv
 
     def join(parts):
         (w,) = parts
-        grouped = w.reshape(kv, g + 2, d, -1)  # [kv, g+2, d, in]
-        q = grouped[:, :g].reshape(kv * g * d, -1)
-        k = grouped[:, g].reshape(kv * d, -1)
-        v = grouped[:, g + 1].reshape(kv * d, -1)
+        rest = w.shape[1:]  # [in] for a weight, [] for a per-row vector
+        grouped = w.reshape(kv, g + 2, d, *rest)  # [kv, g+2, d, *rest]
+        q = grouped[:, :g].reshape(kv * g * d, *rest)
+        k = grouped[:, g].reshape(kv * d, *rest)
+        v = grouped[:, g + 1].reshape(kv * d, *rest)
         return torch.cat([q, k, v], dim=0)
 
     def split(whole):
+        rest = whole.shape[1:]
         q, k, v = whole.split([kv * g * d, kv * d, kv * d], dim=0)
-        grouped = torch.cat([q.reshape(kv, g, d, -1), k.reshape(kv, 1, d, -1), v.reshape(kv, 1, d, -1)], dim=1)
-        return [grouped.reshape(kv * (g + 2) * d, -1)]
+        per_kv_head = [q.reshape(kv, g, d, *rest), k.reshape(kv, 1, d, *rest), v.reshape(kv, 1, d, *rest)]
+        return [torch.cat(per_kv_head, dim=1).reshape(kv * (g + 2) * d, *rest)]
 
     return Join(join, split)
 

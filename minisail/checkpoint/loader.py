@@ -6,6 +6,11 @@
   one that is converted or joined is read into fresh memory one at a time, so a dtype change never holds
   a second copy of the whole model;
 - nothing is assigned until everything checked out: an error leaves no half-loaded model behind.
+
+An `Int8Linear` (minisail/quant.py) is filled as a unit: its int8 weight and float32 per-row scale come either
+from a bitsandbytes LLM.int8 checkpoint (`X.weight` int8 + `X.SCB` row absmax, scale = SCB / 127, the int8 rows
+never converted to float) or, from a float checkpoint, by quantising each official tensor as it is read. The
+rows and their absmax go through the weight's `Join` together, so fused and regrouped layers stay exact.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import torch
 from torch import nn
 
 from minisail.checkpoint.files import CheckpointTensors
-from minisail.checkpoint.keymaps import KeyMap
+from minisail.checkpoint.keymaps import KeyMap, Rule, bnb_format_key, bnb_scale_key
 from minisail.errors import CheckpointError
+from minisail.quant import Int8Linear, quantize_rows
 
 
 def checkpoint_dtype(tensors: CheckpointTensors) -> torch.dtype:
@@ -36,40 +42,28 @@ def fill_from_checkpoint(model: nn.Module, tensors: CheckpointTensors, keymap: K
     where = tensors.description
     state: dict[str, torch.Tensor] = {}
     consumed: set[str] = set()
+    int8_modules = {name for name, module in model.named_modules() if isinstance(module, Int8Linear)}
     for name, slot in model.state_dict(keep_vars=True).items():
-        try:
-            rule, sources, tied = keymap.resolve(name)
-        except KeyError as error:
-            raise CheckpointError(f"{where}: {error} (a minisail bug: please report it)") from None
-        missing = [s for s in sources if s not in tensors]
-        if missing and tied is not None and len(missing) == len(sources) and tied in tensors:
-            sources = [tied]  # a tied lm_head: the checkpoint stores only the embedding
-        elif missing:
-            raise CheckpointError(
-                f"{where}: the checkpoint has no tensor {missing[0]!r} (needed for {name}); "
-                "the download is incomplete or the config describes another model"
-            )
+        module, _, leaf = name.rpartition(".")
+        if module in int8_modules and leaf == "scale":
+            continue  # filled with the module's weight
+        rule, sources = _sources(keymap, tensors, name, where)
+        if module in int8_modules and leaf == "weight":
+            state[name], state[f"{module}.scale"], used = _int8_weight(rule, sources, slot, tensors, name, where)
+            consumed.update(used)
+            continue
         target_dtype = dtype if slot.dtype.is_floating_point else slot.dtype
         zero_copy = rule.join.is_identity and tensors.dtype(sources[0]) == target_dtype
         parts = [tensors.view(s) if zero_copy else tensors.read(s) for s in sources]
         for source, part in zip(sources, parts, strict=True):
             if part.dtype.is_floating_point != slot.dtype.is_floating_point:
+                hint = ""
+                if part.dtype == torch.int8:
+                    hint = f" (an int8 weight needs its bitsandbytes scale {bnb_scale_key(source)!r}, which is missing)"
                 raise CheckpointError(
-                    f"{where}: tensor {source!r} is {part.dtype}, expected a {slot.dtype}-like tensor"
+                    f"{where}: tensor {source!r} is {part.dtype}, expected a {slot.dtype}-like tensor{hint}"
                 )
-        try:
-            value = rule.join.join(parts)
-        except RuntimeError as error:
-            shapes = [tuple(tensors.shape(s)) for s in sources]
-            raise CheckpointError(
-                f"{where}: cannot combine {sources} with shapes {shapes} into {name}: {error}"
-            ) from None
-        if tuple(value.shape) != tuple(slot.shape):
-            stored = ", ".join(f"{s!r} {tuple(tensors.shape(s))}" for s in sources)
-            raise CheckpointError(
-                f"{where}: {name} needs shape {tuple(slot.shape)} from config.json, but the checkpoint has "
-                f"{stored}: the config does not match the weights"
-            )
+        value = _join(rule, parts, sources, tuple(slot.shape), name, where)
         state[name] = value if value.dtype == target_dtype else value.to(target_dtype)
         consumed.update(sources)
     unused = [k for k in tensors.keys() if k not in consumed and not keymap.is_ignored(k)]
@@ -84,11 +78,112 @@ def fill_from_checkpoint(model: nn.Module, tensors: CheckpointTensors, keymap: K
         parameter.requires_grad_(False)
 
 
+def _sources(keymap: KeyMap, tensors, name: str, where: str) -> tuple[Rule, list[str]]:
+    """The rule for minisail parameter `name` and the official keys it reads, all present in `tensors`."""
+    try:
+        rule, sources, tied = keymap.resolve(name)
+    except KeyError as error:
+        raise CheckpointError(f"{where}: {error} (a minisail bug: please report it)") from None
+    missing = [s for s in sources if s not in tensors]
+    if missing and tied is not None and len(missing) == len(sources) and tied in tensors:
+        return rule, [tied]  # a tied lm_head: the checkpoint stores only the embedding
+    if missing:
+        raise CheckpointError(
+            f"{where}: the checkpoint has no tensor {missing[0]!r} (needed for {name}); "
+            "the download is incomplete or the config describes another model"
+        )
+    return rule, sources
+
+
+def _join(rule: Rule, parts, sources, shape: tuple, name: str, where: str) -> torch.Tensor:
+    """rule.join(parts), checked to have `shape`."""
+    try:
+        value = rule.join.join(parts)
+    except RuntimeError as error:
+        shapes = [tuple(part.shape) for part in parts]
+        raise CheckpointError(f"{where}: cannot combine {sources} with shapes {shapes} into {name}: {error}") from None
+    if tuple(value.shape) != shape:
+        stored = ", ".join(f"{s!r} {tuple(part.shape)}" for s, part in zip(sources, parts, strict=True))
+        raise CheckpointError(
+            f"{where}: {name} needs shape {shape} from config.json, but the checkpoint has "
+            f"{stored}: the config does not match the weights"
+        )
+    return value
+
+
+def _int8_weight(rule: Rule, sources, slot, tensors, name: str, where: str):
+    """(int8 weight, float32 scale, checkpoint keys used) for the Int8Linear whose weight is `name`."""
+    weights, absmaxes, used = [], [], []
+    for source in sources:
+        scb = bnb_scale_key(source)
+        if scb in tensors:  # stored int8 by bitsandbytes
+            weight, absmax = _stored_int8(source, scb, tensors, rule.join.is_identity, where)
+            used += [source, scb]
+            if bnb_format_key(source) in tensors:
+                _check_row_major(bnb_format_key(source), tensors, where)
+                used.append(bnb_format_key(source))
+        elif tensors.dtype(source).is_floating_point:  # a float checkpoint, quantised as it is read
+            weight, absmax = quantize_rows(tensors.read(source))
+            used.append(source)
+        else:
+            raise CheckpointError(
+                f"{where}: tensor {source!r} is {tensors.dtype(source)} without its bitsandbytes scale {scb!r}: "
+                "the checkpoint is incomplete"
+            )
+        weights.append(weight)
+        absmaxes.append(absmax)
+    scales = [bnb_scale_key(s) for s in sources]
+    weight = _join(rule, weights, sources, tuple(slot.shape), name, where)
+    absmax = _join(rule, absmaxes, scales, tuple(slot.shape[:1]), name, where)
+    if not bool(torch.isfinite(absmax).all()):
+        raise CheckpointError(f"{where}: {sources} hold non-finite values (or scales): the checkpoint is corrupt")
+    return weight, absmax / 127, used
+
+
+def _stored_int8(source: str, scb: str, tensors, zero_copy: bool, where: str):
+    """A bitsandbytes int8 weight and its row absmax (SCB), with their dtypes and shapes checked."""
+    shape, scb_shape = list(tensors.shape(source)), list(tensors.shape(scb))
+    if tensors.dtype(source) != torch.int8:
+        raise CheckpointError(
+            f"{where}: {scb!r} marks {source!r} as a bitsandbytes int8 weight, but it is stored as "
+            f"{tensors.dtype(source)}: the checkpoint is inconsistent"
+        )
+    if len(shape) != 2 or scb_shape != shape[:1] or not tensors.dtype(scb).is_floating_point:
+        raise CheckpointError(
+            f"{where}: {scb!r} is {tensors.dtype(scb)} {scb_shape}, but the int8 weight {source!r} {shape} needs "
+            f"one float scale per row ({shape[:1]}): the checkpoint is corrupt"
+        )
+    absmax = tensors.read(scb).float()
+    if bool((absmax < 0).any()):
+        raise CheckpointError(f"{where}: {scb!r} holds negative row maxima: the checkpoint is corrupt")
+    return (tensors.view(source) if zero_copy else tensors.read(source)), absmax
+
+
+def _check_row_major(key: str, tensors, where: str) -> None:
+    """bitsandbytes' weight_format: 0 row-major; 1-3 (col32, col_turing, col_ampere) are old GPU tile layouts."""
+    value = tensors.read(key).reshape(-1)
+    if value.numel() != 1 or int(value[0]) != 0:
+        raise CheckpointError(
+            f"{where}: {key!r} = {value.tolist()}: the int8 weight is stored in a bitsandbytes GPU tile layout "
+            "(col32 / col_turing / col_ampere), which minisail does not read; re-save the model with a recent "
+            "bitsandbytes, which writes row-major weights"
+        )
+
+
 def to_official_state_dict(model: nn.Module, keymap: KeyMap) -> dict[str, torch.Tensor]:
-    """The inverse of loading: the model's weights under the official key names (for writing checkpoints)."""
+    """The inverse of loading: the model's weights under the official key names (for writing checkpoints).
+
+    An Int8Linear is written as bitsandbytes does: `X.weight` int8 and `X.SCB` = scale * 127 (float32).
+    """
+    int8_modules = {name for name, module in model.named_modules() if isinstance(module, Int8Linear)}
     official: dict[str, torch.Tensor] = {}
     for name, value in model.state_dict().items():
-        rule, sources, _tied = keymap.resolve(name)
+        module, _, leaf = name.rpartition(".")
+        if module in int8_modules and leaf == "scale":
+            rule, weights, _tied = keymap.resolve(f"{module}.weight")
+            sources, value = [bnb_scale_key(w) for w in weights], value * 127
+        else:
+            rule, sources, _tied = keymap.resolve(name)
         for source, part in zip(sources, rule.join.split(value), strict=True):
             official[source] = part.contiguous()
     return official

@@ -1,0 +1,166 @@
+"""Int8 weight-only linear layers: the weights stay int8 in memory, the activations stay float.
+
+`Int8Linear` holds `weight` int8 [out, in] and `scale` float32 [out] (one scale per output row) and computes
+
+    y = x @ (weight * scale[:, None])^T + bias
+
+which is a float Linear on the dequantised weights. The int8 weights come from either
+- a bitsandbytes LLM.int8 checkpoint (InternVL-Chat-V1-5-Int8): `X.weight` int8 and `X.SCB` = each row's absmax,
+  so scale = SCB / 127 (checkpoint/loader.py); or
+- `minisail.load(..., quantize="int8")`, which quantises a float checkpoint as it is read with the same rule
+  (`quantize_rows`): absmax = max |w| over the row, weight = round(w * 127 / absmax).
+
+This is not bitsandbytes' forward: on CUDA it quantises the activations too (int8 x int8, with the columns holding
+an |x| > 6 outlier in fp16). Weight-only is closer to the float model, and runs on any device.
+
+Kernels, measured on the 2-core AVX-512 CPU this was written on (torch 2.13, one thread, ms per call, best of 30;
+ranges over the shapes [out, in] 8960x1536 and 1536x8960 (Qwen2.5-1.5B's MLP), 4096x6144 and 6144x4096 (slices of
+InternLM2-20B's 16384x6144 MLP)):
+
+  rows of x  activations  float Linear  _weight_int8pack_mm  blocks of rows (used)  whole dequantise + matmul
+  1          bf16         2.5 - 4.9     0.8 - 2.2            3.3 - 6.4              4.4 - 28
+  1          fp32         2.5 - 4.9     11 - 21              2.3 - 4.0              25 - 51
+  8          bf16         3.0 - 5.4     3.0 - 6.2            3.8 - 7.7              4.8 - 29
+  8          fp32         6.3 - 15      91 - 168             5.4 - 12               30 - 61
+  256        bf16         33 - 60       88 - 199             37 - 68                35 - 86
+  256        fp32         72 - 154      seconds              82 - 158               98 - 199
+
+- `torch.ops.aten._weight_int8pack_mm` (PyTorch's CPU int8 weight-only matmul) is the fastest decode kernel in
+  bf16: 2-3x faster than the bf16 Linear (two threads: 0.4-1.4 ms against 1.8-3.2). But it is a matrix-vector
+  kernel whose cost grows with every row of x, its fp32 path is not vectorised, it needs the scale in x's dtype
+  (bf16: rounded to 8 bits), and on this build it returns garbage or crashes for bf16 with `in` not a multiple
+  of 16. Hence: CPU, bf16, at most INT8PACK_MAX_ROWS rows, `in` % 16 == 0.
+- Everything else converts `weight` to x's dtype a block of rows (~8 MB) at a time into one reused buffer, does
+  a float matmul and scales the output columns. The block stays in cache and no memory is allocated per call:
+  converting the whole matrix at once costs up to 10x more, mostly page faults for the fresh float copy. In fp32
+  it beats the fp32 Linear at decode (it streams 4x fewer bytes) and stays within 0.9-1.2x of it at prefill.
+  With two threads on a busy machine each block can wait for the second thread to wake up (seen: up to 50 ms).
+- Devices other than the CPU use the same blocked path (int8pack's speed and correctness were measured only here).
+
+`reference_int8_linear` is the plain definition, for tests. Inference only: the weights are frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCK_BYTES = 8 << 20  # float rows converted per matmul in the blocked path
+INT8PACK_MAX_ROWS = 8  # above this many rows of x, the blocked path wins (measured crossover: 8-12)
+QUANTIZE_BLOCK_ROWS = 1024  # rows converted to fp32 at a time by quantize_rows
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise absmax int8 (bitsandbytes' LLM.int8 weight rule): (int8 [out, in], absmax float32 [out]).
+
+    weight ~= int8 * absmax[:, None] / 127. A block of rows at a time goes through fp32, so quantising one
+    matrix never holds a float32 copy of all of it. An all-zero row gets absmax 0 and int8 zeros.
+    """
+    rows = weight.shape[0]
+    absmax = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    values = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    for start in range(0, rows, QUANTIZE_BLOCK_ROWS):
+        block = weight[start : start + QUANTIZE_BLOCK_ROWS].to(torch.float32, copy=True)  # the one temporary
+        low, high = torch.aminmax(block, dim=1)
+        block_absmax = torch.maximum(-low, high)
+        absmax[start : start + QUANTIZE_BLOCK_ROWS] = block_absmax
+        steps = 127 / block_absmax.clamp_min(torch.finfo(torch.float32).tiny)
+        values[start : start + QUANTIZE_BLOCK_ROWS] = block.mul_(steps[:, None]).round_()
+    return values, absmax
+
+
+def reference_int8_linear(x, weight, scale, bias=None) -> torch.Tensor:
+    """The definition: dequantise in float32, round once to x's dtype, then an ordinary Linear."""
+    return F.linear(x, (weight.float() * scale.float()[:, None]).to(x.dtype), bias)
+
+
+_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One reusable float buffer per (device, dtype), shared by every Int8Linear."""
+    buffer = _scratch.get((device, dtype))
+    if buffer is None or buffer.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor, writable both inside and outside inference mode
+            buffer = _scratch[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
+def blocked_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, in] @ (weight * scale)^T -> [M, out], converting weight a block of rows at a time."""
+    out_features, in_features = weight.shape
+    rows = max(1, BLOCK_BYTES // (in_features * x.element_size()))
+    buffer = _scratch_buffer(min(rows, out_features) * in_features, x.dtype, x.device)
+    scale = scale.to(x.dtype)
+    # Scaling the outputs is cheapest, but the unscaled products are up to 127x larger than the true ones, more
+    # than float16's range (65504) may hold: in float16 the weights are scaled instead, block by block.
+    scale_weights = x.dtype == torch.float16
+    parts = []
+    for start in range(0, out_features, rows):
+        block = weight[start : start + rows]
+        as_float = buffer[: block.numel()].view(block.shape).copy_(block)  # exact: |int8| <= 127
+        if scale_weights:
+            as_float.mul_(scale[start : start + rows, None])
+        parts.append(F.linear(x, as_float))
+    y = torch.cat(parts, dim=-1)
+    return y if scale_weights else y * scale
+
+
+def _int8pack_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and 1 <= x.shape[0] <= INT8PACK_MAX_ROWS
+        and weight.shape[1] % 16 == 0
+        and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+    )
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
+    """x [..., in] -> [..., out] through int8 `weight` [out, in] and float `scale` [out], by the fastest kernel
+    that fits."""
+    rows = x.reshape(-1, x.shape[-1])
+    if _int8pack_fits(rows, weight):
+        y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), weight, scale.to(x.dtype))
+    else:
+        y = blocked_int8_matmul(rows, weight, scale)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight is int8 [out, in] with a float32 scale per output row (see the module docstring).
+
+    The scale stays float32 whatever the model dtype: bf16 would round every row's scale by up to 0.4%.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        weight = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def swap_in_int8_linears(model: nn.Module, names: list[str]) -> None:
+    """Replace the nn.Linear modules called `names` by Int8Linear of the same shape, on the same device.
+
+    Done on the meta-device model before loading, so the loader fills int8 weights directly.
+    """
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
+        int8 = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device)
+        setattr(parent, child, int8)
