@@ -57,9 +57,23 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
 
 
+def resolve_device(device) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"unknown device {device!r} ({error}): use cpu, cuda, cuda:N or mps") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    if available is not None and not available():
+        raise ConfigError(f"device {device} is not available on this machine (this torch build or hardware)")
+    return device
+
+
 def load(path, *, dtype=None, device=None, quantize=None):
     if quantize not in (None, "int8"):
         raise ConfigError(f"unknown quantize={quantize!r}: use None (as stored) or 'int8' (int8 decoder weights)")
+    device = resolve_device(device)  # before anything is read: a bad device should not cost a load
     folder = Path(path)
     config = read_config(folder)
     check_quantization_config(config)
@@ -74,10 +88,8 @@ def load(path, *, dtype=None, device=None, quantize=None):
     dtype = resolve_dtype(dtype) or checkpoint_dtype(tensors)
     if hasattr(model, "check_dtype"):  # a family that cannot run in some dtype says so before any tensor is read
         model.check_dtype(dtype)
-    fill_from_checkpoint(model, tensors, keymap, dtype)
+    fill_from_checkpoint(model, tensors, keymap, dtype, device)
     model.eval()
-    if device is not None:
-        model.to(device)
     model.checkpoint_folder = folder
     model.family = family.name
     model.image_token_id = image_token_id_from_tokenizer(folder, model.image_token_id)

@@ -211,3 +211,23 @@ def test_malformed_config_values_are_config_errors(tmp_path, edit, message):
     folder = write_checkpoint(tmp_path / "c", config, golden_tensors(CASE))
     with pytest.raises(ConfigError, match=message):
         minisail.load(folder)
+
+
+def test_bad_device_is_refused_before_loading():
+    with pytest.raises(ConfigError, match="unknown device 'foo'"):
+        minisail.load(GOLDEN / CASE / "checkpoint", device="foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="not available"):
+            minisail.load(GOLDEN / CASE / "checkpoint", device="cuda")
+
+
+def test_a_tied_head_shares_the_embedding_tensor(tmp_path):
+    config = golden_config(CASE)
+    config["llm_config"]["tie_word_embeddings"] = True
+    tensors = golden_tensors(CASE)
+    tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"]
+    del tensors["language_model.lm_head.weight"]
+    folder = write_checkpoint(tmp_path / "c", config, tensors)
+    for dtype in (torch.float32, torch.bfloat16):  # as stored (a view) and converted (a copy)
+        model = minisail.load(folder, dtype=dtype)
+        assert model.language_model.lm_head.weight is model.language_model.embed.weight

@@ -37,11 +37,20 @@ def checkpoint_dtype(tensors: CheckpointTensors) -> torch.dtype:
     return max(totals, key=totals.get) if totals else torch.float32
 
 
-def fill_from_checkpoint(model: nn.Module, tensors: CheckpointTensors, keymap: KeyMap, dtype: torch.dtype) -> None:
-    """Assign every parameter of `model` (on the meta device) from `tensors`; float tensors cast to `dtype`."""
+def fill_from_checkpoint(
+    model: nn.Module, tensors: CheckpointTensors, keymap: KeyMap, dtype: torch.dtype, device=None
+) -> None:
+    """Assign every parameter of `model` (on the meta device) from `tensors`; float tensors cast to `dtype`.
+
+    With a `device` other than the CPU, each tensor moves there as soon as it is made, so a model converted on
+    its way to a GPU never exists whole in host memory. Two parameters made from the same official tensor by a
+    plain rename (a tied lm_head reading the embedding) share one tensor, as a tied model does."""
     where = tensors.description
+    device = None if device is None or torch.device(device).type == "cpu" else torch.device(device)
     state: dict[str, torch.Tensor] = {}
     consumed: set[str] = set()
+    taken_as_is: dict[str, str] = {}  # official key -> the parameter a plain rename made of it
+    tied: dict[str, str] = {}  # parameter -> the parameter it shares (a tied lm_head -> the embedding)
     int8_modules = {name for name, module in model.named_modules() if isinstance(module, Int8Linear)}
     for name, slot in model.state_dict(keep_vars=True).items():
         module, _, leaf = name.rpartition(".")
@@ -49,10 +58,14 @@ def fill_from_checkpoint(model: nn.Module, tensors: CheckpointTensors, keymap: K
             continue  # filled with the module's weight
         rule, sources = _sources(keymap, tensors, name, where)
         if module in int8_modules and leaf == "weight":
-            state[name], state[f"{module}.scale"], used = _int8_weight(rule, sources, slot, tensors, name, where)
+            weight, scale, used = _int8_weight(rule, sources, slot, tensors, name, where)
+            state[name], state[f"{module}.scale"] = weight.to(device), scale.to(device)
             consumed.update(used)
             continue
         target_dtype = dtype if slot.dtype.is_floating_point else slot.dtype
+        if rule.join.is_identity and sources[0] in taken_as_is:  # tied: share, never copy
+            tied[name] = taken_as_is[sources[0]]
+            continue
         zero_copy = rule.join.is_identity and tensors.dtype(sources[0]) == target_dtype
         parts = [tensors.view(s) if zero_copy else tensors.read(s) for s in sources]
         for source, part in zip(sources, parts, strict=True):
@@ -64,7 +77,9 @@ def fill_from_checkpoint(model: nn.Module, tensors: CheckpointTensors, keymap: K
                     f"{where}: tensor {source!r} is {part.dtype}, expected a {slot.dtype}-like tensor{hint}"
                 )
         value = _join(rule, parts, sources, tuple(slot.shape), name, where)
-        state[name] = value if value.dtype == target_dtype else value.to(target_dtype)
+        state[name] = value.to(device=device, dtype=target_dtype)  # a no-op when both already match
+        if rule.join.is_identity:
+            taken_as_is[sources[0]] = name
         consumed.update(sources)
     unused = [k for k in tensors.keys() if k not in consumed and not keymap.is_ignored(k)]
     if unused:
@@ -73,7 +88,12 @@ def fill_from_checkpoint(model: nn.Module, tensors: CheckpointTensors, keymap: K
             f"{where}: {len(unused)} checkpoint tensors are not used by the model built from config.json, "
             f"e.g. {shown}: the config does not match the weights"
         )
+    for name, shared in tied.items():
+        state[name] = state[shared]
     model.load_state_dict(state, strict=True, assign=True)
+    for name, shared in tied.items():  # one Parameter object, as a tied model has
+        module, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module), leaf, model.get_parameter(shared))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
 
