@@ -91,9 +91,11 @@ class ChatPrompt:
         """Where a streamed reply ends: the text postprocess_reply cuts at."""
         return [self.template.sep if self.template.sep_style == SINGLE else self.template.sep.strip()]
 
-    def generate(self, model, tokenizer, config: GenerationConfig) -> torch.Tensor:
-        """New ids [B, n] as the upstream generate() on embeddings makes them (penalty over new tokens only)."""
-        return generate(model, self.input_ids, self.attention_mask, self.pixel_values, config,
+    def generate(self, model, tokenizer, config: GenerationConfig, image_embeds=None) -> torch.Tensor:
+        """New ids [B, n] as the upstream generate() on embeddings makes them (penalty over new tokens only).
+        `image_embeds`: the images already encoded (a session), used instead of encoding pixel_values again."""
+        pixel_values = self.pixel_values if image_embeds is None else None
+        return generate(model, self.input_ids, self.attention_mask, pixel_values, config, image_embeds=image_embeds,
                         penalize_prompt=False, tokenizer=tokenizer)  # fmt: skip
 
 

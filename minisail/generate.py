@@ -184,12 +184,16 @@ def generate_steps(
     penalize_prompt: bool = True,
     tokenizer=None,  # needed for stop_strings
     limit_context: bool = True,  # refuse prompts longer than the model's context, stop new tokens at its end
+    image_embeds: torch.Tensor | None = None,  # already encoded images, instead of pixel_values (a chat session)
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, [B], step by step, until every row has stopped."""
     config = GenerationConfig.from_dict(config)
     if config.stop_strings and tokenizer is None:
         raise ConfigError("generation config: stop_strings need a tokenizer to read the text")
-    inputs = model.prepare_inputs(input_ids, attention_mask, pixel_values)
+    if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+        # A right-padded row would continue from its pads: every row's last token must be real.
+        raise PromptError("batched prompts must be left-padded (attention_mask ends in 1 on every row)")
+    inputs = model.prepare_inputs(input_ids, attention_mask, pixel_values, image_embeds)
     decoder = model.language_model
     B, T = inputs.attention_mask.shape
     context = context_length(decoder.config) if limit_context else None

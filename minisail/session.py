@@ -203,6 +203,7 @@ class Session:
     def reset(self) -> None:
         self.history: list[tuple[str, str]] = []  # (question as used, reply), as chat() keeps it
         self._images: list[torch.Tensor] = []  # pixel_values of each image so far, in prompt order
+        self._embeds: list[torch.Tensor] = []  # their image embeddings, encoded once (every turn resends them)
 
     def pixel_values(self, image) -> torch.Tensor:
         """One image as this family's vision tower takes it: InternVL tiles, or Yi-VL's padded square."""
@@ -258,24 +259,33 @@ class Session:
         )
         # chat() stops on the template's sep only; a session also stops on the tokenizer's eos (<|endoftext|>)
         config = prompt.generation_config(config, also_stop_on=[self.tokenizer.eos_token_id])
+        # Upstream chat() re-encodes every image of the conversation each turn; the embeddings do not change,
+        # so a session encodes each image once (the new images are the last rows of the prompt's pixel_values).
+        new_embeds = self._encode(prompt.pixel_values[len(prompt.pixel_values) - sum(map(len, new)) :]) if new else []
+        image_embeds = torch.cat(self._embeds + new_embeds) if all_images else None
         if stream:
-            return self._stream(prompt, config, new, think)
-        ids = prompt.generate(self.model, self.tokenizer, config)
+            return self._stream(prompt, config, new, new_embeds, image_embeds, think)
+        ids = prompt.generate(self.model, self.tokenizer, config, image_embeds=image_embeds)
         reply = decode_reply(self.tokenizer, ids[0].tolist(), prompt.template)
-        self._remember(prompt, new, reply)
+        self._remember(prompt, new, new_embeds, reply)
         return split_thinking(reply) if think else reply
 
-    def _stream(self, prompt: ChatPrompt, config: GenerationConfig, new_images, think: bool):
+    def _encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return [self.model.encode_images(pixel_values)]  # [tiles, tokens per tile, H]
+
+    def _stream(self, prompt: ChatPrompt, config: GenerationConfig, new_images, new_embeds, image_embeds, think):
         ids: list[int] = []
         pieces = generate_stream(
             self.model,
             self.tokenizer,
             prompt.input_ids,
             prompt.attention_mask,
-            prompt.pixel_values,
+            None,
             config,
             on_token=ids.append,
             penalize_prompt=False,
+            image_embeds=image_embeds,
         )
         reply_stream = ReplyStream(prompt.cut_strings, think=think)
         for piece in pieces:
@@ -283,8 +293,9 @@ class Session:
                 yield (kind, text) if think else text
         for kind, text in reply_stream.finish():
             yield (kind, text) if think else text
-        self._remember(prompt, new_images, decode_reply(self.tokenizer, ids, prompt.template))
+        self._remember(prompt, new_images, new_embeds, decode_reply(self.tokenizer, ids, prompt.template))
 
-    def _remember(self, prompt: ChatPrompt, new_images, reply: str) -> None:
+    def _remember(self, prompt: ChatPrompt, new_images, new_embeds, reply: str) -> None:
         self._images += new_images
+        self._embeds += new_embeds
         append_history(self.history, prompt.queries[0].question, reply)

@@ -286,3 +286,29 @@ def test_chat_paths_use_the_template_the_config_resolves_to(case, template):
     used = chat_template(minisail.load(folder))
     assert used.name == resolved.name == template
     assert used.system_message == resolved.system_message
+
+
+def test_session_encodes_each_image_once_and_matches_chat(loaded, pixel_values, monkeypatch):
+    model, tokenizer = loaded
+    calls = []
+    original = type(model).encode_images
+    monkeypatch.setattr(type(model), "encode_images", lambda self, pv: calls.append(len(pv)) or original(self, pv))
+    session = Session((model, tokenizer), max_tiles=12)
+    first = session.ask("What is it?", images=[IMAGE], max_new_tokens=6)
+    second = session.ask("And the colour?", max_new_tokens=6)
+    assert calls == [len(pixel_values)]  # the second turn reuses the first turn's embeddings
+    calls.clear()
+    response, history = chat(model, tokenizer, pixel_values, "What is it?", dict(max_new_tokens=6), return_history=True)
+    again = chat(model, tokenizer, pixel_values, "And the colour?", dict(max_new_tokens=6), history=history)
+    assert calls == [len(pixel_values)] * 2  # upstream chat() encodes the image again every turn
+    assert (first, second) == (response, again)
+
+
+def test_right_padded_batches_are_refused(loaded):
+    from minisail.generate import generate
+
+    model, _ = loaded
+    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 7, 8]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    with pytest.raises(PromptError, match="left-padded"):
+        generate(model, ids, mask, None, dict(max_new_tokens=2))
