@@ -17,8 +17,9 @@ prompt for a model called with input_ids (`penalize_prompt=True`, the default he
 calls `language_model.generate(inputs_embeds=...)`, where input_ids starts empty, so there only the new
 tokens count: `minisail.chat` passes `penalize_prompt=False` to match it.
 
-`decode_step` is the one function a decode step runs, with fixed shapes ([B, 1] in, [B, V] out, a cache
-allocated once), so it can be handed to `torch.compile`.
+`decode_step` is the one function a decode step runs: it does the step's Python bookkeeping (the cache slot,
+the rotary frequencies) and calls `Decoder.decode_step`, the fixed-shape core ([B, 1] in, [B, V] out, a cache
+allocated once) that `torch.compile` captures as one graph (tests/test_compile.py).
 """
 
 from __future__ import annotations
@@ -140,9 +141,9 @@ def next_tokens(logits, config: GenerationConfig, seen=None, generator=None) -> 
 def decode_step(model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One new token per row through the cached decoder: tokens, positions [B, 1] -> float32 logits [B, V]."""
     decoder = model.language_model
-    embeds = decoder.embed(tokens)  # [B, 1, H]
-    ones = torch.ones_like(tokens)
-    return decoder(embeds, ones, positions, cache, last_only=True, **model.layer_kwargs(tokens))[:, -1]
+    cache.begin_step(torch.ones_like(tokens))  # the Python bookkeeping, outside the fixed-shape core
+    inv_freq = decoder.rope_inv_freq(cache.length)
+    return decoder.decode_step(tokens, positions, cache, inv_freq, **model.layer_kwargs(tokens))
 
 
 def context_length(decoder_config) -> int:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from minisail.llm.cache import KVCache
-from minisail.llm.layers import Attention, RMSNorm, SwiGLU, rope_base, rope_cos_sin
+from minisail.llm.layers import Attention, RMSNorm, SwiGLU, rope_base, rope_cos_sin, rope_cos_sin_from, rope_inv_freq
 from minisail.llm.moe import VisualExpertMLP
 
 
@@ -89,6 +89,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._inv_freq: tuple[float, torch.Tensor] | None = None  # (rotary base, its frequencies), for decoding
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         c = self.config
@@ -129,3 +130,27 @@ class Decoder(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()  # [B, T, V]
+
+    def rope_inv_freq(self, kv_length: int) -> torch.Tensor:
+        """The rotary frequencies [head_dim/2] in effect for `kv_length` cached tokens; one tensor, reused while
+        the base stays the same (it only changes past InternLM2's dynamic-NTK limit)."""
+        c = self.config
+        base = rope_base(c.rope_theta, kv_length, c.max_position_embeddings, c.rope_dynamic_factor, c.head_dim)
+        if self._inv_freq is None or self._inv_freq[0] != base:
+            self._inv_freq = (base, rope_inv_freq(c.head_dim, base, self.embed.weight.device))
+        return self._inv_freq[1]
+
+    def decode_step(self, tokens, positions, cache: KVCache, inv_freq, **layer_kwargs) -> torch.Tensor:
+        """One new token per row at fixed shapes: tokens, positions [B, 1] -> float32 logits [B, V].
+
+        The hot loop of generation. The caller does the Python bookkeeping first (`cache.begin_step` reserves
+        this step's slot, `rope_inv_freq(cache.length)` gives the frequencies), so nothing in here reads a
+        Python number that changes from step to step and `torch.compile` captures it once, with no graph
+        breaks, for a whole generation. It runs the same layers as `forward`: the same numbers.
+        """
+        x = self.embed(tokens)  # [B, 1, H]
+        mask = attention_mask_4d(cache.valid, cache.slots)  # [B, 1, 1, S]
+        cos, sin = rope_cos_sin_from(positions, inv_freq, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, **layer_kwargs)
+        return self.lm_head(self.norm(x)).float()[:, -1]  # [B, V]

@@ -59,14 +59,21 @@ def rope_base(theta: float, kv_length: int, max_positions: int, dynamic_factor: 
     return float(theta) * scale ** (head_dim / (head_dim - 2))
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
-    """cos, sin of shape [B, T, head_dim] for integer `positions` [B, T], computed in float32."""
-    inv_freq = 1.0 / (
-        base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim)
-    )
+def rope_inv_freq(head_dim: int, base: float, device=None) -> torch.Tensor:
+    """The rotation speed of each pair of channels, base^(-2i/d) for i < head_dim/2: float32 [head_dim/2]."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+
+
+def rope_cos_sin_from(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape [B, T, head_dim] for integer `positions` [B, T] and `inv_freq` [head_dim/2], in float32."""
     angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
     angles = torch.cat((angles, angles), dim=-1)  # [B, T, head_dim]
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
+    """cos, sin of shape [B, T, head_dim] for integer `positions` [B, T], computed in float32."""
+    return rope_cos_sin_from(positions, rope_inv_freq(head_dim, base, positions.device), dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +126,15 @@ class Attention(nn.Module):
         if cache is not None:  # write this step's keys/values, attend over everything cached so far
             k, v = cache.update(self.layer_index, k, v)  # [B, kv_heads, S, D]
         # Query head h reads key/value head h // (num_heads / num_kv_heads).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        if T == 1 and self.num_kv_heads != self.num_heads:
+            # Decoding: one query per head, and a key/value head's g query heads share its keys and the mask row,
+            # so they are g query rows of that head (the same numbers): CPU SDPA runs this one product per
+            # key/value head several times faster than the grouped-query path does g one-row products.
+            g = self.num_heads // self.num_kv_heads
+            rows = q.reshape(B, self.num_kv_heads, g, self.head_dim)  # [B, kv_heads, g, D]
+            y = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask).reshape(B, self.num_heads, 1, self.head_dim)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o(y.transpose(1, 2).reshape(B, T, q_size))
 
 

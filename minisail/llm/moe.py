@@ -48,6 +48,13 @@ class VisualExpertMLP(nn.Module):
         visual = visual_token_mask.to(device=x.device, dtype=torch.bool)  # [B, T]
         if visual.shape != x.shape[:-1]:
             raise ValueError(f"visual_token_mask has shape {tuple(visual.shape)}, expected {tuple(x.shape[:-1])}")
+        if torch.compiler.is_compiling():
+            # Under torch.compile a Python branch on tensor values would break the graph; torch.cond keeps the
+            # decode step one graph: text rows only (the usual case), or both experts chosen row by row.
+            def mixed(x, visual):
+                return torch.where(visual[..., None], self.visual(x), self.text(x))
+
+            return torch.cond(visual.any(), mixed, lambda x, visual: self.text(x), (x, visual))
         # The common cases skip the gather: text-only prompts and decode steps, and all-image chunks.
         if not visual.any():
             return self.text(x)

@@ -1,0 +1,220 @@
+"""The benchmark's checkpoints: random weights at a preset's real shapes, written once in the official layout.
+
+    <cache>/<preset>-v<FORMAT>/official/       config.json, model-0000k-of-0000n.safetensors, the index (bf16)
+    <cache>/<preset>-v<FORMAT>/transformers/   the same weights converted to transformers' native names
+
+The official folder is what a user downloads (bf16, sharded, official key names), written from a minisail
+model through `to_official_state_dict` and the family's weight map, so loading it exercises exactly the path
+of a real checkpoint. Weights are seeded: every run of a format version benchmarks the same numbers.
+
+Cache policy (the folders are large: 4 GB per copy for SAIL-VL-2B, 11 GB for InternViT-6B):
+- default folder ~/.cache/minisail/bench (`--cache DIR` to move it); `--clean` deletes it (only our entries);
+- a folder is complete once its COMPLETE marker exists: it is built under a temporary name and renamed, so an
+  interrupted run never leaves a half-written checkpoint that a later run would trust;
+- entries of other format versions and temporary folders of dead runs are deleted when the bench starts;
+- before writing, the free disk space is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from minisail.bench.models import build_on_meta
+from minisail.bench.presets import PRESETS, Preset
+from minisail.checkpoint.loader import to_official_state_dict
+from minisail.errors import MinisailError
+
+FORMAT = 2  # bump when the written checkpoints change: older entries are then deleted
+SHARD_BYTES = 2 * 1024**3  # the releases use 2-5 GB shards
+DEFAULT_CACHE = Path.home() / ".cache" / "minisail" / "bench"
+ENTRY = re.compile(r"(?P<preset>[a-z0-9.-]+)-v(?P<version>\d+)")
+PARTIAL = re.compile(r"\.(?P<kind>official|transformers)\.partial-(?P<pid>\d+)")
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def entry_folder(cache: Path, preset: Preset) -> Path:
+    return Path(cache) / f"{preset.name}-v{FORMAT}"
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / "COMPLETE").is_file()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def tidy_cache(cache: Path) -> None:
+    """Delete entries of other format versions and the partial folders of runs that died."""
+    cache = Path(cache)
+    if not cache.is_dir():
+        return
+    for entry in cache.iterdir():
+        match = ENTRY.fullmatch(entry.name)
+        if not match or not entry.is_dir():
+            continue
+        if match["preset"] in PRESETS and int(match["version"]) != FORMAT:
+            log(f"removing {entry} (written by another version of the benchmark)")
+            shutil.rmtree(entry, ignore_errors=True)
+            continue
+        for part in entry.iterdir():
+            partial = PARTIAL.fullmatch(part.name)
+            if partial and not _pid_alive(int(partial["pid"])):
+                log(f"removing {part} (left by an interrupted run)")
+                shutil.rmtree(part, ignore_errors=True)
+
+
+def clean_cache(cache: Path) -> list[Path]:
+    """Delete every benchmark entry under `cache` (nothing else); return what was removed."""
+    cache, removed = Path(cache), []
+    if cache.is_dir():
+        for entry in cache.iterdir():
+            if ENTRY.fullmatch(entry.name) and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
+def _check_disk(folder: Path, needed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.05:
+        raise MinisailError(
+            f"the benchmark needs {needed / 1e9:.1f} GB of disk in {folder} for its checkpoint and {free / 1e9:.1f} GB "
+            "are free: free some space, or point --cache at a bigger disk"
+        )
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Seeded random values of sensible size: norm weights near 1, matrices ~ N(0, 1/fan_in), the rest small.
+
+    Speed does not depend on the values, only on their being ordinary numbers (no NaN, inf or denormals), so
+    each tensor is cut from one pool of 2^24 normal samples at a random offset: drawing 2 billion fresh samples
+    would take longer than writing the checkpoint."""
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.randn(1 << 24, generator=generator)
+    pool = torch.cat([pool, pool])  # a slice may wrap around
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            flat = p.view(-1)
+            for start in range(0, flat.numel(), 1 << 24):
+                chunk = flat[start : start + (1 << 24)]
+                offset = int(torch.randint(0, 1 << 24, (1,), generator=generator))
+                chunk.copy_(pool[offset : offset + chunk.numel()])
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.mul_(0.1).add_(1.0)
+            elif p.ndim >= 2:
+                p.mul_(p.shape[-1] ** -0.5)
+            else:
+                p.mul_(0.1)
+
+
+def write_shards(folder: Path, tensors: dict[str, torch.Tensor], shard_bytes: int = SHARD_BYTES) -> None:
+    """`tensors` as model-0000k-of-0000n.safetensors shards of about `shard_bytes` and their index."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    weight_map, total = {}, 0
+    for k, names in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in names}, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+        total += sum(tensors[n].numel() * tensors[n].element_size() for n in names)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def parameter_count(preset: Preset) -> int:
+    model, _ = build_on_meta(preset)
+    return sum(p.numel() for p in model.state_dict().values())
+
+
+def write_official(preset: Preset, folder: Path, seed: int = 0) -> None:
+    """Random bf16 weights at the preset's shapes as an official-layout checkpoint (written in place)."""
+    model, keymap = build_on_meta(preset)
+    model = model.to(torch.bfloat16).to_empty(device="cpu")  # the releases are bf16
+    randomize(model, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_shards(folder, to_official_state_dict(model, keymap))
+    (folder / "config.json").write_text(json.dumps(preset.config, indent=2))
+
+
+def _build(folder: Path, kind: str, write) -> Path:
+    """Run `write(tmp)` into a temporary sibling, mark it complete and rename it into place."""
+    final = folder / kind
+    if is_complete(final):
+        return final
+    shutil.rmtree(final, ignore_errors=True)
+    tmp = folder / f".{kind}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        for file in tmp.iterdir():  # on disk before we call it complete
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        (tmp / "COMPLETE").write_text(json.dumps({"format": FORMAT}))
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def ensure_checkpoints(preset: Preset, cache: Path, *, transformers: bool) -> dict[str, Path]:
+    """The preset's official (and, if asked, transformers-layout) checkpoint folders, written if missing."""
+    tidy_cache(cache)
+    folder = entry_folder(cache, preset)
+    official_bytes = parameter_count(preset) * 2
+    kinds = ["official", "transformers"] if transformers else ["official"]
+    missing = [kind for kind in kinds if not is_complete(folder / kind)]
+    if missing:
+        _check_disk(folder, official_bytes * len(missing))
+    folders = {}
+    if not is_complete(folder / "official"):
+        log(f"writing random bf16 weights for {preset.name} ({official_bytes / 1e9:.1f} GB) to {folder / 'official'}")
+    folders["minisail"] = _build(folder, "official", lambda tmp: write_official(preset, tmp))
+    if transformers:
+        from minisail.bench.hf_side import write_transformers_checkpoint
+
+        if not is_complete(folder / "transformers"):
+            log(f"converting them to transformers' layout in {folder / 'transformers'}")
+        folders["transformers"] = _build(
+            folder, "transformers", lambda tmp: write_transformers_checkpoint(preset, folders["minisail"], tmp)
+        )
+    return folders
+
+
+def evict_page_cache(folder: Path) -> None:
+    """Drop the folder's files from the OS page cache, so the next load reads the disk (a cold load)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for file in Path(folder).iterdir():
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)

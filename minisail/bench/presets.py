@@ -1,0 +1,174 @@
+"""The benchmark's model presets: official `config.json` dicts at the real shapes of released checkpoints.
+
+The weights are random (`minisail/bench/checkpoints.py` writes them once in the official layout), so a preset
+is only its config: the same dict `minisail.load` reads from a downloaded folder. Sizes are those of
+/work/shared/FACTS.md section 2 (the official configs):
+
+- `sail-vl-2b`: InternViT-300M (24 layers, 1024 wide, LayerNorm, qkv bias) + mlp1 + Qwen2.5-1.5B (28 layers,
+  1536 wide, 12 / 2 heads, SwiGLU 8960, vocab 151936, its own lm_head). About 2.09 B parameters.
+- `mono-internvl-2b`: patch embedding (1024 wide, no ViT layers) + mlp1 + InternLM2-1.8B with FFN visual experts
+  (24 layers, 2048 wide, 16 / 8 heads, two SwiGLU 8192 per layer, vocab 92553). About 3.11 B parameters.
+- `internvl-chat-v1-5`: InternVL-Chat-V1-5's vision side only, InternViT-6B (45 layers, 3200 wide, RMSNorm,
+  qk-norm) + mlp1 to 6144: about 5.65 B parameters. Its InternLM2-20B (40 GB in bf16) does not fit a
+  laptop-class machine, so this preset measures vision encoding and loading only.
+- `tiny`: the same pipeline at toy widths (tests, smoke runs).
+
+`select_layer` is -1 everywhere (SAIL-VL-2B's real value is unread; -1 is what InternVL2.5-era models and the
+two others use), so minisail and transformers run the same number of ViT layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from minisail.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    config: dict  # the official config.json (minisail reads it; transformers gets a converted one)
+    image_token_id: int  # <IMG_CONTEXT> in the model's tokenizer
+    has_llm: bool = True  # False: vision (+ mlp1) only
+    transformers: bool = True  # transformers has native classes for this model
+    about: str = ""
+
+
+def _intern_vit(*, hidden, layers, heads, intermediate, six_b: bool) -> dict:
+    return {
+        "architectures": ["InternVisionModel"],
+        "model_type": "intern_vit_6b",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": intermediate,
+        "image_size": 448,
+        "patch_size": 14,
+        "norm_type": "rms_norm" if six_b else "layer_norm",
+        "layer_norm_eps": 1e-6,
+        "qkv_bias": not six_b,
+        "qk_normalization": six_b,
+        "hidden_act": "gelu",
+    }
+
+
+def _chat_level(vision: dict, llm: dict, template: str) -> dict:
+    return {
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "vision_config": vision,
+        "llm_config": llm,
+        "downsample_ratio": 0.5,
+        "force_image_size": 448,
+        "ps_version": "v2",
+        "select_layer": -1,
+        "template": template,
+        "dynamic_image_size": True,
+        "use_thumbnail": True,
+        "min_dynamic_patch": 1,
+        "max_dynamic_patch": 12,
+        "torch_dtype": "bfloat16",
+    }
+
+
+QWEN25_1_5B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "vocab_size": 151936,
+    "hidden_size": 1536,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "intermediate_size": 8960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}
+
+INTERNLM2_1_8B_VE = {
+    "architectures": ["InternLM2VEForCausalLM"],
+    "model_type": "internlm2",
+    "vocab_size": 92553,
+    "hidden_size": 2048,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "intermediate_size": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "dynamic", "factor": 2.0},
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": False,
+    "bias": False,
+    "hidden_act": "silu",
+}
+
+PRESETS = {
+    p.name: p
+    for p in [
+        Preset(
+            "sail-vl-2b",
+            _chat_level(
+                _intern_vit(hidden=1024, layers=24, heads=16, intermediate=4096, six_b=False),
+                QWEN25_1_5B,
+                "internvl2_5",
+            ),
+            image_token_id=151667,
+            about="InternViT-300M + Qwen2.5-1.5B",
+        ),
+        Preset(
+            "mono-internvl-2b",
+            _chat_level(
+                {
+                    "architectures": ["InternVisionPatchModel"],
+                    "model_type": "intern_vit_patch",
+                    "hidden_size": 1024,
+                    "image_size": 448,
+                    "patch_size": 14,
+                },
+                INTERNLM2_1_8B_VE,
+                "internlm2-chat",
+            ),
+            image_token_id=92546,
+            transformers=False,  # transformers has no InternLM2 with visual experts
+            about="patch embedding + InternLM2-1.8B with FFN visual experts",
+        ),
+        Preset(
+            "internvl-chat-v1-5",
+            _chat_level(
+                _intern_vit(hidden=3200, layers=45, heads=25, intermediate=12800, six_b=True),
+                {"hidden_size": 6144},  # only mlp1's output width is read
+                "internlm2-chat",
+            ),
+            image_token_id=92546,
+            has_llm=False,
+            about="InternViT-6B + mlp1 (vision side only)",
+        ),
+        Preset(
+            "tiny",  # for tests and smoke runs: the same pipeline in seconds
+            _chat_level(
+                _intern_vit(hidden=64, layers=2, heads=4, intermediate=128, six_b=False),
+                {
+                    **QWEN25_1_5B,
+                    "vocab_size": 1000,
+                    "hidden_size": 64,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "num_key_value_heads": 2,
+                    "intermediate_size": 128,
+                },
+                "internvl2_5",
+            ),
+            image_token_id=999,
+            about="a 2-layer InternViT + 2-layer Qwen2 with the real 448 px tiles and prompt length",
+        ),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown benchmark preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,84 @@
+"""The benchmark's table for people (stdout); the JSON line after it is for scripts."""
+
+from __future__ import annotations
+
+ROWS = [
+    ("load_s", "cold load, s", "{:.2f}"),
+    ("peak_rss_gb", "peak RSS, GB", "{:.2f}"),
+    ("vision_1tile_s", "vision, 1 tile, s", "{:.2f}"),
+    ("vision_7tiles_s", "vision, 7 tiles, s", "{:.2f}"),
+    ("prefill_s", "prefill 256+30 tok, s", "{:.2f}"),
+    ("ttft_s", "time to 1st token, s", "{:.2f}"),
+    ("decode_tok_s", "decode, tok/s", "{:.2f}"),
+]
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def format_table(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"minisail bench: {report['preset']} at real shapes, random weights "
+        f"({report['settings']['parameters'] / 1e9:.2f} B parameters)",
+        f"machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['ram_gb']} GB RAM, "
+        f"torch {m['torch']}, transformers {m['transformers'] or 'not installed'}, "
+        f"1-min load average {m['load_average_1min']} at start, {m.get('load_average_1min_end')} at the end",
+    ]
+    roofline = ", ".join(f"{d} {v:.2f} tok/s" for d, v in report["roofline_decode_tok_s"].items())
+    readings = ", ".join(f"{b:.1f}" for b in m.get("bandwidth_readings_gb_s", []))
+    lines.append(
+        f"weight streaming: {m['bandwidth_gb_s']:.1f} GB/s (readings {readings}) -> decode roofline {roofline or '-'}"
+    )
+    columns = []  # (header, dtype, kind)
+    for dtype, rows in report["results"].items():
+        for framework in rows:
+            columns.append((f"{dtype} {framework}", dtype, framework))
+        if dtype in report["ratios"]:
+            columns.append((f"{dtype} ratio" if dtype != "int8" else "int8 vs tf bf16", dtype, "ratio"))
+    width = max(len(h) for h, _, _ in columns) if columns else 10
+    header = f"{'':<24}" + "".join(f" | {h:>{width}}" for h, _, _ in columns)
+    lines += ["", header, "-" * len(header)]
+    for metric, label, fmt in ROWS:
+        cells = []
+        for _h, dtype, kind in columns:
+            if kind == "ratio":
+                value = report["ratios"][dtype].get(metric)
+                cells.append("-" if value is None else f"{value:.2f}x")
+            else:
+                cells.append(_cell(report["results"][dtype][kind].get(metric), fmt))
+        lines.append(f"{label:<24}" + "".join(f" | {c:>{width}}" for c in cells))
+    lines.append(
+        "ratios: minisail's speed-up (transformers' time / minisail's; tok/s the other way); RSS: theirs / ours"
+    )
+    for dtype, rows in report["results"].items():
+        note, roofline = report["notes"].get(dtype, {}), report["roofline_decode_tok_s"].get(dtype)
+        decode = rows["minisail"].get("decode_tok_s")
+        parts = []
+        if decode and roofline:
+            parts.append(f"minisail decodes at {decode / roofline:.0%} of the {roofline:.2f} tok/s roofline")
+        peak, base = rows["minisail"].get("peak_rss_gb"), note.get("minisail_baseline_rss_gb")
+        if peak and base is not None and note.get("weights_gb"):
+            added = peak - base
+            parts.append(
+                f"loading added {added:.2f} GB to a {base:.2f} GB interpreter = "
+                f"{added / note['weights_gb']:.2f}x the {note['weights_gb']:.2f} GB of weights"
+            )
+        if parts:
+            lines.append(f"{dtype}: " + "; ".join(parts))
+    for dtype, note in report["notes"].items():
+        if note.get("skipped"):
+            lines.append(f"{dtype}: {note['skipped']}")
+        if note.get("interleaved") is False:
+            lines.append(f"{dtype}: frameworks measured one after the other (not enough memory for both at once)")
+        for key in (k for k in note if k.endswith("_skipped")):
+            lines.append(f"{dtype} {key.removesuffix('_skipped')}: {note[key]}")
+    if report["targets"]:
+        lines.append("")
+        lines.append("targets (issue 9):")
+        for name, t in report["targets"].items():
+            verdict = {True: "met", False: "NOT met", None: "-"}[t["met"]]
+            sign = "<=" if "rss" in name else ">="
+            lines.append(f"  {name:<40} {t['value']:>7.2f}  ({sign} {t['target']})  {verdict}")
+    return "\n".join(lines)

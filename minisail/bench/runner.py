@@ -1,0 +1,278 @@
+"""The benchmark's conductor: checkpoints, worker processes, interleaved repeats, medians, ratios and targets.
+
+For each dtype it starts one worker process per framework (minisail, and transformers when installed; see
+worker.py), each loading its own copy of the same weights cold (page cache dropped). When memory allows both
+at once, every measurement alternates between them (A B, B A, ...), so a busy moment of the machine hits both
+alike; otherwise they run one after the other and the result says so. Extra load-only processes give the load
+time and peak RSS their repeats. Every figure is a median.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from minisail.bench.checkpoints import ensure_checkpoints, evict_page_cache, log, parameter_count
+from minisail.bench.machine import machine_info, memory_available_bytes, streaming_bandwidth
+from minisail.bench.models import int8_available
+from minisail.bench.presets import Preset
+from minisail.errors import MinisailError
+
+METRICS = ["load_s", "peak_rss_gb", "vision_1tile_s", "vision_7tiles_s", "prefill_s", "ttft_s", "decode_tok_s"]
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.1}  # int8: about one byte, plus scales and bf16 norms
+LOAD_PEAK = {"minisail": 1.15, "transformers": 1.6}  # peak RSS while loading / weight bytes (measured)
+
+
+@dataclass(frozen=True)
+class Settings:
+    dtypes: tuple[str, ...] = ("fp32", "bf16", "int8")
+    load_repeats: int = 3
+    repeats: int = 5  # vision 1 tile, prefill
+    long_repeats: int = 3  # vision 7 tiles, generation
+    new_tokens: int = 64
+    seven_tiles: bool = True  # also encode 7 tiles (the longest measurement)
+    warmup: bool = True  # one untimed round of every operation before timing
+    compare: bool = True  # run transformers too, when it is installed
+    threads: int | None = None
+
+    @classmethod
+    def quick(cls, **overrides) -> Settings:
+        """bf16 and int8 (the CPU dtypes; fp32 on request), both frameworks, in under 3 minutes on a 2-core
+        laptop-class CPU: one cold load, one repeat, a short warm-up (a 1-tile encode, a 2-token generation),
+        16 tokens, no 7-tile encode."""
+        quick = {"dtypes": ("bf16", "int8"), "load_repeats": 1, "repeats": 1, "long_repeats": 1, "new_tokens": 16}
+        return cls(**{**quick, "seven_tiles": False, "warmup": False, **overrides})
+
+
+class Worker:
+    """A worker process (worker.py) holding one model; `request(op)` sends one command and returns its answer."""
+
+    def __init__(self, spec: dict):
+        self.spec, self.name = spec, f"{spec['dtype']} {spec['framework']}"
+        command = [sys.executable, "-m", "minisail.bench.worker", json.dumps(spec)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.load = self._read()
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            code = self.process.wait()
+            hint = " (killed: most likely out of memory)" if code in (-9, 137) else ""
+            raise MinisailError(f"the {self.name} benchmark worker stopped with exit status {code}{hint}")
+        return json.loads(line)
+
+    def request(self, **command) -> dict:
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        """Ask the worker to exit; stop it if it does not (an error or Ctrl-C left it mid-measurement)."""
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write('{"op": "exit"}\n')
+                self.process.stdin.flush()
+                self.process.wait(timeout=30)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def start_worker(spec: dict, folder: Path) -> Worker:
+    evict_page_cache(folder)
+    worker = Worker(spec)
+    load = worker.load
+    log(
+        f"{worker.name}: loaded in {load['load_s']:.2f} s, peak RSS {load['peak_rss_gb']:.2f} GB "
+        f"({load['weights_gb']:.2f} GB of weights)"
+    )
+    return worker
+
+
+def measure(workers: list[Worker], preset: Preset, settings: Settings) -> dict[str, dict[str, list]]:
+    """Run every timed operation `repeats` times on each worker, alternating the order each round."""
+    samples = {w.name: {m: [] for m in [*METRICS[2:], "cpu_share"]} for w in workers}
+    plan = [("vision_1tile_s", {"op": "vision", "tiles": 1}, settings.repeats)]
+    if settings.seven_tiles:
+        plan.append(("vision_7tiles_s", {"op": "vision", "tiles": 7}, settings.long_repeats))
+    if preset.has_llm:
+        plan.append(("prefill_s", {"op": "prefill"}, settings.repeats))
+        plan.append(("generate", {"op": "generate", "tokens": settings.new_tokens}, settings.long_repeats))
+    for w in workers:  # warm-up, untimed: thread pools, allocator, oneDNN kernels for each shape
+        w.request(op="vision", tiles=1)
+        if preset.has_llm:
+            w.request(op="generate", tokens=4 if settings.warmup else 2)  # a prefill and decode steps
+    for metric, command, repeats in plan:
+        for r in range(repeats):
+            for w in workers if r % 2 == 0 else workers[::-1]:
+                answer = w.request(**command)
+                share = f"(cpu share {answer['cpu_share']:.2f})"
+                if metric == "generate":
+                    samples[w.name]["ttft_s"].append(answer["ttft_s"])
+                    samples[w.name]["decode_tok_s"].append(answer["decode_tok_s"])
+                    log(f"{w.name}: ttft {answer['ttft_s']:.2f} s, decode {answer['decode_tok_s']:.2f} tok/s {share}")
+                else:
+                    samples[w.name][metric].append(answer["s"])
+                    log(f"{w.name}: {metric} {answer['s']:.2f} s {share}")
+                samples[w.name]["cpu_share"].append(answer["cpu_share"])
+    return samples
+
+
+def fitting_frameworks(folders: dict, dtype: str, estimate: float, available: float) -> tuple[list, dict]:
+    """The frameworks to run (transformers first: its load peak is the higher one, take it while alone) and
+    why any was skipped (not enough memory to load it)."""
+    frameworks, skipped = [], {}
+    for fw in ["transformers", "minisail"] if "transformers" in folders and dtype != "int8" else ["minisail"]:
+        peak = estimate * LOAD_PEAK[fw] + 1e9
+        if peak > available:
+            skipped[fw] = f"skipped: loading needs about {peak / 1e9:.1f} GB of RAM, {available / 1e9:.1f} GB available"
+            log(f"{dtype} {fw}: {skipped[fw]}")
+        else:
+            frameworks.append(fw)
+    return frameworks, skipped
+
+
+def run_dtype(preset: Preset, dtype: str, folders: dict, settings: Settings, params: int) -> tuple[dict, dict]:
+    """{framework: {metric: median}} and notes for one dtype."""
+    spec = {"preset": preset.name, "dtype": dtype, "threads": settings.threads}
+    estimate = params * BYTES_PER_PARAM[dtype]
+    available = memory_available_bytes() or float("inf")
+    frameworks, skipped = fitting_frameworks(folders, dtype, estimate, available)
+    if "minisail" not in frameworks:
+        return {}, {"skipped": skipped["minisail"]}
+    loads = {fw: [] for fw in frameworks}
+    for _ in range(settings.load_repeats - 1):  # extra fresh processes, load only
+        for fw in frameworks:
+            worker = start_worker({**spec, "framework": fw, "folder": str(folders[fw]), "load_only": True}, folders[fw])
+            loads[fw].append(worker.load)
+            worker.close()
+    resident, samples, interleaved = [], {}, True
+    try:
+        for fw in frameworks:
+            # Both at once only with room to spare: a model's pages that get reclaimed would be read again from
+            # disk mid-measurement. Otherwise measure what is resident first, then go on alone.
+            in_use = sum(w.load["rss_gb"] * 1e9 for w in resident)
+            if resident and in_use + estimate * 1.2 + 1e9 > 0.85 * available:
+                interleaved = False
+                samples.update(measure(resident, preset, settings))
+                while resident:
+                    resident.pop().close()
+            resident.append(start_worker({**spec, "framework": fw, "folder": str(folders[fw])}, folders[fw]))
+            loads[fw].append(resident[-1].load)
+        samples.update(measure(resident, preset, settings))
+    finally:
+        for w in resident:
+            w.close()
+    results = {}
+    for fw in ["minisail", *[f for f in frameworks if f != "minisail"]]:
+        results[fw] = {m: median(x[m] for x in loads[fw]) for m in METRICS[:2]}
+        results[fw].update({m: median(samples[f"{dtype} {fw}"][m]) for m in METRICS[2:]})
+    ours = loads["minisail"][-1]
+    notes = {"interleaved": interleaved if len(frameworks) > 1 else None, "weights_gb": ours["weights_gb"]}
+    notes["decode_gb"] = ours.get("decode_gb") or None
+    notes.update({f"{fw}_skipped": note for fw, note in skipped.items()})
+    for fw in frameworks:  # the interpreter and libraries before loading, and how busy the CPU was for us
+        notes[f"{fw}_baseline_rss_gb"] = median(x["baseline_rss_gb"] for x in loads[fw])
+        notes[f"{fw}_cpu_share"] = median(samples[f"{dtype} {fw}"]["cpu_share"])
+    return results, notes
+
+
+def ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def evaluate(results: dict, roofline: dict, notes: dict) -> dict:
+    """The issue's targets, each as {value, target, met}."""
+
+    def get(dtype, fw, metric):
+        return results.get(dtype, {}).get(fw, {}).get(metric)
+
+    def target(value, goal, higher_is_better=True):
+        met = None if value is None else (value >= goal if higher_is_better else value <= goal)
+        return {"value": value, "target": goal, "met": met}
+
+    targets = {
+        "bf16_decode_vs_transformers": target(
+            ratio(get("bf16", "minisail", "decode_tok_s"), get("bf16", "transformers", "decode_tok_s")), 1.5
+        ),
+        "bf16_decode_vs_roofline": target(ratio(get("bf16", "minisail", "decode_tok_s"), roofline.get("bf16")), 0.7),
+        "int8_decode_vs_transformers_bf16": target(
+            ratio(get("int8", "minisail", "decode_tok_s"), get("bf16", "transformers", "decode_tok_s")), 2.5
+        ),
+    }
+    for dtype in ("fp32", "bf16"):
+        for metric in ("vision_1tile_s", "vision_7tiles_s", "prefill_s"):
+            speedup = ratio(get(dtype, "transformers", metric), get(dtype, "minisail", metric))
+            targets[f"{dtype}_{metric[:-2]}_vs_transformers"] = target(speedup, 1.1)
+        targets[f"{dtype}_load_vs_transformers"] = target(
+            ratio(get(dtype, "transformers", "load_s"), get(dtype, "minisail", "load_s")), 1.0
+        )
+    for dtype in results:  # what loading added to the process (its peak minus the interpreter and libraries)
+        note, peak = notes.get(dtype, {}), get(dtype, "minisail", "peak_rss_gb")
+        added = None if peak is None else peak - note.get("minisail_baseline_rss_gb", 0.0)
+        targets[f"{dtype}_load_rss_vs_weights"] = target(ratio(added, note.get("weights_gb")), 1.1, False)
+    return {name: t for name, t in targets.items() if t["value"] is not None}
+
+
+def run_bench(preset: Preset, cache: Path, settings: Settings) -> dict:
+    compare = settings.compare and preset.transformers and _has_transformers()
+    folders = ensure_checkpoints(preset, cache, transformers=compare)
+    machine = machine_info()
+    log("measuring the memory bandwidth")
+    bandwidths = [streaming_bandwidth()]
+    log(f"bandwidth {bandwidths[0] / 1e9:.1f} GB/s")
+    params = parameter_count(preset)
+    results, notes = {}, {}
+    for dtype in settings.dtypes:
+        if dtype == "int8" and not (preset.has_llm and int8_available()):
+            notes[dtype] = {"skipped": "int8 weight-only loading is not available for this preset"}
+            log(f"int8: {notes[dtype]['skipped']}")
+            continue
+        rows, notes[dtype] = run_dtype(preset, dtype, folders, settings, params)
+        if rows:
+            results[dtype] = rows
+    bandwidths.append(streaming_bandwidth())  # again at the end: a busy moment lowers one reading, not both
+    bandwidth = max(bandwidths)  # the higher reading is the machine's; the roofline errs towards demanding
+    machine["bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
+    machine["bandwidth_readings_gb_s"] = [round(b / 1e9, 2) for b in bandwidths]
+    machine["load_average_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    roofline = {d: round(bandwidth / (n["decode_gb"] * 1e9), 2) for d, n in notes.items() if n.get("decode_gb")}
+    return {
+        "preset": preset.name,
+        "machine": machine,
+        "roofline_decode_tok_s": roofline,
+        "results": results,
+        "ratios": ratios(results),
+        "targets": evaluate(results, roofline, notes),
+        "notes": notes,
+        "settings": {**settings.__dict__, "dtypes": list(settings.dtypes), "parameters": params},
+    }
+
+
+def ratios(results: dict) -> dict:
+    """minisail's speed-up over transformers per dtype and metric (>1: minisail is faster / smaller)."""
+    out = {}
+    for dtype, rows in results.items():
+        theirs = rows.get("transformers") if dtype != "int8" else results.get("bf16", {}).get("transformers")
+        if not theirs:
+            continue
+        ours = rows["minisail"]
+        out[dtype] = {m: ratio(theirs[m], ours[m]) for m in METRICS if m != "decode_tok_s"}
+        out[dtype]["decode_tok_s"] = ratio(ours["decode_tok_s"], theirs["decode_tok_s"])
+    return out
+
+
+def _has_transformers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None

@@ -1,0 +1,210 @@
+"""One benchmark worker process: loads one model (minisail's or transformers'), then times what it is asked to.
+
+    python -m minisail.bench.worker '{"framework": "minisail", "preset": "sail-vl-2b", "folder": ..., "dtype": "bf16"}'
+
+Each worker is a fresh process, so its load time and peak RSS are those of a user's first `load`, and at most
+one model is resident in it. The protocol is one JSON object per line: the worker first prints its load report,
+then reads commands on stdin and answers each on stdout (progress and warnings go to stderr):
+
+    {"op": "vision", "tiles": 7}    -> {"s": seconds}          encode 7 tiles (ViT + pixel shuffle + mlp1)
+    {"op": "prefill"}               -> {"s": seconds}          286 prompt embeddings -> first logits, KV cache
+    {"op": "generate", "tokens": n} -> {"ttft_s", "decode_tok_s"}  pixels + ids -> n greedy tokens
+    {"op": "exit"}
+
+Load = from the `load` call until every weight page is resident (each page touched once), so a lazily mapped
+checkpoint and an eagerly copied one are compared on the same footing. Peak RSS is the kernel's high-water mark
+(VmHWM) of the whole process at that moment: interpreter, libraries and weights.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minisail.bench.presets import Preset, get_preset
+
+PROMPT_BEFORE, IMAGE_TOKENS, PROMPT_AFTER = 20, 256, 10  # 256 image + 30 text tokens
+MAX_TILES = 7
+
+
+def bench_inputs(preset: Preset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded pixel values [7, 3, 448, 448] (float32) and a [1, 286] prompt with one tile's 256 image tokens."""
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(MAX_TILES, 3, 448, 448, generator=generator)
+    vocab = preset.config["llm_config"].get("vocab_size", 1000)
+    text = torch.randint(0, min(vocab, 1000), (PROMPT_BEFORE + PROMPT_AFTER,), generator=generator)
+    image = torch.full((IMAGE_TOKENS,), preset.image_token_id)
+    ids = torch.cat([text[:PROMPT_BEFORE], image, text[PROMPT_BEFORE:]])[None]  # [1, 286]
+    return pixels, ids
+
+
+def rss_bytes(field: str = "VmHWM") -> int:
+    """The process's resident set now (VmRSS) or its high-water mark (VmHWM); ru_maxrss where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def touch(module: torch.nn.Module) -> int:
+    """Read one byte of every 4 KiB page of every weight (faulting mapped files in); return the weight bytes.
+
+    Only each tensor's own bytes are touched: a zero-copy view keeps its whole checkpoint file mapped, including
+    the official q/k/v and gate/up matrices that loading copied into fused ones and never reads again."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        nbytes = t.numel() * t.element_size()
+        if t.is_mkldnn:  # a packed weight (minisail/llm/fast.py): written when packed, so resident already
+            total += nbytes
+            continue
+        key = (t.data_ptr(), nbytes)
+        if key in seen or nbytes == 0:
+            continue
+        seen.add(key)
+        total += nbytes
+        flat = t.detach().reshape(-1)
+        (flat.view(torch.uint8)[::4096] if t.is_contiguous() else flat).sum()
+    return total
+
+
+def decode_bytes(model: torch.nn.Module, step) -> int:
+    """Bytes of weights one decode step reads: every module `step()` calls, counted once; an embedding table
+    counts one row per token (Mono-InternVL's visual experts, never called for text, do not count)."""
+    called: list[torch.nn.Module] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: called.append(m)) for m in model.modules()]
+    try:
+        step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    seen, total = set(), 0
+    for module in called:
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            key = id(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            rows = 1 if isinstance(module, torch.nn.Embedding) else None
+            total += (t[0].numel() if rows else t.numel()) * t.element_size()
+    return total
+
+
+class MinisailRunner:
+    def __init__(self, preset: Preset, folder: Path, dtype: str):
+        from minisail.bench.models import load_minisail
+        from minisail.llm.fast import pack_linears
+
+        self.preset = preset
+        self.model = load_minisail(preset, folder, dtype)
+        self.packed = pack_linears(self.model)  # bf16 CPU Linears into oneDNN's layout (minisail/llm/fast.py)
+
+    def weights(self) -> torch.nn.Module:
+        return self.model
+
+    def decode_bytes(self) -> int | None:
+        if not self.preset.has_llm:
+            return None
+        from minisail.generate import decode_step
+
+        decoder = self.model.language_model
+        cache, token = decoder.new_cache(1, 2), torch.zeros(1, 1, dtype=torch.long)
+        with torch.inference_mode():
+            return decode_bytes(self.model, lambda: decode_step(self.model, cache, token, torch.zeros_like(token)))
+
+    def setup(self, pixels, ids):
+        self.pixels, self.ids = pixels, ids
+        if self.preset.has_llm:
+            self.prepared = self.model.prepare_inputs(ids, torch.ones_like(ids), pixels[:1])
+
+    def vision(self, tiles: int):
+        return self.model.encode_images(self.pixels[:tiles])
+
+    def prefill(self):
+        decoder, inputs = self.model.language_model, self.prepared
+        from minisail.llm.decoder import positions_from_mask
+
+        cache = decoder.new_cache(1, inputs.embeds.shape[1] + 1)
+        positions = positions_from_mask(inputs.attention_mask)
+        logits = decoder(inputs.embeds, inputs.attention_mask, positions, cache, last_only=True, **inputs.layer_kwargs)
+        return logits[:, -1].argmax(-1)
+
+    def generate(self, tokens: int) -> list[float]:
+        """Seconds from the call to each new token."""
+        from minisail.generate import GenerationConfig, generate_steps
+
+        start, times = time.perf_counter(), []
+        config = GenerationConfig(max_new_tokens=tokens)
+        steps = generate_steps(self.model, self.ids, torch.ones_like(self.ids), self.pixels[:1], config)
+        for _token in steps:
+            times.append(time.perf_counter() - start)
+        return times
+
+
+def make_runner(spec: dict):
+    preset = get_preset(spec["preset"])
+    if spec["framework"] == "transformers":
+        from minisail.bench.hf_side import TransformersRunner
+
+        return TransformersRunner(preset, Path(spec["folder"]), spec["dtype"])
+    return MinisailRunner(preset, Path(spec["folder"]), spec["dtype"])
+
+
+def send(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def serve(spec: dict) -> None:
+    torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
+    if spec["framework"] == "transformers":
+        import transformers  # noqa: F401  (imported before the clock starts, like minisail is)
+    baseline = rss_bytes("VmRSS")  # interpreter and libraries, before any weight
+    start = time.perf_counter()
+    runner = make_runner(spec)
+    weight_bytes = touch(runner.weights())
+    load_s = time.perf_counter() - start
+    report = {"load_s": load_s, "peak_rss_gb": rss_bytes() / 1e9, "weights_gb": weight_bytes / 1e9}
+    report["baseline_rss_gb"], report["rss_gb"] = baseline / 1e9, rss_bytes("VmRSS") / 1e9
+    if spec["framework"] == "minisail":
+        report["decode_gb"] = (runner.decode_bytes() or 0) / 1e9
+    send(report)
+    if spec.get("load_only"):
+        return
+    preset = get_preset(spec["preset"])
+    with torch.inference_mode():
+        runner.setup(*bench_inputs(preset))
+        for line in sys.stdin:
+            command = json.loads(line)
+            op = command["op"]
+            if op == "exit":
+                return
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            if op == "vision":
+                runner.vision(int(command["tiles"]))
+                answer = {"s": time.perf_counter() - t0}
+            elif op == "prefill":
+                runner.prefill()
+                answer = {"s": time.perf_counter() - t0}
+            elif op == "generate":
+                times = runner.generate(int(command["tokens"]))
+                rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
+                answer = {"ttft_s": times[0], "decode_tok_s": rate, "tokens": len(times)}
+            else:
+                raise ValueError(f"unknown benchmark command {op!r}")
+            # CPU seconds per wall second over the threads: well below 1 means other processes took the cores.
+            wall = time.perf_counter() - t0
+            answer["cpu_share"] = (time.process_time() - cpu0) / wall / torch.get_num_threads()
+            send(answer)
+
+
+if __name__ == "__main__":
+    serve(json.loads(sys.argv[1]))

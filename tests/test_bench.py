@@ -1,0 +1,122 @@
+"""`python -m minisail bench` at its smallest: the JSON it prints, the checkpoints it writes, its cache policy.
+
+Timings are not asserted (they depend on the machine); the shape of the report is, and so is that the benchmark
+compares like with like: the transformers-layout copy of its checkpoint computes the same numbers as minisail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+import minisail
+from minisail.bench import checkpoints
+from minisail.bench.presets import PRESETS, get_preset
+from minisail.checkpoint.files import open_safetensors_folder
+from minisail.checkpoint.loader import to_official_state_dict
+from minisail.cli import main
+from minisail.models.registry import detect_family
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+KEYS = {"load_s", "peak_rss_gb", "vision_1tile_s", "vision_7tiles_s", "prefill_s", "ttft_s", "decode_tok_s"}
+
+
+def test_quick_bench_prints_one_json_object_of_the_documented_form(tmp_path, capsys):
+    assert (
+        main(["bench", "--preset", "tiny", "--quick", "--dtype", "bf16", "--dtype", "int8", "--cache", str(tmp_path)])
+        == 0
+    )
+    out = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(out[-1])
+    assert "decode, tok/s" in "\n".join(out[:-1])  # the table for people comes first
+    assert {"preset", "machine", "roofline_decode_tok_s", "results"} <= set(report)
+    assert report["preset"] == "tiny"
+    assert report["machine"]["bandwidth_gb_s"] > 0 and report["machine"]["cores"] >= 1
+    frameworks = {"minisail", "transformers"} if HAS_TRANSFORMERS else {"minisail"}
+    assert set(report["results"]["bf16"]) == frameworks
+    for framework in frameworks:
+        row = report["results"]["bf16"][framework]
+        assert set(row) == KEYS
+        assert row["vision_7tiles_s"] is None  # --quick skips the 7-tile encode
+        assert all(row[k] > 0 for k in KEYS - {"vision_7tiles_s"}), row
+    assert report["roofline_decode_tok_s"]["bf16"] > 0
+    if "int8" in report["results"]:  # int8 weight-only loading: minisail only, compared with transformers' bf16
+        assert set(report["results"]["int8"]) == {"minisail"}
+        assert set(report["results"]["int8"]["minisail"]) == KEYS
+    if HAS_TRANSFORMERS:
+        assert report["ratios"]["bf16"]["decode_tok_s"] > 0
+
+
+def test_official_checkpoint_is_sharded_bf16_and_round_trips(tmp_path):
+    preset = get_preset("tiny")
+    checkpoints.write_official(preset, tmp_path, seed=3)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    tensors = open_safetensors_folder(tmp_path)
+    assert {tensors.dtype(name) for name in tensors.keys()} == {torch.bfloat16}
+    model = minisail.load(tmp_path)
+    official = to_official_state_dict(model, detect_family(preset.config).keymap(model))
+    assert set(official) == set(tensors.keys())
+    assert all(torch.equal(official[name], tensors.read(name)) for name in official)
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs the parity extra (transformers)")
+def test_transformers_copy_computes_the_same_model(tmp_path):
+    from minisail.bench.hf_side import hf_model_class
+    from minisail.bench.worker import bench_inputs
+
+    preset = get_preset("tiny")
+    folders = checkpoints.ensure_checkpoints(preset, tmp_path, transformers=True)
+    ours = minisail.load(folders["minisail"], dtype=torch.float32)
+    ours.image_token_id = preset.image_token_id
+    theirs = hf_model_class(preset).from_pretrained(folders["transformers"], dtype=torch.float32).eval()
+    pixels, ids = bench_inputs(preset)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            ours.encode_images(pixels[:2]), theirs.get_image_features(pixel_values=pixels[:2]).pooler_output
+        )
+        want = theirs(input_ids=ids, pixel_values=pixels[:1]).logits
+        torch.testing.assert_close(ours(ids, None, pixels[:1]), want, atol=1e-4, rtol=1e-4)
+
+
+def test_cache_is_reused_and_tidied(tmp_path):
+    preset = get_preset("tiny")
+    folder = checkpoints.ensure_checkpoints(preset, tmp_path, transformers=False)["minisail"]
+    assert checkpoints.is_complete(folder)
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    assert checkpoints.ensure_checkpoints(preset, tmp_path, transformers=False)["minisail"] == folder
+    assert (folder / "config.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+
+    stale = tmp_path / f"tiny-v{checkpoints.FORMAT + 1}"  # another format version
+    stale.mkdir()
+    dead = checkpoints.entry_folder(tmp_path, preset) / ".official.partial-999999999"  # no such process
+    dead.mkdir()
+    mine = checkpoints.entry_folder(tmp_path, preset) / f".official.partial-{os.getpid()}"  # a live run's
+    mine.mkdir()
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    checkpoints.tidy_cache(tmp_path)
+    assert not stale.exists() and not dead.exists() and mine.exists() and unrelated.exists()
+
+    removed = checkpoints.clean_cache(tmp_path)
+    assert removed and not checkpoints.entry_folder(tmp_path, preset).exists() and unrelated.exists()
+
+
+def test_presets_have_the_real_shapes():
+    from minisail.bench.models import build_on_meta
+
+    def billions(name):
+        model, _ = build_on_meta(PRESETS[name])
+        return sum(p.numel() for p in model.state_dict().values()) / 1e9
+
+    assert billions("sail-vl-2b") == pytest.approx(2.09, abs=0.01)  # FACTS.md: 2,089,762,304
+    assert billions("mono-internvl-2b") == pytest.approx(3.11, abs=0.01)  # 3,111,355,392
+    assert billions("internvl-chat-v1-5") == pytest.approx(5.536 + 0.116, abs=0.01)
+
+
+def test_bad_arguments_are_clear_errors(tmp_path, capsys):
+    assert main(["bench", "--preset", "tiny", "--repeats", "0", "--cache", str(tmp_path)]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
