@@ -300,6 +300,9 @@ def _add_chat(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--quantize", choices=("int8",), help="int8: load the language model's linear weights as int8 (weight-only)"
+    )
     parser.add_argument("--system", metavar="TEXT", help="replace the template's system message")
     parser.add_argument("--template", metavar="NAME", help="conversation template (default: the checkpoint config's)")
     parser.add_argument(
@@ -363,7 +366,7 @@ def _run_chat(args) -> int:
         print(f"minisail: {message}", file=sys.stderr, flush=True)
 
     session = Session(args.model, max_tiles=args.max_tiles, dtype=args.dtype, device=args.device,
-                      system=args.system, template=args.template, log=log)  # fmt: skip
+                      quantize=args.quantize, system=args.system, template=args.template, log=log)  # fmt: skip
     if args.question is not None:
         _chat_turn(session, args.question, images, args)
         return 0

@@ -159,6 +159,7 @@ class Session:
         max_tiles=None,
         dtype=None,
         device=None,
+        quantize=None,
         system=None,
         template=None,
         generation: GenerationConfig | None = None,
@@ -177,7 +178,7 @@ class Session:
                 tokenizer = load_tokenizer(folder)
             log(f"loading the checkpoint {folder}")
             start = time.perf_counter()
-            model = load(folder, dtype=dtype, device=device)
+            model = load(folder, dtype=dtype, device=device, quantize=quantize)
             count = sum(p.numel() for p in model.parameters())
             weight = next(model.parameters())
             seconds = time.perf_counter() - start

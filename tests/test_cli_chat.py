@@ -107,3 +107,12 @@ def test_think_output_shows_reasoning_then_answer(capsys):
     _chat_turn(session, "What is 1+1?", [], args)
     out = capsys.readouterr().out
     assert out == "[thinking]\n1 + 1 = 2.\n[answer]\nThe sum is \\boxed{2}.\nfinal answer: 2\n"
+
+
+def test_quantize_int8_flag_loads_int8_linears(checkpoint, capsys):
+    code, out, err = run(capsys, "--model", checkpoint, "--quantize", "int8", "--max-new-tokens", 4, "Hi")
+    assert code == 0, err
+    session = Session(checkpoint, quantize="int8")
+    from minisail.quant import Int8Linear
+
+    assert any(isinstance(m, Int8Linear) for m in session.model.modules())
