@@ -58,6 +58,10 @@ class CheckpointTensors:
     def nbytes(self) -> int:
         return sum(f.entries[n][3] - f.entries[n][2] for n, f in self.location.items())
 
+    def paths(self) -> list[Path]:
+        """The files behind these tensors, in order."""
+        return list(dict.fromkeys(f.path for f in self.location.values()))
+
 
 def open_safetensors_folder(folder: Path, prefix: str = "model") -> CheckpointTensors:
     """The tensors of `folder`/{prefix}.safetensors or of the shards listed in {prefix}.safetensors.index.json."""
@@ -137,3 +141,6 @@ class NamespacedTensors:
     def read(self, name: str) -> torch.Tensor:
         tensors, inner = self.location[name]
         return tensors.read(inner)
+
+    def paths(self) -> list[Path]:
+        return list(dict.fromkeys(p for tensors, _ in self.location.values() for p in tensors.paths()))

@@ -20,6 +20,7 @@ from torch import nn
 
 from minisail.checkpoint.files import CheckpointTensors
 from minisail.checkpoint.keymaps import KeyMap, Rule, bnb_format_key, bnb_scale_key
+from minisail.checkpoint.readahead import ReadAhead
 from minisail.errors import CheckpointError
 from minisail.quant import Int8Linear, quantize_rows
 
@@ -44,8 +45,25 @@ def fill_from_checkpoint(
 
     With a `device` other than the CPU, each tensor moves there as soon as it is made, so a model converted on
     its way to a GPU never exists whole in host memory. Two parameters made from the same official tensor by a
-    plain rename (a tied lm_head reading the embedding) share one tensor, as a tied model does."""
+    plain rename (a tied lm_head reading the embedding) share one tensor, as a tied model does.
+
+    Meanwhile the files stream into the page cache (checkpoint/readahead.py). When the model keeps zero-copy
+    views into them, the read-ahead goes on after the fill, so the views' pages are in memory when first used."""
+    readahead = ReadAhead(tensors.paths()) if hasattr(tensors, "paths") else None
+    try:
+        views = _fill(model, tensors, keymap, dtype, device)
+    except BaseException:
+        if readahead is not None:
+            readahead.stop()
+        raise
+    if readahead is not None and not views:
+        readahead.stop()
+
+
+def _fill(model: nn.Module, tensors: CheckpointTensors, keymap: KeyMap, dtype: torch.dtype, device) -> int:
+    """fill_from_checkpoint's work; returns how many parameters are zero-copy views into the files."""
     where = tensors.description
+    views = 0
     device = None if device is None or torch.device(device).type == "cpu" else torch.device(device)
     state: dict[str, torch.Tensor] = {}
     consumed: set[str] = set()
@@ -68,6 +86,7 @@ def fill_from_checkpoint(
             continue
         zero_copy = rule.join.is_identity and tensors.dtype(sources[0]) == target_dtype
         parts = [tensors.view(s) if zero_copy else tensors.read(s) for s in sources]
+        views += zero_copy and device is None
         for source, part in zip(sources, parts, strict=True):
             if part.dtype.is_floating_point != slot.dtype.is_floating_point:
                 hint = ""
@@ -96,6 +115,7 @@ def fill_from_checkpoint(
         setattr(model.get_submodule(module), leaf, model.get_parameter(shared))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    return views
 
 
 def _sources(keymap: KeyMap, tensors, name: str, where: str) -> tuple[Rule, list[str]]:

@@ -104,6 +104,9 @@ class BinTensors:
     def read(self, name: str) -> torch.Tensor:
         return self.tensors[name].clone(memory_format=torch.contiguous_format)  # a fresh copy
 
+    def paths(self) -> list[Path]:
+        return list(dict.fromkeys(self.location.values()))
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 

@@ -1,0 +1,75 @@
+"""Read a checkpoint's files into the OS page cache in the background while the model is being filled.
+
+A cold load (the files not yet in the page cache) is bound by the disk. The loader touches the files in the
+order of the model's parameters and, for zero-copy views, only when a weight is first used, so the disk sees
+scattered reads and page faults instead of one stream. `ReadAhead` reads every file front to back in a
+background thread (plain `read` calls, which release the GIL), so the disk streams at its full rate while the
+loader converts, joins and checks tensors; whatever the loader or the first forward pass reads next is then
+served from memory.
+
+It only warms the page cache (the OS may drop those pages again; nothing is added to the process's own
+memory but one 16 MiB buffer) and runs only when the files fit comfortably in the memory the OS reports as
+available, so a checkpoint larger than RAM is never read twice. The thread stops at the end of the files, on
+`stop()`, or on the first read error (the loader reports errors itself).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+CHUNK = 16 << 20
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class ReadAhead:
+    """`ReadAhead(paths)` starts reading `paths` in a daemon thread (when they fit in half the available memory);
+    `stop()` ends it early; `wait()` blocks until it is done. `active` says whether it runs at all."""
+
+    def __init__(self, paths: list[Path], *, share_of_available: float = 0.5):
+        self.paths = [Path(p) for p in paths]
+        self._stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        available = available_memory_bytes()
+        try:
+            total = sum(os.path.getsize(p) for p in self.paths)
+        except OSError:
+            return
+        if not self.paths or available is None or total > share_of_available * available:
+            return
+        self.thread = threading.Thread(target=self._read_all, name="minisail-readahead", daemon=True)
+        self.thread.start()
+
+    @property
+    def active(self) -> bool:
+        return self.thread is not None
+
+    def _read_all(self) -> None:
+        buffer = bytearray(CHUNK)
+        try:
+            for path in self.paths:
+                with open(path, "rb", buffering=0) as f:
+                    while not self._stop.is_set() and f.readinto(buffer):
+                        pass
+        except OSError:
+            return  # a page-cache warm-up only: the loader's own reads report any problem with the file
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.wait()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
