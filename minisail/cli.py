@@ -410,6 +410,9 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, metavar="N", help="repeats of the short measurements (default 5)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch threads in the workers (default: torch's)")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers even if it is installed")
+    parser.add_argument(
+        "--compile", action="store_true", help="minisail decodes through torch.compile (minutes to compile, 2nd copy)"
+    )
     parser.add_argument("--cache", metavar="DIR", help="checkpoint cache folder (default ~/.cache/minisail/bench)")
     parser.add_argument("--clean", action="store_true", help="delete the benchmark's cached checkpoints and exit")
     parser.add_argument("--json", action="store_true", help="accepted for symmetry: the JSON line is always printed")
@@ -428,7 +431,7 @@ def _run_bench(args) -> int:
         removed = clean_cache(cache)
         print(f"removed {len(removed)} cached benchmark checkpoint folder(s) from {cache}")
         return 0
-    overrides = {"compare": not args.no_transformers, "threads": args.threads}
+    overrides = {"compare": not args.no_transformers, "threads": args.threads, "compile": args.compile}
     if args.dtype:
         overrides["dtypes"] = tuple(dict.fromkeys(args.dtype))
     if args.new_tokens is not None:

@@ -49,6 +49,28 @@ def test_quick_bench_prints_one_json_object_of_the_documented_form(tmp_path, cap
         assert set(report["results"]["int8"]["minisail"]) == KEYS
     if HAS_TRANSFORMERS:
         assert report["ratios"]["bf16"]["decode_tok_s"] > 0
+    notes = report["notes"]["bf16"]  # what bounds the figures: packing's share of the load, the matmuls alone
+    assert notes["minisail_load_call_s"] > 0 and notes["minisail_pack_s"] >= 0
+    assert notes["minisail_load_call_s"] + notes["minisail_pack_s"] <= report["results"]["bf16"]["minisail"]["load_s"]
+    assert notes["minisail_decode_matmuls_ms"] > 0
+    assert "matrix products alone take" in "\n".join(out[:-1])
+
+
+def test_decode_matmuls_are_the_decode_steps_linears(tmp_path):
+    from minisail.bench.checkpoints import ensure_checkpoints
+    from minisail.bench.presets import get_preset
+    from minisail.bench.worker import MinisailRunner, bench_inputs
+
+    preset = get_preset("tiny")
+    folder = ensure_checkpoints(preset, tmp_path, transformers=False)["minisail"]
+    runner = MinisailRunner(preset, folder, "bf16")
+    with torch.inference_mode():
+        runner.setup(*bench_inputs(preset))
+        decoder = runner.model.language_model
+        per_layer = sum(1 for m in decoder.layers[0].modules() if hasattr(m, "in_features"))
+        assert len(runner.decode_linears) == per_layer * len(decoder.layers) + 1  # + lm_head
+        assert runner.decode_linears[-1] is decoder.lm_head
+        assert runner.decode_matmuls() > 0
 
 
 def test_official_checkpoint_is_sharded_bf16_and_round_trips(tmp_path):
@@ -120,3 +142,12 @@ def test_presets_have_the_real_shapes():
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert main(["bench", "--preset", "tiny", "--repeats", "0", "--cache", str(tmp_path)]) == 2
     assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_compiled_decode_step_runs_and_is_reported(tmp_path, capsys):
+    argv = ["bench", "--preset", "tiny", "--quick", "--compile", "--dtype", "bf16", "--no-transformers"]
+    assert main([*argv, "--cache", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    notes = report["notes"]["bf16"]
+    assert notes["minisail_compile_s"] > 0 and notes["minisail_rss_after_compile_gb"] > 0
+    assert report["settings"]["compile"] is True and report["results"]["bf16"]["minisail"]["decode_tok_s"] > 0

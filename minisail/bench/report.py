@@ -65,6 +65,22 @@ def format_table(report: dict) -> str:
                 f"loading added {added:.2f} GB to a {base:.2f} GB interpreter = "
                 f"{added / note['weights_gb']:.2f}x the {note['weights_gb']:.2f} GB of weights"
             )
+        if note.get("minisail_decode_matmuls_ms") and note.get("decode_gb") and decode:
+            ms, bandwidth = note["minisail_decode_matmuls_ms"], report["machine"].get("bandwidth_gb_s")
+            rate = note["decode_gb"] / (ms / 1e3)
+            share = f", {rate / bandwidth:.0%} of the measured bandwidth" if bandwidth else ""
+            parts.append(
+                f"its matrix products alone take {ms:.0f} ms per token ({rate:.1f} GB/s{share}) of a "
+                f"{1e3 / decode:.0f} ms decode step"
+            )
+        if note.get("minisail_pack_s") is not None:
+            call, pack = note["minisail_load_call_s"], note["minisail_pack_s"]
+            parts.append(f"load = minisail.load {call:.2f} s + oneDNN packing {pack:.2f} s")
+        if note.get("minisail_compile_s") is not None:
+            parts.append(
+                f"decode step compiled (torch.compile, max-autotune, freezing) in {note['minisail_compile_s']:.0f} s, "
+                f"RSS {note['minisail_rss_after_compile_gb']:.2f} GB after it"
+            )
         if parts:
             lines.append(f"{dtype}: " + "; ".join(parts))
     for dtype, note in report["notes"].items():

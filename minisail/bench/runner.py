@@ -39,6 +39,7 @@ class Settings:
     warmup: bool = True  # one untimed round of every operation before timing
     compare: bool = True  # run transformers too, when it is installed
     threads: int | None = None
+    compile: bool = False  # minisail's decode step through torch.compile (inductor, max-autotune, freezing)
 
     @classmethod
     def quick(cls, **overrides) -> Settings:
@@ -101,20 +102,29 @@ def start_worker(spec: dict, folder: Path) -> Worker:
 
 def measure(workers: list[Worker], preset: Preset, settings: Settings) -> dict[str, dict[str, list]]:
     """Run every timed operation `repeats` times on each worker, alternating the order each round."""
-    samples = {w.name: {m: [] for m in [*METRICS[2:], "cpu_share"]} for w in workers}
+    samples = {w.name: {m: [] for m in [*METRICS[2:], "cpu_share", "decode_matmuls_s"]} for w in workers}
     plan = [("vision_1tile_s", {"op": "vision", "tiles": 1}, settings.repeats)]
     if settings.seven_tiles:
         plan.append(("vision_7tiles_s", {"op": "vision", "tiles": 7}, settings.long_repeats))
     if preset.has_llm:
         plan.append(("prefill_s", {"op": "prefill"}, settings.repeats))
         plan.append(("generate", {"op": "generate", "tokens": settings.new_tokens}, settings.long_repeats))
+    if preset.has_llm:  # minisail only: the decode step's matrix products alone (its kernels' ceiling)
+        plan.append(("decode_matmuls_s", {"op": "matmuls"}, settings.repeats))
     for w in workers:  # warm-up, untimed: thread pools, allocator, oneDNN kernels for each shape
         w.request(op="vision", tiles=1)
-        if preset.has_llm:
+        if preset.has_llm and w.spec.get("compile") and w.spec["framework"] == "minisail":
+            # the warm-up generation compiles the decode step (for a cache of the size the timed ones use)
+            answer = w.request(op="generate", tokens=settings.new_tokens)
+            w.load["compile_s"], w.load["rss_after_compile_gb"] = answer["s"], answer["rss_gb"]
+            log(f"{w.name}: compiled the decode step in the warm-up generation, {answer['s']:.1f} s")
+        elif preset.has_llm:
             w.request(op="generate", tokens=4 if settings.warmup else 2)  # a prefill and decode steps
     for metric, command, repeats in plan:
         for r in range(repeats):
             for w in workers if r % 2 == 0 else workers[::-1]:
+                if metric == "decode_matmuls_s" and w.spec["framework"] != "minisail":
+                    continue
                 answer = w.request(**command)
                 share = f"(cpu share {answer['cpu_share']:.2f})"
                 if metric == "generate":
@@ -144,7 +154,7 @@ def fitting_frameworks(folders: dict, dtype: str, estimate: float, available: fl
 
 def run_dtype(preset: Preset, dtype: str, folders: dict, settings: Settings, params: int) -> tuple[dict, dict]:
     """{framework: {metric: median}} and notes for one dtype."""
-    spec = {"preset": preset.name, "dtype": dtype, "threads": settings.threads}
+    spec = {"preset": preset.name, "dtype": dtype, "threads": settings.threads, "compile": settings.compile}
     estimate = params * BYTES_PER_PARAM[dtype]
     available = memory_available_bytes() or float("inf")
     frameworks, skipped = fitting_frameworks(folders, dtype, estimate, available)
@@ -180,6 +190,17 @@ def run_dtype(preset: Preset, dtype: str, folders: dict, settings: Settings, par
     ours = loads["minisail"][-1]
     notes = {"interleaved": interleaved if len(frameworks) > 1 else None, "weights_gb": ours["weights_gb"]}
     notes["decode_gb"] = ours.get("decode_gb") or None
+    if "compile_s" in ours:  # the compiled decode step: its one-off cost and the memory its constants take
+        notes["minisail_compile_s"], notes["minisail_rss_after_compile_gb"] = (
+            ours["compile_s"],
+            ours["rss_after_compile_gb"],
+        )
+    if ours.get("pack_s") is not None:  # minisail's load = minisail.load + packing bf16 Linears for oneDNN
+        notes["minisail_load_call_s"] = median(x["load_call_s"] for x in loads["minisail"])
+        notes["minisail_pack_s"] = median(x["pack_s"] for x in loads["minisail"])
+    matmuls = median(samples[f"{dtype} minisail"]["decode_matmuls_s"])
+    if matmuls is not None:
+        notes["minisail_decode_matmuls_ms"] = matmuls * 1e3
     notes.update({f"{fw}_skipped": note for fw, note in skipped.items()})
     for fw in frameworks:  # the interpreter and libraries before loading, and how busy the CPU was for us
         notes[f"{fw}_baseline_rss_gb"] = median(x["baseline_rss_gb"] for x in loads[fw])

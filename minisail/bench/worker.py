@@ -99,13 +99,32 @@ def decode_bytes(model: torch.nn.Module, step) -> int:
 
 
 class MinisailRunner:
-    def __init__(self, preset: Preset, folder: Path, dtype: str):
+    """minisail as the benchmark runs it on a CPU: `minisail.load`, then bf16 Linears packed for oneDNN
+    (minisail/llm/fast.py). With `compile`, the decode step is compiled instead (see `compile_decode_step`)."""
+
+    def __init__(self, preset: Preset, folder: Path, dtype: str, compile: bool = False):
         from minisail.bench.models import load_minisail
         from minisail.llm.fast import pack_linears
 
-        self.preset = preset
+        self.preset, self.compile = preset, compile and preset.has_llm
+        start = time.perf_counter()
         self.model = load_minisail(preset, folder, dtype)
-        self.packed = pack_linears(self.model)  # bf16 CPU Linears into oneDNN's layout (minisail/llm/fast.py)
+        loaded = time.perf_counter()
+        if self.compile:  # packed weights cannot be traced: pack only what stays eager
+            self.packed = pack_linears(self.model.vision_model) + pack_linears(self.model.projector)
+        else:
+            self.packed = pack_linears(self.model)
+        self.load_details = {"load_call_s": loaded - start, "pack_s": time.perf_counter() - loaded}
+
+    def compile_decode_step(self) -> None:
+        """Compile `Decoder.decode_step` (one graph, tests/test_compile.py) with inductor's max-autotune and
+        freezing: the weights become constants in its own CPU GEMM layout, which streams faster than oneDNN's,
+        at the price of a compilation (minutes) and a second copy of the language model's weights."""
+        import torch._inductor.config
+
+        torch._inductor.config.freezing = True
+        decoder = self.model.language_model
+        decoder.decode_step = torch.compile(decoder.decode_step, mode="max-autotune", fullgraph=True, dynamic=False)
 
     def weights(self) -> torch.nn.Module:
         return self.model
@@ -124,6 +143,37 @@ class MinisailRunner:
         self.pixels, self.ids = pixels, ids
         if self.preset.has_llm:
             self.prepared = self.model.prepare_inputs(ids, torch.ones_like(ids), pixels[:1])
+            self.decode_linears = self._decode_linears()
+
+    def _decode_linears(self) -> list[torch.nn.Module]:
+        """The matrix products of one decode step, in the order it calls them (as loaded: plain, packed, int8)."""
+        from minisail.generate import decode_step
+
+        called: list[torch.nn.Module] = []
+        hooks = [
+            m.register_forward_pre_hook(lambda m, args: called.append(m))
+            for m in self.model.language_model.modules()
+            if hasattr(m, "in_features")
+        ]
+        try:
+            cache, token = self.model.language_model.new_cache(1, 2), torch.zeros(1, 1, dtype=torch.long)
+            decode_step(self.model, cache, token, torch.zeros_like(token))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return called
+
+    def decode_matmuls(self) -> float:
+        """Seconds for one decode step's matrix products alone: each of them once, on one row, in order. What a
+        decode step would take if everything but its weight-streaming kernels cost nothing."""
+        dtype = self.model.language_model.embed.weight.dtype  # the activations' dtype (bf16 for int8 too)
+        rows = {m.in_features: torch.randn(1, 1, m.in_features).to(dtype) for m in self.decode_linears}
+        start = time.perf_counter()
+        for module in self.decode_linears:
+            module(rows[module.in_features])
+        return time.perf_counter() - start
+        if self.compile:
+            self.compile_decode_step()  # compiled on the first generation (the warm-up)
 
     def vision(self, tiles: int):
         return self.model.encode_images(self.pixels[:tiles])
@@ -155,7 +205,7 @@ def make_runner(spec: dict):
         from minisail.bench.hf_side import TransformersRunner
 
         return TransformersRunner(preset, Path(spec["folder"]), spec["dtype"])
-    return MinisailRunner(preset, Path(spec["folder"]), spec["dtype"])
+    return MinisailRunner(preset, Path(spec["folder"]), spec["dtype"], compile=bool(spec.get("compile")))
 
 
 def send(message: dict) -> None:
@@ -174,6 +224,7 @@ def serve(spec: dict) -> None:
     load_s = time.perf_counter() - start
     report = {"load_s": load_s, "peak_rss_gb": rss_bytes() / 1e9, "weights_gb": weight_bytes / 1e9}
     report["baseline_rss_gb"], report["rss_gb"] = baseline / 1e9, rss_bytes("VmRSS") / 1e9
+    report.update(getattr(runner, "load_details", {}))
     if spec["framework"] == "minisail":
         report["decode_gb"] = (runner.decode_bytes() or 0) / 1e9
     send(report)
@@ -191,13 +242,16 @@ def serve(spec: dict) -> None:
             if op == "vision":
                 runner.vision(int(command["tiles"]))
                 answer = {"s": time.perf_counter() - t0}
+            elif op == "matmuls":
+                answer = {"s": runner.decode_matmuls()}
             elif op == "prefill":
                 runner.prefill()
                 answer = {"s": time.perf_counter() - t0}
             elif op == "generate":
                 times = runner.generate(int(command["tokens"]))
                 rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
-                answer = {"ttft_s": times[0], "decode_tok_s": rate, "tokens": len(times)}
+                answer = {"ttft_s": times[0], "decode_tok_s": rate, "tokens": len(times), "s": times[-1]}
+                answer["rss_gb"] = rss_bytes("VmRSS") / 1e9  # after a compilation, its constants are resident
             else:
                 raise ValueError(f"unknown benchmark command {op!r}")
             # CPU seconds per wall second over the threads: well below 1 means other processes took the cores.
