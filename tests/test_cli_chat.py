@@ -116,3 +116,17 @@ def test_quantize_int8_flag_loads_int8_linears(checkpoint, capsys):
     from minisail.quant import Int8Linear
 
     assert any(isinstance(m, Int8Linear) for m in session.model.modules())
+
+
+def test_bf16_on_cpu_is_packed_and_replies_the_same(checkpoint):
+    from minisail.llm import fast
+
+    if not fast.packing_available():
+        pytest.skip("this torch has no oneDNN linear packing")
+    packed = Session(checkpoint, dtype="bfloat16", generation=minisail.generate.GenerationConfig(max_new_tokens=8))
+    plain = Session(checkpoint, dtype="bfloat16", pack=False,
+                    generation=minisail.generate.GenerationConfig(max_new_tokens=8))  # fmt: skip
+    assert any(isinstance(m, fast.PackedLinear) for m in packed.model.modules())
+    assert not any(isinstance(m, fast.PackedLinear) for m in plain.model.modules())
+    question = "What animal is in the picture?"
+    assert packed.ask(question, images=[IMAGE]) == plain.ask(question, images=[IMAGE])
