@@ -55,6 +55,9 @@ class CheckpointTensors:
     def read(self, name: str) -> torch.Tensor:
         return self.location[name].read(name)
 
+    def release(self, name: str) -> None:
+        self.location[name].release(name)
+
     def nbytes(self) -> int:
         return sum(f.entries[n][3] - f.entries[n][2] for n, f in self.location.items())
 
@@ -141,6 +144,10 @@ class NamespacedTensors:
     def read(self, name: str) -> torch.Tensor:
         tensors, inner = self.location[name]
         return tensors.read(inner)
+
+    def release(self, name: str) -> None:
+        tensors, inner = self.location[name]
+        tensors.release(inner)
 
     def paths(self) -> list[Path]:
         return list(dict.fromkeys(p for tensors, _ in self.location.values() for p in tensors.paths()))

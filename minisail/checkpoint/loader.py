@@ -85,7 +85,7 @@ def _fill(model: nn.Module, tensors: CheckpointTensors, keymap: KeyMap, dtype: t
             tied[name] = taken_as_is[sources[0]]
             continue
         zero_copy = rule.join.is_identity and tensors.dtype(sources[0]) == target_dtype
-        parts = [tensors.view(s) if zero_copy else tensors.read(s) for s in sources]
+        parts = [tensors.view(s) for s in sources]  # converted or joined below unless zero_copy
         views += zero_copy and device is None
         for source, part in zip(sources, parts, strict=True):
             if part.dtype.is_floating_point != slot.dtype.is_floating_point:
@@ -97,6 +97,8 @@ def _fill(model: nn.Module, tensors: CheckpointTensors, keymap: KeyMap, dtype: t
                 )
         value = _join(rule, parts, sources, tuple(slot.shape), name, where)
         state[name] = value.to(device=device, dtype=target_dtype)  # a no-op when both already match
+        if not zero_copy:  # the parameter is new memory: the mapped pages it was made from can go
+            _release(tensors, sources, parts, state[name])
         if rule.join.is_identity:
             taken_as_is[sources[0]] = name
         consumed.update(sources)
@@ -116,6 +118,16 @@ def _fill(model: nn.Module, tensors: CheckpointTensors, keymap: KeyMap, dtype: t
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return views
+
+
+def _release(tensors, sources, parts, value: torch.Tensor) -> None:
+    """Give back the mapped pages of `sources` (views read to make `value`), unless `value` still uses them."""
+    if value.device.type == "cpu" and value.numel():
+        own = value.untyped_storage().data_ptr()
+        if any(part.numel() and part.untyped_storage().data_ptr() == own for part in parts):
+            return
+    for source in sources:
+        tensors.release(source)
 
 
 def _sources(keymap: KeyMap, tensors, name: str, where: str) -> tuple[Rule, list[str]]:
@@ -163,7 +175,8 @@ def _int8_weight(rule: Rule, sources, slot, tensors, name: str, where: str):
                 _check_row_major(bnb_format_key(source), tensors, where)
                 used.append(bnb_format_key(source))
         elif tensors.dtype(source).is_floating_point:  # a float checkpoint, quantised as it is read
-            weight, absmax = quantize_rows(tensors.read(source))
+            weight, absmax = quantize_rows(tensors.view(source))
+            tensors.release(source)
             used.append(source)
         else:
             raise CheckpointError(

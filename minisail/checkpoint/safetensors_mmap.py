@@ -11,10 +11,14 @@ a `CheckpointError` naming the file and the tensor, so a truncated download is r
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
+import mmap
 import os
 import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -64,12 +68,35 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + header_len
 
 
+PAGE = mmap.PAGESIZE
+MADV_DONTNEED = 4  # Linux
+
+
+@functools.cache
+def _madvise():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
+def release_pages(address: int, nbytes: int) -> None:
+    """madvise(MADV_DONTNEED) the whole pages inside [address, address + nbytes) of a private, never written
+    file mapping: they leave this process's resident set (they stay in the OS page cache). Linux only; a no-op
+    elsewhere. Never call it on memory that was written: for anonymous or written pages it discards data."""
+    if not sys.platform.startswith("linux"):
+        return
+    start, end = -(-address // PAGE) * PAGE, (address + nbytes) // PAGE * PAGE
+    if end > start:
+        _madvise()(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
 class SafetensorsFile:
     """One .safetensors file: its tensor table, zero-copy views into a memory map, or fresh copies read from disk.
 
-    `view(name)` shares memory with the (privately mapped) file: use it when the tensor is taken as it is.
-    `read(name)` reads the bytes into new memory: use it when the tensor is converted or transformed anyway,
-    so the mapped pages are never touched and a dtype change costs one tensor's worth of extra memory.
+    `view(name)` shares memory with the (privately mapped) file: the parameter a tensor taken as it is becomes,
+    and the source of a conversion or a join, after which `release(name)` gives its pages back, so converting
+    a model costs one tensor's worth of extra memory and no second read into memory of its own.
+    `read(name)` reads the bytes into new memory (small tensors, scales).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -106,6 +133,14 @@ class SafetensorsFile:
         if begin % dtype.itemsize:  # misaligned (an unusual writer): copy instead of viewing
             raw = raw.clone()
         return raw.view(dtype).reshape(shape)
+
+    def release(self, name: str) -> None:
+        """Give back the resident pages of tensor `name` in the memory map (after converting or joining a view:
+        the process keeps only the result). Whole pages inside the tensor's own bytes only; the file's contents
+        come back if the view is read again (the mapping is private and never written)."""
+        if self._bytes is not None:
+            _, _, begin, end = self.entries[name]
+            release_pages(self._bytes.data_ptr() + begin, end - begin)
 
     def read(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[name]

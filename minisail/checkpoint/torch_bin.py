@@ -104,6 +104,9 @@ class BinTensors:
     def read(self, name: str) -> torch.Tensor:
         return self.tensors[name].clone(memory_format=torch.contiguous_format)  # a fresh copy
 
+    def release(self, name: str) -> None:
+        pass  # torch.load's tensors: nothing to give back
+
     def paths(self) -> list[Path]:
         return list(dict.fromkeys(self.location.values()))
 

@@ -27,9 +27,6 @@ restores plain Linears (e.g. to compile the model).
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import mmap
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -38,23 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisail.checkpoint.safetensors_mmap import release_pages
+
 
 def packing_available() -> bool:
     mkldnn = torch.ops.mkldnn
     return torch.backends.mkldnn.is_available() and all(
         hasattr(mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")
     )
-
-
-PAGE = mmap.PAGESIZE
-MADV_DONTNEED = 4  # Linux
-
-
-@functools.cache
-def _libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
 
 
 def _file_backing(address: int) -> tuple[str, int] | None:
@@ -78,12 +66,8 @@ def _release_mapped_pages(weight: torch.Tensor) -> None:
     resident set (MADV_DONTNEED: the pages stay in the OS page cache; a later access would map them again, with
     the file's contents). Only whole pages inside the weight's own bytes, and only for a private file mapping
     (/proc/self/maps), whose pages minisail never writes: no other memory is ever affected."""
-    if not sys.platform.startswith("linux") or _file_backing(weight.data_ptr()) is None:
-        return
-    start = -(-weight.data_ptr() // PAGE) * PAGE
-    end = (weight.data_ptr() + weight.numel() * weight.element_size()) // PAGE * PAGE
-    if end > start:
-        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+    if sys.platform.startswith("linux") and _file_backing(weight.data_ptr()) is not None:
+        release_pages(weight.data_ptr(), weight.numel() * weight.element_size())
 
 
 _checked: dict[tuple, bool] = {}  # (out, in, dtype, bias?) -> does the packed kernel give F.linear's bits?
