@@ -316,7 +316,8 @@ def test_quantization_options_and_configs(tmp_path):
 
 
 def test_quantize_rows_is_the_bitsandbytes_rule():
-    w = torch.randn(5, 40) * torch.tensor([1.0, 0.01, 30.0, 0.0, 2.0])[:, None]
+    generator = torch.Generator().manual_seed(10)  # seed 10 has a value exactly half a step from both neighbours
+    w = torch.randn(5, 40, generator=generator) * torch.tensor([1.0, 0.01, 30.0, 0.0, 2.0])[:, None]
     values, absmax = quantize_rows(w.to(torch.bfloat16))
     expected_values, expected_absmax = bnb_quantize(w.to(torch.bfloat16))
     assert torch.equal(values, expected_values) and torch.equal(absmax, expected_absmax)
@@ -324,7 +325,8 @@ def test_quantize_rows_is_the_bitsandbytes_rule():
     assert torch.equal(values[3], torch.zeros(40, dtype=torch.int8)) and absmax[3] == 0
     assert torch.equal(values.abs().amax(dim=1), torch.tensor([127, 127, 127, 0, 127], dtype=torch.int8))
     error = (dequantize(values, absmax) - w.to(torch.bfloat16).float()).abs()
-    assert bool((error <= absmax[:, None] / 254 * (1 + 1e-6)).all())  # at most half a step per row
+    # at most half a step per row, up to float32 rounding of the dequantisation (a few ulps: a tie lands there)
+    assert bool((error <= absmax[:, None] / 254 * (1 + 1e-5)).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
