@@ -1,4 +1,4 @@
-"""`python -m minisail <command>`: see minisail/cli.py."""
+"""`python -m minisail <command>`: see minisail/cli/."""
 
 from minisail.cli import main
 

@@ -12,7 +12,8 @@ from test_chat import IMAGE, build_chat_checkpoint
 
 import minisail
 from minisail.chat import chat
-from minisail.cli import _chat_turn, main
+from minisail.cli import main
+from minisail.cli.chat import _chat_turn
 from minisail.image.preprocess import internvl_pixel_values
 from minisail.session import Session
 

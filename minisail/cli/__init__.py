@@ -1,0 +1,41 @@
+"""Command-line entry point: `python -m minisail <command> ...`.
+
+Argument parsing only; every command calls into the library. Each command is one module here (prompt, tiles,
+parity, chat, bench) with an `_add_<name>` function that declares its arguments and a `_run_<name>` function
+that does the work, exported as `COMMAND = (help, add, run)`.
+A command that takes `--json` prints one JSON object as its last line of standard output.
+A `MinisailError` is printed as `minisail: error: ...` with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from minisail.cli import bench, chat, parity, prompt, tiles
+from minisail.errors import MinisailError
+
+# name -> (help, add_arguments(parser), run(args) -> exit code)
+COMMANDS: dict[str, tuple[str, object, object]] = {
+    module.__name__.rpartition(".")[2]: module.COMMAND for module in (prompt, tiles, parity, chat, bench)
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m minisail", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_arguments, _run) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _help, _add, run = COMMANDS[args.command]
+    try:
+        return int(run(args) or 0)
+    except MinisailError as error:
+        print(f"minisail: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,121 @@
+"""`python -m minisail chat`: talk to a model about images, the reply streamed to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from minisail.errors import MinisailError
+
+
+def _add_chat(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "question",
+        nargs="?",
+        help="ask once and exit; without it, chat on stdin, one question per line (/reset clears the history, "
+        "/exit or the end of input quits)",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (weights and tokenizer)")
+    parser.add_argument(
+        "--image", action="append", default=[], metavar="IMG", help="an image for the first question (repeatable)"
+    )
+    parser.add_argument(
+        "--max-tiles", type=int, metavar="N", help="most tiles per image (default: the checkpoint's own setting)"
+    )
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--quantize", choices=("int8",), help="int8: load the language model's linear weights as int8 (weight-only)"
+    )
+    parser.add_argument("--system", metavar="TEXT", help="replace the template's system message")
+    parser.add_argument("--template", metavar="NAME", help="conversation template (default: the checkpoint config's)")
+    parser.add_argument(
+        "--think",
+        action="store_true",
+        help="thinking models (SAIL-VL2-Thinking): ask for <think> reasoning and a \\boxed{} answer; the reasoning "
+        "is shown dimmed",
+    )
+    sampling = parser.add_argument_group("generation (default: greedy)")
+    sampling.add_argument("--temperature", type=float, metavar="T", help="sample at this temperature (0 = greedy)")
+    sampling.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep this much probability")
+    sampling.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens (default 50)")
+    sampling.add_argument("--repetition-penalty", type=float, metavar="R", help="> 1 discourages repeats (1 = off)")
+    sampling.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="reply length cap (512)")
+    sampling.add_argument("--seed", type=int, help="seed for sampling (reproducible replies)")
+
+
+def _chat_turn(session, question: str, images, args) -> None:
+    """Ask one question and stream the reply; with --think the reasoning goes first, dimmed (or labelled)."""
+    from minisail.session import split_thinking
+
+    out = sys.stdout
+    tty = out.isatty()
+    labels = {"reasoning": ("\x1b[2m", "\x1b[0m\n\n") if tty else ("[thinking]\n", "\n[answer]\n")}
+    sampling = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+    }
+    current = None
+    for event in session.ask(question, images, stream=True, think=args.think, **sampling):
+        kind, text = event if args.think else ("answer", event)
+        if kind != current:
+            if current in labels:
+                out.write(labels[current][1])
+            if kind in labels:
+                out.write(labels[kind][0])
+            current = kind
+        out.write(text)
+        out.flush()
+    if current == "reasoning" and tty:
+        out.write("\x1b[0m")
+    out.write("\n")
+    if args.think:
+        reply = split_thinking(session.history[-1][1])
+        if reply.answer != reply.response:
+            out.write(f"final answer: {reply.answer}\n")
+    out.flush()
+
+
+def _run_chat(args) -> int:
+    from minisail.image.io import open_image
+    from minisail.session import Session
+
+    images = [open_image(path) for path in args.image]  # an unreadable image fails before the model loads
+
+    def log(message: str) -> None:
+        print(f"minisail: {message}", file=sys.stderr, flush=True)
+
+    session = Session(args.model, max_tiles=args.max_tiles, dtype=args.dtype, device=args.device,
+                      quantize=args.quantize, system=args.system, template=args.template, log=log)  # fmt: skip
+    if args.question is not None:
+        _chat_turn(session, args.question, images, args)
+        return 0
+    pending = images  # the images go with the first question (again after /reset)
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        question = line.rstrip("\r\n")
+        if question.strip() == "/reset":
+            session.reset()
+            pending = images
+            log("history cleared")
+        elif question.strip():
+            try:
+                _chat_turn(session, question, pending, args)
+                pending = []
+            except MinisailError as error:  # say what went wrong and keep the conversation going
+                print(f"minisail: error: {error}", file=sys.stderr, flush=True)
+
+
+COMMAND = (
+    "chat with a model about images; the reply streams to stdout",
+    _add_chat,
+    _run_chat,
+)
