@@ -151,3 +151,23 @@ def test_compiled_decode_step_runs_and_is_reported(tmp_path, capsys):
     notes = report["notes"]["bf16"]
     assert notes["minisail_compile_s"] > 0 and notes["minisail_rss_after_compile_gb"] > 0
     assert report["settings"]["compile"] is True and report["results"]["bf16"]["minisail"]["decode_tok_s"] > 0
+
+
+def test_compile_mode_really_runs_the_decode_step_compiled(tmp_path):
+    from torch._dynamo.utils import counters
+
+    from minisail.bench.checkpoints import ensure_checkpoints
+    from minisail.bench.presets import get_preset
+    from minisail.bench.worker import MinisailRunner, bench_inputs
+
+    preset = get_preset("tiny")
+    folder = ensure_checkpoints(preset, tmp_path, transformers=False)["minisail"]
+    runner = MinisailRunner(preset, folder, "bf16", compile=True)
+    counters.clear()
+    with torch.inference_mode():
+        runner.setup(*bench_inputs(preset))
+        assert hasattr(runner.model.language_model.decode_step, "_torchdynamo_orig_callable")
+        times = runner.generate(6)
+    assert len(times) == 6
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for the whole generation, no recompiles
+    assert counters["inductor"]["cpp_templated_kernel_counter"] > 0  # max-autotune's CPU GEMM templates ran

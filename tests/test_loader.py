@@ -39,6 +39,28 @@ def test_load_casts_to_the_requested_dtype():
         minisail.load(GOLDEN / CASE / "checkpoint", dtype="float8")
 
 
+def test_converted_and_fused_weights_do_not_keep_their_mapped_sources_resident(tmp_path, monkeypatch):
+    """Conversions and joins read the zero-copy views, then give their pages back (and only theirs)."""
+    from minisail.checkpoint.safetensors_mmap import SafetensorsFile
+
+    released = []
+    real = SafetensorsFile.release
+    monkeypatch.setattr(SafetensorsFile, "release", lambda self, name: (released.append(name), real(self, name)))
+    stored = golden_tensors(CASE)
+    model = minisail.load(GOLDEN / CASE / "checkpoint")  # float32 as stored: fused q/k/v and gate/up only
+    fused = {n for n in released}
+    assert fused and all(any(p in n for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) for n in fused)
+    assert len(fused) == len(released)  # each official tensor once
+    layer = model.language_model.layers[0]
+    prefix = "language_model.model.layers.0."
+    want = torch.cat([stored[prefix + f"mlp.{k}_proj.weight"] for k in ("gate", "up")])
+    assert torch.equal(layer.mlp.gate_up.weight, want)  # values intact after the sources' pages were dropped
+    released.clear()
+    model = minisail.load(GOLDEN / CASE / "checkpoint", dtype=torch.bfloat16)  # everything converted
+    assert set(released) == set(stored)
+    assert torch.equal(model.language_model.embed.weight, stored["language_model.model.embed_tokens.weight"].bfloat16())
+
+
 def test_sharded_checkpoint_loads_the_same(tmp_path):
     config, tensors = golden_config(CASE), golden_tensors(CASE)
     folder = write_checkpoint(tmp_path / "sharded", config, tensors, shards=3)

@@ -144,6 +144,8 @@ class MinisailRunner:
         if self.preset.has_llm:
             self.prepared = self.model.prepare_inputs(ids, torch.ones_like(ids), pixels[:1])
             self.decode_linears = self._decode_linears()
+        if self.compile:
+            self.compile_decode_step()  # compiled on the first generation (the warm-up)
 
     def _decode_linears(self) -> list[torch.nn.Module]:
         """The matrix products of one decode step, in the order it calls them (as loaded: plain, packed, int8)."""
@@ -172,8 +174,6 @@ class MinisailRunner:
         for module in self.decode_linears:
             module(rows[module.in_features])
         return time.perf_counter() - start
-        if self.compile:
-            self.compile_decode_step()  # compiled on the first generation (the warm-up)
 
     def vision(self, tiles: int):
         return self.model.encode_images(self.pixels[:tiles])
