@@ -1,7 +1,8 @@
 """The transformers side of the benchmark: the same weights in transformers' native InternVL classes.
 
-This is the only module under minisail/ that imports `transformers`, and only when the benchmark is asked to
-compare (the `parity` extra installed); the library itself never imports it.
+This is the only module under minisail/ that uses `transformers`, and only when the benchmark is asked to
+compare (the `parity` extra installed; the benchmark's worker and machine report also import it, to load it
+before the clock starts and to print its version); the library itself never imports it.
 
 - `write_transformers_checkpoint`: the official-layout benchmark checkpoint converted to the names of
   transformers' `InternVLForConditionalGeneration` (InternVLVisionModel + multi_modal_projector + Qwen2Model +

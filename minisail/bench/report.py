@@ -65,7 +65,8 @@ def format_table(report: dict) -> str:
                 f"loading added {added:.2f} GB to a {base:.2f} GB interpreter = "
                 f"{added / note['weights_gb']:.2f}x the {note['weights_gb']:.2f} GB of weights"
             )
-        if note.get("minisail_decode_matmuls_ms") and note.get("decode_gb") and decode:
+        compiled = note.get("minisail_compile_s") is not None  # then the step is not the eager matmuls' sum
+        if note.get("minisail_decode_matmuls_ms") and note.get("decode_gb") and decode and not compiled:
             ms, bandwidth = note["minisail_decode_matmuls_ms"], report["machine"].get("bandwidth_gb_s")
             rate = note["decode_gb"] / (ms / 1e3)
             share = f", {rate / bandwidth:.0%} of the measured bandwidth" if bandwidth else ""

@@ -76,9 +76,8 @@ def touch(module: torch.nn.Module) -> int:
     return total
 
 
-def decode_bytes(model: torch.nn.Module, step) -> int:
-    """Bytes of weights one decode step reads: every module `step()` calls, counted once; an embedding table
-    counts one row per token (Mono-InternVL's visual experts, never called for text, do not count)."""
+def modules_called(model: torch.nn.Module, step) -> list[torch.nn.Module]:
+    """The modules of `model` that `step()` calls, in call order."""
     called: list[torch.nn.Module] = []
     hooks = [m.register_forward_pre_hook(lambda m, args: called.append(m)) for m in model.modules()]
     try:
@@ -86,6 +85,12 @@ def decode_bytes(model: torch.nn.Module, step) -> int:
     finally:
         for hook in hooks:
             hook.remove()
+    return called
+
+
+def decode_bytes(called: list[torch.nn.Module]) -> int:
+    """Bytes of weights one decode step reads: every module it calls (`called`), counted once; an embedding table
+    counts one row per token (Mono-InternVL's visual experts, never called for text, do not count)."""
     seen, total = set(), 0
     for module in called:
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
@@ -129,41 +134,24 @@ class MinisailRunner:
     def weights(self) -> torch.nn.Module:
         return self.model
 
-    def decode_bytes(self) -> int | None:
-        if not self.preset.has_llm:
-            return None
+    def _decode_modules(self) -> list[torch.nn.Module]:
+        """The modules one decode step calls, in call order (as loaded: plain, packed or int8 Linears)."""
         from minisail.generate import decode_step
 
-        decoder = self.model.language_model
-        cache, token = decoder.new_cache(1, 2), torch.zeros(1, 1, dtype=torch.long)
+        cache, token = self.model.language_model.new_cache(1, 2), torch.zeros(1, 1, dtype=torch.long)
         with torch.inference_mode():
-            return decode_bytes(self.model, lambda: decode_step(self.model, cache, token, torch.zeros_like(token)))
+            return modules_called(self.model, lambda: decode_step(self.model, cache, token, torch.zeros_like(token)))
+
+    def decode_bytes(self) -> int | None:
+        return decode_bytes(self._decode_modules()) if self.preset.has_llm else None
 
     def setup(self, pixels, ids):
         self.pixels, self.ids = pixels, ids
         if self.preset.has_llm:
             self.prepared = self.model.prepare_inputs(ids, torch.ones_like(ids), pixels[:1])
-            self.decode_linears = self._decode_linears()
+            self.decode_linears = [m for m in self._decode_modules() if hasattr(m, "in_features")]
         if self.compile:
             self.compile_decode_step()  # compiled on the first generation (the warm-up)
-
-    def _decode_linears(self) -> list[torch.nn.Module]:
-        """The matrix products of one decode step, in the order it calls them (as loaded: plain, packed, int8)."""
-        from minisail.generate import decode_step
-
-        called: list[torch.nn.Module] = []
-        hooks = [
-            m.register_forward_pre_hook(lambda m, args: called.append(m))
-            for m in self.model.language_model.modules()
-            if hasattr(m, "in_features")
-        ]
-        try:
-            cache, token = self.model.language_model.new_cache(1, 2), torch.zeros(1, 1, dtype=torch.long)
-            decode_step(self.model, cache, token, torch.zeros_like(token))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return called
 
     def decode_matmuls(self) -> float:
         """Seconds for one decode step's matrix products alone: each of them once, on one row, in order. What a

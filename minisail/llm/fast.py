@@ -27,7 +27,6 @@ restores plain Linears (e.g. to compile the model).
 
 from __future__ import annotations
 
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -148,24 +147,8 @@ def pack_linears(module: nn.Module, threads: int | None = None) -> int:
             setattr(parent, leaf, packed)
         return packed is not None
 
-    _prefetch({module.get_submodule(name).weight for name in names})
     with ThreadPoolExecutor(max(1, threads or torch.get_num_threads())) as pool:
         return sum(pool.map(pack, names))
-
-
-def _prefetch(weights) -> None:
-    """Ask the OS to read the checkpoint files behind mapped weights ahead (POSIX_FADV_WILLNEED), so the disk
-    streams while the reorders run instead of serving one page fault at a time."""
-    files = {backing[0] for w in weights if (backing := _file_backing(w.data_ptr())) is not None}
-    for path in files:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
 
 
 def unpack_linears(module: nn.Module) -> None:
