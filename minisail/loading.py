@@ -176,3 +176,30 @@ def image_token_id_from_tokenizer(folder: Path, default):
     except MinisailError:
         return default
     return default if token_id is None else token_id
+
+
+def default_dtype(path, device=None) -> tuple[torch.dtype, str]:
+    """What `Session` and `python -m minisail chat` run a checkpoint in when no dtype is given, and why.
+
+    On a GPU or MPS: the checkpoint's own dtype. On the CPU: `fast.cpu_default_dtype`'s rule (float32 where the
+    CPU has no native bf16 and the float32 weights fit in memory). Reads config.json and the weight files'
+    headers only."""
+    from minisail.checkpoint.readahead import available_memory_bytes
+    from minisail.llm.fast import cpu_default_dtype
+
+    folder = Path(path)
+    config = read_config(folder)
+    family = detect_family(config)
+    tensors = family.open_tensors(folder, family.complete_config(folder, config))
+    stored = checkpoint_dtype(tensors)
+    device = resolve_device(device)
+    if device is not None and device.type != "cpu":
+        return stored, f"{str(stored).removeprefix('torch.')}, as the checkpoint stores it"
+    float32_bytes = 0
+    for name in tensors.keys():
+        if tensors.dtype(name).is_floating_point:
+            numel = 1
+            for size in tensors.shape(name):
+                numel *= size
+            float32_bytes += 4 * numel
+    return cpu_default_dtype(stored, float32_bytes, available_memory_bytes())

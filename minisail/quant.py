@@ -29,7 +29,9 @@ InternLM2-20B's 16384x6144 MLP)):
   bf16: 2-3x faster than the bf16 Linear (two threads: 0.4-1.4 ms against 1.8-3.2). But it is a matrix-vector
   kernel whose cost grows with every row of x, its fp32 path is not vectorised, it needs the scale in x's dtype
   (bf16: rounded to 8 bits), and on this build it returns garbage or crashes for bf16 with `in` not a multiple
-  of 16. Hence: CPU, bf16, at most INT8PACK_MAX_ROWS rows, `in` % 16 == 0.
+  of 16. Hence: CPU, bf16, at most INT8PACK_MAX_ROWS rows, `in` % 16 == 0, and, decided by trying once per
+  weight shape on the running machine (`_int8pack_works`), the kernel runs and agrees with the blocked path;
+  anywhere it raises or disagrees, the blocked path runs instead.
 - Everything else converts `weight` to x's dtype a block of rows (~8 MB) at a time into one reused buffer, does
   a float matmul and scales the output columns. The block stays in cache and no memory is allocated per call:
   converting the whole matrix at once costs up to 10x more, mostly page faults for the fresh float copy. In fp32
@@ -114,7 +116,31 @@ def _int8pack_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and 1 <= x.shape[0] <= INT8PACK_MAX_ROWS
         and weight.shape[1] % 16 == 0
         and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+        and _int8pack_works(weight, scale_dtype=x.dtype)
     )
+
+
+PROBE_ROWS = 256  # weight rows the int8pack probe checks against the definition (dequantised in float32)
+_int8pack_checked: dict[tuple[int, int], bool] = {}  # weight shape -> does int8pack run and agree here?
+
+
+def _int8pack_works(weight: torch.Tensor, scale_dtype: torch.dtype) -> bool:
+    """Decided by trying, once per weight shape: does `_weight_int8pack_mm` run on this CPU and agree with the
+    definition on this weight (two random rows, its first PROBE_ROWS outputs, within bf16 rounding)? Where it fails the blocked path runs."""
+    key = tuple(weight.shape)
+    if key not in _int8pack_checked:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(2, weight.shape[1], generator=generator).to(scale_dtype)
+        scale = torch.rand(weight.shape[0], generator=generator).add_(0.5).div_(127)
+        try:
+            y = torch.ops.aten._weight_int8pack_mm(x, weight, scale.to(scale_dtype)).float()[:, :PROBE_ROWS]
+            expected = reference_int8_linear(x.float(), weight[:PROBE_ROWS], scale.to(scale_dtype)[:PROBE_ROWS])
+            _int8pack_checked[key] = bool(torch.isfinite(y).all()) and bool(
+                (y - expected).abs().max() <= 2e-2 * expected.abs().max().clamp_min(1e-6)
+            )
+        except RuntimeError:
+            _int8pack_checked[key] = False
+    return _int8pack_checked[key]
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:

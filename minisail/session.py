@@ -148,8 +148,10 @@ class Session:
     `model`: a checkpoint folder (loaded with `dtype` / `device`), or a loaded model with its `tokenizer`
     (or a (model, tokenizer) pair). Tiles per image: `min_tiles` / `max_tiles`, else the checkpoint's.
     `system` replaces the template's system message; `generation` holds the default sampling settings.
-    A checkpoint loaded here in bf16 on the CPU has its Linears packed for oneDNN (`pack=False`: not): the same
-    numbers, decoded about 1.7x faster (minisail/llm/fast.py). A model passed in is used as it is.
+    A checkpoint loaded here without a `dtype` runs in `loading.default_dtype`'s choice for the device (on a CPU
+    without native bf16: float32 when it fits in memory), said in the log. Loaded in bf16 on a CPU whose oneDNN
+    runs bf16, its Linears are packed (`pack=False`: not): the same numbers, decoded faster (minisail/llm/fast.py);
+    elsewhere they stay plain, and the log says why. A model passed in is used as it is.
     """
 
     def __init__(
@@ -172,13 +174,17 @@ class Session:
         if isinstance(model, tuple):
             model, tokenizer = model
         if isinstance(model, (str, os.PathLike)):
-            from minisail.loading import load
+            from minisail.loading import default_dtype, load, resolve_device, resolve_dtype
             from minisail.text.tokenizer import load_tokenizer
 
             folder = Path(model)
+            dtype, device = resolve_dtype(dtype), resolve_device(device)  # a bad name fails before any reading
             if tokenizer is None:  # first: a missing tokenizer file fails before the long part
                 log(f"loading the tokenizer from {folder}")
                 tokenizer = load_tokenizer(folder)
+            if dtype is None:
+                dtype, why = default_dtype(folder, device)
+                log(f"dtype: {why}")
             log(f"loading the checkpoint {folder}")
             start = time.perf_counter()
             model = load(folder, dtype=dtype, device=device, quantize=quantize)
@@ -191,12 +197,15 @@ class Session:
                 f"{weight.device}, in {seconds:.1f}s"
             )
             if pack and weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
-                from minisail.llm.fast import pack_linears
+                from minisail.llm.fast import pack_linears, packing_support
 
                 start = time.perf_counter()
-                packed = pack_linears(model)  # the same numbers, streamed faster (minisail/llm/fast.py)
+                support = packing_support()  # decided by trying oneDNN's bf16 kernel on this CPU
+                packed = pack_linears(model) if support.available else 0  # the same numbers, streamed faster
                 if packed:
                     log(f"packed {packed} bf16 Linears for oneDNN in {time.perf_counter() - start:.1f}s")
+                else:
+                    log(f"bf16 Linears run as plain F.linear: {support.reason}")
         elif tokenizer is None:
             raise MinisailError("Session(model, tokenizer): give the tokenizer with a model, or a checkpoint folder")
         elif dtype is not None or device is not None:

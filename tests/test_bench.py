@@ -36,6 +36,7 @@ def test_quick_bench_prints_one_json_object_of_the_documented_form(tmp_path, cap
     assert {"preset", "machine", "roofline_decode_tok_s", "results"} <= set(report)
     assert report["preset"] == "tiny"
     assert report["machine"]["bandwidth_gb_s"] > 0 and report["machine"]["cores"] >= 1
+    assert isinstance(report["machine"]["isa"], list) and report["machine"]["bf16_kernels"]  # figures carry the ISA
     frameworks = {"minisail", "transformers"} if HAS_TRANSFORMERS else {"minisail"}
     assert set(report["results"]["bf16"]) == frameworks
     for framework in frameworks:
@@ -51,6 +52,9 @@ def test_quick_bench_prints_one_json_object_of_the_documented_form(tmp_path, cap
         assert report["ratios"]["bf16"]["decode_tok_s"] > 0
     notes = report["notes"]["bf16"]  # what bounds the figures: packing's share of the load, the matmuls alone
     assert notes["minisail_load_call_s"] > 0 and notes["minisail_pack_s"] >= 0
+    from minisail.llm.fast import packing_support
+
+    assert ("minisail_unpacked_because" in notes) != packing_support().available  # the reason, where not packed
     assert notes["minisail_load_call_s"] + notes["minisail_pack_s"] <= report["results"]["bf16"]["minisail"]["load_s"]
     assert notes["minisail_decode_matmuls_ms"] > 0
     assert "matrix products alone take" in "\n".join(out[:-1])
@@ -171,3 +175,25 @@ def test_compile_mode_really_runs_the_decode_step_compiled(tmp_path):
     assert len(times) == 6
     assert counters["stats"]["unique_graphs"] == 1  # one graph for the whole generation, no recompiles
     assert counters["inductor"]["cpp_templated_kernel_counter"] > 0  # max-autotune's CPU GEMM templates ran
+
+
+def test_where_compiling_fails_the_benchmark_decodes_eagerly_and_says_so(tmp_path, monkeypatch):
+    from minisail.bench.checkpoints import ensure_checkpoints
+    from minisail.bench.presets import get_preset
+    from minisail.bench.worker import MinisailRunner, bench_inputs
+
+    def compile_that_fails(function, **options):
+        def compiled(*args, **kwargs):
+            raise RuntimeError("C++ compile error: no compiler for this CPU")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    preset = get_preset("tiny")
+    folder = ensure_checkpoints(preset, tmp_path, transformers=False)["minisail"]
+    runner = MinisailRunner(preset, folder, "bf16", compile=True)
+    with torch.inference_mode():
+        runner.setup(*bench_inputs(preset))
+        times = runner.generate(4)
+        assert len(times) == 4 and len(runner.generate(3)) == 3
+    assert "no compiler for this CPU" in runner.compile_failed and not runner.compile

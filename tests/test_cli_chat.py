@@ -119,11 +119,14 @@ def test_quantize_int8_flag_loads_int8_linears(checkpoint, capsys):
     assert any(isinstance(m, Int8Linear) for m in session.model.modules())
 
 
-def test_bf16_on_cpu_is_packed_and_replies_the_same(checkpoint):
+@pytest.mark.parametrize("kernel", ["this CPU's oneDNN", "a stand-in"])
+def test_bf16_on_cpu_is_packed_and_replies_the_same(checkpoint, kernel, request):
     from minisail.llm import fast
 
-    if not fast.packing_available():
-        pytest.skip("this torch has no oneDNN linear packing")
+    if kernel == "a stand-in":
+        request.getfixturevalue("onednn_packs_bf16")
+    elif not fast.packing_available():
+        pytest.skip(fast.packing_support().reason)
     packed = Session(checkpoint, dtype="bfloat16", generation=minisail.generate.GenerationConfig(max_new_tokens=8))
     plain = Session(checkpoint, dtype="bfloat16", pack=False,
                     generation=minisail.generate.GenerationConfig(max_new_tokens=8))  # fmt: skip
@@ -131,3 +134,42 @@ def test_bf16_on_cpu_is_packed_and_replies_the_same(checkpoint):
     assert not any(isinstance(m, fast.PackedLinear) for m in plain.model.modules())
     question = "What animal is in the picture?"
     assert packed.ask(question, images=[IMAGE]) == plain.ask(question, images=[IMAGE])
+
+
+def test_where_onednn_refuses_bf16_a_session_runs_plain_and_says_why(checkpoint, onednn_refuses_bf16):
+    """The AVX2-only CPU: no crash, no packing, the same reply as an unpacked session, and the reason logged."""
+    from minisail.llm import fast
+
+    lines = []
+    config = minisail.generate.GenerationConfig(max_new_tokens=8)
+    session = Session(checkpoint, dtype="bfloat16", generation=config, log=lines.append)
+    plain = Session(checkpoint, dtype="bfloat16", pack=False, generation=config)
+    assert not any(isinstance(m, fast.PackedLinear) for m in session.model.modules())
+    assert any("plain F.linear" in line and "avx512bw" in line for line in lines)
+    question = "What animal is in the picture?"
+    assert session.ask(question, images=[IMAGE]) == plain.ask(question, images=[IMAGE])
+
+
+def test_chat_cli_on_a_cpu_without_bf16_kernels(checkpoint, capsys, onednn_refuses_bf16):
+    for extra in ((), ("--dtype", "bfloat16"), ("--quantize", "int8", "--dtype", "bfloat16")):
+        code, out, err = run(capsys, "--model", checkpoint, *extra, "--max-new-tokens", 4, "Hi")
+        assert code == 0 and "Traceback" not in err, err
+        assert out.strip()
+
+
+def test_without_a_dtype_the_session_says_which_it_chose(checkpoint):
+    lines = []
+    Session(checkpoint, log=lines.append)
+    assert any(line.startswith("dtype: ") for line in lines)
+
+
+@pytest.mark.parametrize("flag", [("--dtype", "float64"), ("--device", "tpu:9"), ("--device", "cuda:7")])
+def test_a_bad_dtype_or_device_is_refused_before_anything_is_read(flag, capsys, monkeypatch, tmp_path):
+    import minisail.loading
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read something")
+
+    monkeypatch.setattr(minisail.loading, "read_config", no_reading)
+    code, _out, err = run(capsys, "--model", tmp_path, *flag, "--image", "missing.png", "Hi")
+    assert code == 2 and "minisail: error:" in err and flag[1] in err

@@ -12,7 +12,7 @@ from minisail.generate import greedy_generate
 from minisail.llm import fast
 from minisail.llm.fast import PackedLinear, pack_linears, unpack_linears
 
-pytestmark = pytest.mark.skipif(not fast.packing_available(), reason="this torch has no oneDNN linear packing")
+needs_onednn_bf16 = pytest.mark.skipif(not fast.packing_available(), reason=fast.packing_support().reason)
 
 
 def bf16_case(case: str):
@@ -22,6 +22,7 @@ def bf16_case(case: str):
     return model, (inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"))
 
 
+@needs_onednn_bf16
 @pytest.mark.parametrize("case", ["internvl-qwen2-tiny", "mono-internvl-tiny"])
 def test_packed_model_gives_the_same_bits(case):
     model, (ids, mask, pixels) = bf16_case(case)
@@ -60,3 +61,66 @@ def test_mapped_weights_are_found_and_given_back_without_changing_values():
     before = linear.weight.detach().clone()
     fast._release_mapped_pages(linear.weight)
     assert torch.equal(linear.weight, before)  # pages come back from the file, unchanged
+
+
+def _outputs(model, ids, mask, pixels):
+    with torch.inference_mode():
+        return model(ids, mask, pixels), greedy_generate(model, ids, mask, pixels, max_new_tokens=4)
+
+
+def test_where_onednn_refuses_bf16_nothing_is_packed_and_the_numbers_stay(onednn_refuses_bf16):
+    support = fast.packing_support()
+    assert not support.available and "avx512bw" in support.reason  # the CPU's own words reach the log line
+    model, inputs = bf16_case("internvl-qwen2-tiny")
+    logits, tokens = _outputs(model, *inputs)
+    assert pack_linears(model) == 0
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    after = _outputs(model, *inputs)
+    assert torch.equal(after[0], logits) and torch.equal(after[1], tokens)
+
+
+def test_a_shape_the_kernel_refuses_stays_plain(onednn_packs_bf16, monkeypatch):
+    """The probe passed, but one weight shape is refused (or gives other bits): only that Linear stays plain."""
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+
+    def refuse_wide(weight, batch):
+        if weight.shape[0] > 100:
+            raise RuntimeError("unsupported shape")
+        return reorder(weight, batch)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse_wide)
+    model, inputs = bf16_case("internvl-qwen2-tiny")
+    logits, tokens = _outputs(model, *inputs)
+    packed = pack_linears(model)
+    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))}
+    assert packed > 0 and kinds == {"Linear", "PackedLinear"}
+    assert all(m.out_features <= 100 for m in model.modules() if isinstance(m, PackedLinear))
+    after = _outputs(model, *inputs)
+    assert torch.equal(after[0], logits) and torch.equal(after[1], tokens)
+
+
+def test_packed_plumbing_on_every_machine(onednn_packs_bf16):
+    """With the kernel stood in for, the packed modules, their state dict and unpacking run wherever tests run."""
+    assert fast.packing_support().available
+    model, inputs = bf16_case("mono-internvl-tiny")
+    logits, tokens = _outputs(model, *inputs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert pack_linears(model) > 0 and not any(type(m) is torch.nn.Linear for m in model.modules())
+    after = _outputs(model, *inputs)
+    assert torch.equal(after[0], logits) and torch.equal(after[1], tokens)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    unpack_linears(model)
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_the_default_dtype_follows_the_cpu(onednn_refuses_bf16):
+    gb = 1e9
+    assert fast.cpu_default_dtype(torch.bfloat16, 8 * gb, 24 * gb)[0] == torch.float32  # fits: float32
+    dtype, why = fast.cpu_default_dtype(torch.bfloat16, 100 * gb, 24 * gb)  # does not fit: stay bf16, say why
+    assert dtype == torch.bfloat16 and "would not fit" in why
+    assert fast.cpu_default_dtype(torch.float32, 8 * gb, 24 * gb)[0] == torch.float32
+    assert fast.cpu_default_dtype(torch.float16, 8 * gb, 24 * gb)[0] == torch.float16
+
+
+def test_where_bf16_is_native_the_stored_dtype_is_kept(onednn_packs_bf16):
+    assert fast.cpu_default_dtype(torch.bfloat16, 8e9, 24e9)[0] == torch.bfloat16

@@ -370,3 +370,27 @@ def test_the_int8pack_kernel_is_used_exactly_where_it_was_measured_correct(monke
     int8_linear(torch.ones(quant.INT8PACK_MAX_ROWS + 1, 64, dtype=torch.bfloat16), weight, scale)  # too many rows
     int8_linear(torch.ones(1, 8, dtype=torch.bfloat16), weight[:, :8], scale)  # in_features % 16 != 0
     assert calls == [(1, 64), (quant.INT8PACK_MAX_ROWS + 1, 64), (1, 8)]
+
+
+def test_where_int8pack_fails_the_blocked_path_gives_the_numbers(int8pack_fails, monkeypatch):
+    """Decided by trying: a kernel that raises on this machine is never used, and the answer is the same."""
+    calls = []
+    real = quant.blocked_int8_matmul
+    monkeypatch.setattr(quant, "blocked_int8_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
+    weight, absmax = quantize_rows(torch.randn(32, 64, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    y = int8_linear(x, weight, absmax / 127)
+    assert calls == [(1, 64)] and quant._int8pack_checked == {(32, 64): False}
+    expected = reference_int8_linear(x, weight, absmax / 127).float()
+    assert (y.float() - expected).abs().max().item() <= 2e-2 * expected.abs().max().item()
+
+
+def test_an_int8pack_that_gives_wrong_numbers_is_not_used(monkeypatch):
+    from conftest import _reset_fast_path_decisions
+
+    _reset_fast_path_decisions()
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", lambda x, w, s: torch.zeros(x.shape[0], w.shape[0]))
+    weight, absmax = quantize_rows(torch.randn(32, 64, generator=torch.Generator().manual_seed(1)))
+    y = int8_linear(torch.ones(1, 64, dtype=torch.bfloat16), weight, absmax / 127)
+    assert quant._int8pack_checked == {(32, 64): False} and bool((y != 0).any())
+    _reset_fast_path_decisions()

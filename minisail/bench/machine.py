@@ -17,6 +17,11 @@ import time
 
 import torch
 
+from minisail.llm.fast import packing_support
+
+# The instruction-set extensions that decide which kernels run (and how fast), as /proc/cpuinfo names them.
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "avx_vnni", "avx_ne_convert", "amx_tile", "amx_bf16", "amx_int8")  # fmt: skip
 
 def _first_line_with(path: str, key: str) -> str | None:
     try:
@@ -27,6 +32,15 @@ def _first_line_with(path: str, key: str) -> str | None:
     except OSError:
         return None
     return None
+
+
+def cpu_isa() -> list[str]:
+    """The ISA_FLAGS this CPU reports (x86 Linux), in ISA_FLAGS order; on other machines the architecture name."""
+    flags = _first_line_with("/proc/cpuinfo", "flags")
+    if flags is None:
+        return [platform.machine()]
+    present = set(flags.split())
+    return [flag for flag in ISA_FLAGS if flag in present]
 
 
 def memory_available_bytes() -> int | None:
@@ -45,6 +59,9 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "isa": cpu_isa(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_kernels": packing_support().reason,
     }
     try:
         import transformers

@@ -25,6 +25,8 @@ def format_table(report: dict) -> str:
         f"machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['ram_gb']} GB RAM, "
         f"torch {m['torch']}, transformers {m['transformers'] or 'not installed'}, "
         f"1-min load average {m['load_average_1min']} at start, {m.get('load_average_1min_end')} at the end",
+        f"ISA: {' '.join(m.get('isa') or ['?'])} (torch CPU capability {m.get('torch_cpu_capability')}); "
+        f"bf16 kernels: {m.get('bf16_kernels')}",
     ]
     roofline = ", ".join(f"{d} {v:.2f} tok/s" for d, v in report["roofline_decode_tok_s"].items())
     readings = ", ".join(f"{b:.1f}" for b in m.get("bandwidth_readings_gb_s", []))
@@ -74,9 +76,13 @@ def format_table(report: dict) -> str:
                 f"its matrix products alone take {ms:.0f} ms per token ({rate:.1f} GB/s{share}) of a "
                 f"{1e3 / decode:.0f} ms decode step"
             )
-        if note.get("minisail_pack_s") is not None:
+        if note.get("minisail_unpacked_because"):
+            parts.append(f"Linears not packed: {note['minisail_unpacked_because']}")
+        elif note.get("minisail_pack_s") is not None:
             call, pack = note["minisail_load_call_s"], note["minisail_pack_s"]
             parts.append(f"load = minisail.load {call:.2f} s + oneDNN packing {pack:.2f} s")
+        if note.get("minisail_compile_failed"):
+            parts.append(f"torch.compile failed, decoded eagerly: {note['minisail_compile_failed']}")
         if note.get("minisail_compile_s") is not None:
             parts.append(
                 f"decode step compiled (torch.compile, max-autotune, freezing) in {note['minisail_compile_s']:.0f} s, "

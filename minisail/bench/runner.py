@@ -116,8 +116,12 @@ def measure(workers: list[Worker], preset: Preset, settings: Settings) -> dict[s
         if preset.has_llm and w.spec.get("compile") and w.spec["framework"] == "minisail":
             # the warm-up generation compiles the decode step (for a cache of the size the timed ones use)
             answer = w.request(op="generate", tokens=settings.new_tokens)
-            w.load["compile_s"], w.load["rss_after_compile_gb"] = answer["s"], answer["rss_gb"]
-            log(f"{w.name}: compiled the decode step in the warm-up generation, {answer['s']:.1f} s")
+            if answer.get("compile_failed"):
+                w.load["compile_failed"] = answer["compile_failed"]
+                log(f"{w.name}: torch.compile failed on this machine, decoding eagerly ({answer['compile_failed']})")
+            else:
+                w.load["compile_s"], w.load["rss_after_compile_gb"] = answer["s"], answer["rss_gb"]
+                log(f"{w.name}: compiled the decode step in the warm-up generation, {answer['s']:.1f} s")
         elif preset.has_llm:
             w.request(op="generate", tokens=4 if settings.warmup else 2)  # a prefill and decode steps
     for metric, command, repeats in plan:
@@ -195,6 +199,9 @@ def run_dtype(preset: Preset, dtype: str, folders: dict, settings: Settings, par
             ours["compile_s"],
             ours["rss_after_compile_gb"],
         )
+    for key in ("compile_failed", "unpacked_because"):  # a fast path this machine could not run, and why
+        if ours.get(key):
+            notes[f"minisail_{key}"] = ours[key]
     if ours.get("pack_s") is not None:  # minisail's load = minisail.load + packing bf16 Linears for oneDNN
         notes["minisail_load_call_s"] = median(x["load_call_s"] for x in loads["minisail"])
         notes["minisail_pack_s"] = median(x["pack_s"] for x in loads["minisail"])

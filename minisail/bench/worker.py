@@ -109,7 +109,7 @@ class MinisailRunner:
 
     def __init__(self, preset: Preset, folder: Path, dtype: str, compile: bool = False):
         from minisail.bench.models import load_minisail
-        from minisail.llm.fast import pack_linears
+        from minisail.llm.fast import pack_linears, packing_support
 
         self.preset, self.compile = preset, compile and preset.has_llm
         start = time.perf_counter()
@@ -120,6 +120,8 @@ class MinisailRunner:
         else:
             self.packed = pack_linears(self.model)
         self.load_details = {"load_call_s": loaded - start, "pack_s": time.perf_counter() - loaded}
+        if dtype == "bf16" and not self.packed:
+            self.load_details["unpacked_because"] = packing_support().reason
 
     def compile_decode_step(self) -> None:
         """Compile `Decoder.decode_step` (one graph, tests/test_compile.py) with inductor's max-autotune and
@@ -176,7 +178,21 @@ class MinisailRunner:
         return logits[:, -1].argmax(-1)
 
     def generate(self, tokens: int) -> list[float]:
-        """Seconds from the call to each new token."""
+        """Seconds from the call to each new token. A compiled decode step is compiled by the first call; where
+        compiling fails on this machine (decided by trying), the step runs eagerly and the failure is reported."""
+        if self.compile and not getattr(self, "compiled_once", False):
+            self.compiled_once = True
+            try:
+                return self._generate(tokens)
+            except Exception as error:  # inductor / dynamo failures have no common base class
+                from minisail.llm.fast import first_line
+
+                del self.model.language_model.decode_step  # the class's eager method again
+                self.compile, self.compile_failed = False, f"{type(error).__name__}: {first_line(error)}"
+                print(f"torch.compile failed here, decoding eagerly: {self.compile_failed}", file=sys.stderr)
+        return self._generate(tokens)
+
+    def _generate(self, tokens: int) -> list[float]:
         from minisail.generate import GenerationConfig, generate_steps
 
         start, times = time.perf_counter(), []
@@ -240,6 +256,8 @@ def serve(spec: dict) -> None:
                 rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
                 answer = {"ttft_s": times[0], "decode_tok_s": rate, "tokens": len(times), "s": times[-1]}
                 answer["rss_gb"] = rss_bytes("VmRSS") / 1e9  # after a compilation, its constants are resident
+                if getattr(runner, "compile_failed", None):
+                    answer["compile_failed"] = runner.compile_failed
             else:
                 raise ValueError(f"unknown benchmark command {op!r}")
             # CPU seconds per wall second over the threads: well below 1 means other processes took the cores.

@@ -22,7 +22,11 @@ def _add_chat(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-tiles", type=int, metavar="N", help="most tiles per image (default: the checkpoint's own setting)"
     )
-    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    parser.add_argument(
+        "--dtype",
+        help="float32, bfloat16 or float16 (default: the checkpoint's; on a CPU without native bf16, float32 if it "
+        "fits in memory)",
+    )
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument(
         "--quantize", choices=("int8",), help="int8: load the language model's linear weights as int8 (weight-only)"
@@ -82,8 +86,10 @@ def _chat_turn(session, question: str, images, args) -> None:
 
 def _run_chat(args) -> int:
     from minisail.image.io import open_image
+    from minisail.loading import resolve_device, resolve_dtype
     from minisail.session import Session
 
+    resolve_dtype(args.dtype), resolve_device(args.device)  # a bad --dtype / --device fails before any reading
     images = [open_image(path) for path in args.image]  # an unreadable image fails before the model loads
 
     def log(message: str) -> None:

@@ -10,9 +10,12 @@ AMD EPYC with AVX-512 BF16, torch 2.13), SAIL-VL-2B's decode matmuls (28 layers 
 F.linear 251 ms, packed 169 ms, torch.mv 268 ms per token; a whole decode step 262 -> 150 ms, interleaved in one
 process. Prefill (286 rows) and vision (1025 rows per tile) gain 7-8%.
 
-The math is the same oneDNN kernel with the same accumulation: for each weight shape, `pack_linears` checks that
-the packed call returns exactly `F.linear`'s bits (one and several rows) and leaves the Linear alone otherwise
-(other CPUs, other builds). Only bf16 CPU weights are packed (fp32 packing changes the accumulation order).
+Every CPU: oneDNN's bf16 kernels need AVX-512 (BW/VL/DQ), AVX-NE-CONVERT or AMX; on an AVX2-only CPU the reorder
+itself raises. So nothing is assumed from the build: `packing_support()` packs a small probe weight and compares
+the product with F.linear's bits once per process, and any failure means plain Linears (the same numbers, the
+slower path) with its reason in words for the log. Then, for each weight shape, `pack_linears` checks that the
+packed call returns exactly `F.linear`'s bits (one and several rows) and leaves the Linear alone otherwise.
+Only bf16 CPU weights are packed (fp32 packing changes the accumulation order).
 
 Memory: `minisail.load` keeps bf16 weights as views into the memory-mapped checkpoint. Reordering one faults
 its pages in, and they would stay resident (and counted) next to the packed copy for as long as the file is
@@ -27,8 +30,10 @@ restores plain Linears (e.g. to compile the model).
 
 from __future__ import annotations
 
+import functools
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +42,49 @@ from torch import nn
 from minisail.checkpoint.safetensors_mmap import release_pages
 
 
-def packing_available() -> bool:
+@dataclass(frozen=True)
+class PackingSupport:
+    """Whether bf16 Linears can be packed on this machine, and why (or why not), in words for a log line."""
+
+    available: bool
+    reason: str
+
+
+PROBE_SHAPE = (48, 64)  # [out, in]: a weight small enough to cost nothing, large enough for the blocked kernel
+
+
+@functools.cache
+def packing_support() -> PackingSupport:
+    """Decided by trying: pack a small bf16 weight and compare the packed product with F.linear's, bit for bit.
+
+    oneDNN's bf16 kernels need AVX-512 (BW, VL, DQ), AVX-NE-CONVERT or AMX on x86; without them the reorder
+    raises ("bf16 path needs the cpu support ..."), so whether this torch *has* the ops says nothing about
+    whether they run here. Any failure, or any difference from F.linear, means: plain Linears, same numbers."""
     mkldnn = torch.ops.mkldnn
-    return torch.backends.mkldnn.is_available() and all(
-        hasattr(mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")
-    )
+    if not torch.backends.mkldnn.is_available():
+        return PackingSupport(False, "this torch build has no oneDNN")
+    if not all(hasattr(mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")):
+        return PackingSupport(False, "this torch build has no oneDNN linear packing ops")
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(PROBE_SHAPE, generator=generator).to(torch.bfloat16)
+    x = torch.randn(3, PROBE_SHAPE[1], generator=generator).to(torch.bfloat16)
+    try:
+        packed = mkldnn._reorder_linear_weight(weight, 1)
+        same = torch.equal(mkldnn._linear_pointwise(x, packed, None, "none", [], ""), F.linear(x, weight))
+    except RuntimeError as error:  # e.g. "bf16 path needs the cpu support avx_ne_convert or avx512bw, ..."
+        return PackingSupport(False, f"oneDNN cannot pack bf16 weights on this CPU ({first_line(error)})")
+    if not same:
+        return PackingSupport(False, "oneDNN's packed bf16 product differs from F.linear's on this CPU")
+    return PackingSupport(True, "oneDNN runs bf16 packed Linears on this CPU (the same bits as F.linear)")
+
+
+def packing_available() -> bool:
+    return packing_support().available
+
+
+def first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:200]
 
 
 def _file_backing(address: int) -> tuple[str, int] | None:
@@ -78,10 +121,15 @@ def _same_numbers(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor
     key = (*weight.shape, weight.dtype, bias is not None)
     if key not in _checked:
         probe = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-        _checked[key] = all(
-            torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""), F.linear(x, weight, bias))
-            for x in (probe[:1], probe)
-        )
+        try:
+            _checked[key] = all(
+                torch.equal(
+                    torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""), F.linear(x, weight, bias)
+                )
+                for x in (probe[:1], probe)
+            )
+        except RuntimeError:  # a shape this CPU's kernels refuse: that weight stays a plain Linear
+            _checked[key] = False
     return _checked[key]
 
 
@@ -99,7 +147,10 @@ class PackedLinear(nn.Module):
         """The packed twin of `linear`, or None when packing would not give exactly F.linear's numbers."""
         weight = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach()
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        except RuntimeError:  # packing_support() said yes for its probe; this shape may still be refused
+            return None
         if not _same_numbers(weight, packed, bias):
             return None
         _release_mapped_pages(weight)
@@ -157,3 +208,36 @@ def unpack_linears(module: nn.Module) -> None:
         if isinstance(child, PackedLinear):
             parent_name, _, leaf = name.rpartition(".")
             setattr(module.get_submodule(parent_name), leaf, child.to_linear())
+
+
+# Share of the memory the OS reports as available that float32 weights may take before bf16 is kept instead.
+FLOAT32_MEMORY_SHARE = 0.6
+
+
+def cpu_default_dtype(stored: torch.dtype, float32_bytes: int, available_bytes: int | None) -> tuple[torch.dtype, str]:
+    """The dtype to run a checkpoint stored in `stored` on this CPU when the user did not choose one, and why.
+
+    bf16 halves the weights' memory and the bytes a decode step streams, but its matrix products are only fast
+    where the CPU has native bf16 support (what `packing_support` proves by running oneDNN's bf16 kernel); on
+    other CPUs PyTorch emulates them, and a prefill runs several times slower than in float32 (README: "Which
+    dtype"). So: the stored dtype where bf16 is native (or the checkpoint is not bf16); float32 where it is not
+    and the float32 weights fit in FLOAT32_MEMORY_SHARE of the available memory; else bf16 all the same."""
+    if stored != torch.bfloat16:
+        return stored, f"{_name(stored)}, as the checkpoint stores it"
+    support = packing_support()
+    if support.available:
+        return torch.bfloat16, "bfloat16, as stored: this CPU runs bf16 matrix products natively (oneDNN)"
+    size = f"{float32_bytes / 1e9:.1f} GB"
+    if available_bytes is None or float32_bytes <= FLOAT32_MEMORY_SHARE * available_bytes:
+        return torch.float32, (
+            f"float32 ({size}): this CPU has no native bf16 matrix products, where bf16 prefill runs several "
+            "times slower than float32; --dtype bfloat16 halves the memory"
+        )
+    return torch.bfloat16, (
+        f"bfloat16, as stored: this CPU has no native bf16 (prefill will be slow), but the float32 weights "
+        f"({size}) would not fit in the {available_bytes / 1e9:.1f} GB of memory available"
+    )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
