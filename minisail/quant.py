@@ -126,7 +126,8 @@ _int8pack_checked: dict[tuple[int, int], bool] = {}  # weight shape -> does int8
 
 def _int8pack_works(weight: torch.Tensor, scale_dtype: torch.dtype) -> bool:
     """Decided by trying, once per weight shape: does `_weight_int8pack_mm` run on this CPU and agree with the
-    definition on this weight (two random rows, its first PROBE_ROWS outputs, within bf16 rounding)? Where it fails the blocked path runs."""
+    definition on this weight (two random rows, its first PROBE_ROWS outputs, within bf16 rounding)? Where it
+    fails, the blocked path runs."""
     key = tuple(weight.shape)
     if key not in _int8pack_checked:
         generator = torch.Generator().manual_seed(0)

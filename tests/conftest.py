@@ -80,9 +80,7 @@ def onednn_packs_bf16(monkeypatch):
 
     _reset_fast_path_decisions()
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", lambda weight, batch: weight.clone())
-    monkeypatch.setattr(
-        torch.ops.mkldnn, "_linear_pointwise", lambda x, weight, bias, *attr: F.linear(x, weight, bias)
-    )
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, weight, bias, *attr: F.linear(x, weight, bias))
     yield
     _reset_fast_path_decisions()
 

@@ -23,6 +23,7 @@ from minisail.llm.fast import packing_support
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
              "avx512_fp16", "avx_vnni", "avx_ne_convert", "amx_tile", "amx_bf16", "amx_int8")  # fmt: skip
 
+
 def _first_line_with(path: str, key: str) -> str | None:
     try:
         with open(path) as f:
