@@ -1,0 +1,243 @@
+"""Hostile checkpoints: minisail refuses every bad file with a CheckpointError, reads nothing outside the folder,
+and accepts exactly the .safetensors files the reference `safetensors` library accepts.
+
+- safetensors headers: a hypothesis differential test against `safetensors.safe_open` (accepted iff accepted,
+  identical tensors), plus one regression test per class the fuzz campaign found.
+- confinement: index shard names, Yi-VL's mm_vision_tower and fixed-name files that climb out of the folder
+  (`..`, absolute, symlinks) are refused before the outside file is opened; a Hugging Face hub-cache layout
+  (snapshot files linked to ../../blobs/<hash>) loads.
+- .bin: stride-0 / overlapping views, deflated zip records and oversized pickles are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minisail.checkpoint.safetensors_header import DTYPE_BITS
+from minisail.checkpoint.safetensors_mmap import SafetensorsFile
+from minisail.errors import CheckpointError
+
+safetensors = pytest.importorskip("safetensors")
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+# --- safetensors: the reference's rules, differentially ---------------------------------------------------------
+
+
+def write_safetensors(path: Path, header: bytes, data: bytes) -> Path:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+def reference_load(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors `safetensors.safe_open` gives, or None if it refuses the file (at open or at get_tensor)."""
+    try:
+        with safetensors.safe_open(str(path), "pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception:  # noqa: BLE001 - any refusal by the reference counts as a refusal
+        return None
+
+
+def minisail_load(path: Path) -> dict[str, torch.Tensor] | None:
+    try:
+        file = SafetensorsFile(path)
+    except CheckpointError:
+        return None
+    views = {name: file.view(name) for name in file.entries}
+    copies = {name: file.read(name) for name in file.entries}
+    for name in views:
+        assert same_tensor(views[name], copies[name]), name
+    return views
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def assert_same_verdict(path: Path) -> None:
+    expected, got = reference_load(path), minisail_load(path)  # minisail raises nothing but CheckpointError
+    assert (got is None) == (expected is None), f"reference {'refuses' if expected is None else 'accepts'}"
+    if expected is not None:
+        assert expected.keys() == got.keys()
+        for name in expected:
+            assert same_tensor(expected[name], got[name]), name
+
+
+NAMES = st.sampled_from(["a", "b", "w.0", "c", "d", "e", "f", "", "a", "__metadata__"])
+DTYPES = st.sampled_from([*DTYPE_BITS, *["F32", "BF16", "U8", "I64"] * 4, "u8", "F128"])
+
+
+def rarely(draw, one_in: int) -> bool:
+    """True about once in `one_in` draws (hypothesis's own integers favour their bounds: too often here)."""
+    return draw(st.randoms(use_true_random=False)).random() < 1 / one_in
+
+
+ODD_NUMBERS = ["-0", "-1", "1.0", "1e0", "18446744073709551615", "18446744073709551616", "9" * 400, "1e400"]
+ODD_NUMBERS += ["9223372036854775808", "4611686018427387904", "NaN", "Infinity", "true", '"1"', "0"]
+
+
+@st.composite
+def numbers(draw):
+    """A small natural number, or one time in 25 a literal the reference may refuse."""
+    return draw(st.sampled_from(ODD_NUMBERS)) if rarely(draw, 25) else draw(st.integers(0, 5))
+
+
+def number_text(value) -> str:
+    return str(value)
+
+
+@st.composite
+def tensor_entry(draw, begin: int):
+    """(json text of one tensor entry, its end offset as written): mostly valid, often subtly broken."""
+    dtype = draw(DTYPES)
+    shape = draw(st.lists(numbers(), max_size=3))
+    numeric = [d for d in shape if isinstance(d, int)]
+    count = 1
+    for d in numeric:
+        count *= d
+    nbytes = count * DTYPE_BITS.get(dtype, 32) // 8
+    end = begin + nbytes + (draw(st.sampled_from([1, -1])) if rarely(draw, 10) else 0)
+    offsets = [str(begin), str(end)]
+    if rarely(draw, 10):
+        offsets[draw(st.integers(0, 1))] = number_text(draw(numbers()))
+    if rarely(draw, 20):
+        offsets.append("0")
+    dtype_text = f'{{"{dtype}": null}}' if rarely(draw, 10) else json.dumps(dtype)
+    fields = [f'"dtype": {dtype_text}', f'"shape": [{", ".join(map(number_text, shape))}]']
+    fields.append(f'"data_offsets": [{", ".join(offsets)}]')
+    if rarely(draw, 5):
+        fields.append(draw(st.sampled_from(['"x": 1', '"x": [[[]]]', '"x": {"y": 2.5}', '"x": "\\ud83d\\ude00"'])))
+    if rarely(draw, 20):
+        fields.append(draw(st.sampled_from(['"dtype": "U8"', '"x": NaN', '"x": "\\ud800"', '"x": -1e999'])))
+    if rarely(draw, 20):
+        fields.pop(draw(st.integers(0, 2)))
+    if rarely(draw, 15):  # serde's array form of a struct
+        return f"[{dtype_text}, [{', '.join(map(number_text, shape))}], [{', '.join(offsets)}]]", end
+    return "{" + ", ".join(fields) + "}", end
+
+
+@st.composite
+def safetensors_file(draw):
+    entries, end = [], 0
+    for _ in range(draw(st.integers(0, 4))):
+        name = draw(NAMES)
+        text, new_end = draw(tensor_entry(draw(st.integers(0, 8)) if rarely(draw, 8) else end))
+        entries.append(f"{json.dumps(name)}: {text}")
+        end = new_end if isinstance(new_end, int) else end
+    metadata = draw(st.sampled_from([None, '{"format": "pt"}', "null", '{"a": 1}', "[]"]))
+    metadata = metadata if rarely(draw, 3) else None
+    if metadata is not None:
+        entries.insert(draw(st.integers(0, len(entries))), f'"__metadata__": {metadata}')
+    header = "{" + ", ".join(entries) + "}"
+    if rarely(draw, 5):
+        header = draw(st.sampled_from([" ", "\n"])) + header + draw(st.sampled_from(["", "   ", "\x00", " x", "\r\n"]))
+    data_len = max(0, end) + (draw(st.sampled_from([1, -1, -3])) if rarely(draw, 10) else 0)
+    data = draw(st.binary(min_size=max(0, data_len), max_size=max(0, data_len)))
+    return header.encode(), data
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(safetensors_file())
+def test_safetensors_accepted_exactly_when_the_reference_accepts(file):
+    header, data = file
+    with tempfile.TemporaryDirectory() as tmp:
+        assert_same_verdict(write_safetensors(Path(tmp) / "x.safetensors", header, data))
+
+
+def entry(dtype="U8", shape=(1,), offsets=(0, 1), **extra) -> dict:
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets), **extra}
+
+
+def header_of(entries: dict) -> bytes:
+    return json.dumps(entries).encode()
+
+
+REGRESSIONS = {  # name: (header bytes, data); each class the fuzz campaign found accepted (or crashing)
+    "overlap": (header_of({"a": entry(offsets=(0, 2), shape=(2,)), "b": entry(offsets=(1, 2))}), b"xy"),
+    "gap": (header_of({"a": entry(offsets=(0, 1)), "b": entry(offsets=(2, 3))}), b"xyz"),
+    "not from zero": (header_of({"a": entry(offsets=(1, 2))}), b"xy"),
+    "trailing bytes": (header_of({"a": entry()}), b"xy"),
+    "duplicate name, bad offsets": (
+        b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},'
+        b' "a": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]}}',
+        b"xyz",
+    ),
+    "duplicate field": (b'{"a": {"dtype": "U8", "dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}', b"x"),
+    "duplicate __metadata__": (b'{"__metadata__": {}, "__metadata__": {}}', b""),
+    "float offset": (b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1.0]}}', b"x"),
+    "negative dim": (b'{"a": {"dtype": "U8", "shape": [-1], "data_offsets": [0, 1]}}', b"x"),
+    "minus zero": (b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [-0, 1]}}', b"x"),
+    "Infinity": (b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "x": Infinity}}', b"x"),
+    "NaN": (b'{"__metadata__": null, "a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "x": NaN}}', b"x"),
+    "1e400": (b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "x": 1e400}}', b"x"),
+    "5000 digits": (b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "x": ' + b"9" * 5000 + b"}}", b"x"),
+    "deep nesting": (
+        b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "x": ' + b"[" * 100_000 + b"}}",
+        b"x",
+    ),
+    "nesting 128": (
+        b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "x": ' + b"[" * 126 + b"]" * 126 + b"}}",
+        b"x",
+    ),
+    "lone surrogate": (b'{"__metadata__": {"\\ud800": "x"}}', b""),
+    "shape overflow": (header_of({"a": entry(shape=(2**64 - 1, 2, 0), offsets=(0, 0))}), b""),
+    "bits overflow": (header_of({"a": entry(dtype="F32", shape=(2**62,), offsets=(0, 0))}), b""),
+    "dim past int64": (header_of({"a": entry(shape=(2**63, 0), offsets=(0, 0))}), b""),
+    "unknown dtype": (header_of({"a": entry(dtype="F128")}), b"x"),
+    "F6 (no torch dtype)": (header_of({"a": entry(dtype="F6_E2M3", shape=(4,), offsets=(0, 3))}), b"xyz"),
+    "F4 odd last dim": (header_of({"a": entry(dtype="F4", shape=(2, 1), offsets=(0, 1))}), b"x"),
+    "F4 half byte": (header_of({"a": entry(dtype="F4", shape=(1,), offsets=(0, 1))}), b"x"),
+    "not an object": (b"[]", b""),
+    "NUL padding": (b"{}\x00", b""),
+    "__metadata__ not strings": (b'{"__metadata__": {"a": 1}}', b""),
+    "header past the end": (b"{}", b""),  # written with a lying length below
+}
+ACCEPTED = {  # and what the reference does accept, which minisail must too
+    "empty": (b"{}", b""),
+    "space padding": (b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}   ', b"x"),
+    "dtype as a map": (b'{"a": {"dtype": {"U8": null}, "shape": [1], "data_offsets": [0, 1]}}', b"x"),
+    "entry as an array": (b'{"a": ["U8", [1], [0, 1]]}', b"x"),
+    "duplicate name, consistent": (b'{"a": ["U8", [1], [0, 1]], "a": ["U8", [1], [0, 1]]}', b"x"),
+    "zero-size tensors share an offset": (header_of({"a": entry(shape=(0,), offsets=(0, 0)), "b": entry()}), b"x"),
+    "nesting 127": (
+        b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "x": ' + b"[" * 125 + b"]" * 125 + b"}}",
+        b"x",
+    ),
+    "shape [2**62, 0] of F32": (header_of({"a": entry(dtype="F32", shape=(2**62, 0), offsets=(0, 0))}), b""),
+    "misaligned F32": (header_of({"a": entry(), "b": entry(dtype="F32", offsets=(1, 5))}), b"x1234"),
+    "F4 pairs": (header_of({"a": entry(dtype="F4", shape=(4,), offsets=(0, 2))}), b"xy"),
+    "U16, C64, F8_E8M0": (
+        header_of(
+            {"a": entry("U16", (1,), (0, 2)), "b": entry("C64", (1,), (2, 10)), "c": entry("F8_E8M0", (1,), (10, 11))}
+        ),
+        b"ab" + b"01234567" + b"c",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REGRESSIONS, ids=list(REGRESSIONS))
+def test_safetensors_regressions_refused(tmp_path, case):
+    header, data = REGRESSIONS[case]
+    path = write_safetensors(tmp_path / "x.safetensors", header, data)
+    if case == "header past the end":
+        path.write_bytes(struct.pack("<Q", 1000) + header)
+    assert reference_load(path) is None, "the reference accepts it: the case is wrong"
+    with pytest.raises(CheckpointError, match="x.safetensors"):
+        SafetensorsFile(path)
+
+
+@pytest.mark.parametrize("case", ACCEPTED, ids=list(ACCEPTED))
+def test_safetensors_reference_accepted_forms_accepted(tmp_path, case):
+    assert_same_verdict(write_safetensors(tmp_path / "x.safetensors", *ACCEPTED[case]))
+    assert minisail_load(tmp_path / "x.safetensors") is not None
