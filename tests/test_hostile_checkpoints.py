@@ -12,6 +12,7 @@ and accepts exactly the .safetensors files the reference `safetensors` library a
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -21,6 +22,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import minisail
+import minisail.errors
+from minisail.checkpoint.files import open_checkpoint_folder
 from minisail.checkpoint.safetensors_header import DTYPE_BITS
 from minisail.checkpoint.safetensors_mmap import SafetensorsFile
 from minisail.errors import CheckpointError
@@ -241,3 +245,194 @@ def test_safetensors_regressions_refused(tmp_path, case):
 def test_safetensors_reference_accepted_forms_accepted(tmp_path, case):
     assert_same_verdict(write_safetensors(tmp_path / "x.safetensors", *ACCEPTED[case]))
     assert minisail_load(tmp_path / "x.safetensors") is not None
+
+
+# --- confinement: nothing outside the folder is opened -----------------------------------------------------------
+
+SECRET = b"OUTSIDE-SECRET-0123456789"
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """Every path opened through builtins.open or torch's mmap during the test, resolved."""
+    import builtins
+
+    paths, real_open, real_from_file = [], builtins.open, torch.UntypedStorage.from_file
+
+    def spy_open(file, *args, **kwargs):
+        if isinstance(file, (str, Path)):
+            paths.append(Path(file).resolve())
+        return real_open(file, *args, **kwargs)
+
+    def spy_from_file(filename, *args, **kwargs):
+        paths.append(Path(filename).resolve())
+        return real_from_file(filename, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", spy_from_file)
+    return paths
+
+
+def outside_file(tmp_path: Path, name: str = "outside.safetensors") -> Path:
+    """A valid safetensors file outside the checkpoint folder, whose bytes must never be read."""
+    path = tmp_path / name
+    write_safetensors(
+        path, json.dumps({"secret": entry(shape=(len(SECRET),), offsets=(0, len(SECRET)))}).encode(), SECRET
+    )
+    return path
+
+
+def golden_copy(tmp_path: Path, case: str) -> Path:
+    folder = tmp_path / "ckpt"
+    shutil.copytree(GOLDEN / case / "checkpoint", folder)
+    return folder
+
+
+def refused_unopened(opened: list, outside: Path, load, match: str) -> None:
+    with pytest.raises(CheckpointError, match=match) as error:
+        load()
+    assert outside.resolve() not in opened, "the outside file was opened"
+    assert SECRET.decode() not in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "symlinked folder"])
+def test_index_shard_outside_the_folder_is_refused_unopened(tmp_path, opened, kind):
+    outside = outside_file(tmp_path)
+    folder = golden_copy(tmp_path, "yi-vl-tiny")
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = {"dotdot": "../outside.safetensors", "absolute": str(outside), "symlink": "link.safetensors"}.get(kind)
+    if kind == "symlink":
+        (folder / "link.safetensors").symlink_to(outside)
+    if kind == "symlinked folder":
+        (folder / "sub").symlink_to(tmp_path, target_is_directory=True)
+        shard = "sub/outside.safetensors"
+    index["weight_map"]["secret"] = shard
+    index_path.write_text(json.dumps(index))
+    refused_unopened(opened, outside, lambda: open_checkpoint_folder(folder), "weight_map entry for 'secret'")
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_bin_index_shard_outside_the_folder_is_refused_unopened(tmp_path, opened, kind):
+    outside = tmp_path / "outside.bin"
+    torch.save({"secret": torch.frombuffer(bytearray(SECRET), dtype=torch.uint8)}, outside)
+    folder = golden_copy(tmp_path, "yi-vl-tiny-bin")
+    index_path = folder / "pytorch_model.bin.index.json"
+    index = json.loads(index_path.read_text())
+    shard = {"dotdot": "../outside.bin", "absolute": str(outside), "symlink": "link.bin"}[kind]
+    if kind == "symlink":
+        (folder / "link.bin").symlink_to(outside)
+    index["weight_map"]["secret"] = shard
+    index_path.write_text(json.dumps(index))
+    refused_unopened(opened, outside, lambda: open_checkpoint_folder(folder), "weight_map entry for 'secret'")
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_yivl_vision_tower_outside_the_folder_is_refused_unopened(tmp_path, opened, kind):
+    folder = golden_copy(tmp_path, "yi-vl-tiny")
+    config = json.loads((folder / "config.json").read_text())
+    vit = folder / config["mm_vision_tower"]
+    outside_vit = tmp_path / "outside-vit"
+    shutil.move(vit, outside_vit)
+    outside = outside_vit / "model.safetensors"
+    tower = {"dotdot": "../outside-vit", "absolute": str(outside_vit), "symlink": "./vit/link"}[kind]
+    if kind == "symlink":
+        (folder / "vit" / "link").symlink_to(outside_vit, target_is_directory=True)
+    config["mm_vision_tower"] = tower
+    (folder / "config.json").write_text(json.dumps(config))
+    refused_unopened(opened, outside, lambda: minisail.load(folder), "mm_vision_tower")
+    assert (outside_vit / "config.json").resolve() not in opened
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer_config.json"])
+def test_fixed_name_file_linked_out_is_refused_unopened(tmp_path, opened, name):
+    folder = golden_copy(tmp_path, "internvl-qwen2-tiny")
+    outside = outside_file(tmp_path, "outside.json")
+    if (folder / name).exists():
+        (folder / name).unlink()
+    (folder / name).symlink_to(outside)
+    with pytest.raises(minisail.errors.MinisailError, match="symbolic link") as error:
+        minisail.load(folder)
+    assert outside.resolve() not in opened
+    assert SECRET.decode() not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        {"weight_map": ["model.safetensors"]},
+        {"weight_map": {"a": 1}},
+        {"weight_map": {"a": None}},
+        {"weight_map": {"a": ""}},
+        {"weight_map": {"a": "x\u0000y"}},
+        {"metadata": {}},
+        [],
+    ],
+    ids=["list", "int", "null", "empty", "NUL", "no weight_map", "not an object"],
+)
+def test_malformed_index_is_refused(tmp_path, index):
+    folder = golden_copy(tmp_path, "yi-vl-tiny")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
+        open_checkpoint_folder(folder)
+
+
+@pytest.mark.parametrize("text", ['{"weight_map": ' + "[" * 100_000, '{"weight_map": {"a": NaN}}', "9" * 5000])
+def test_hostile_index_json_is_refused(tmp_path, text):
+    folder = golden_copy(tmp_path, "yi-vl-tiny")
+    (folder / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(CheckpointError, match="not a valid checkpoint index"):
+        open_checkpoint_folder(folder)
+
+
+def test_huge_index_is_refused_unread(tmp_path, opened):
+    folder = golden_copy(tmp_path, "yi-vl-tiny")
+    with open(folder / "model.safetensors.index.json", "r+b") as f:
+        f.truncate(65 * 1024 * 1024)  # sparse: no disk used
+    opened.clear()
+    with pytest.raises(CheckpointError, match="more than the"):
+        open_checkpoint_folder(folder)
+    assert (folder / "model.safetensors.index.json").resolve() not in opened
+
+
+def hub_cache(tmp_path: Path, case: str, repo: str = "models--org--tiny") -> Path:
+    """The golden case's checkpoint laid out as the Hugging Face hub cache does: real folders under
+    snapshots/<rev>/, every file a relative symlink to ../../blobs/<hash> (deeper for sub-folders)."""
+    root = tmp_path / "hub" / repo
+    snapshot = root / "snapshots" / "0123abcd"
+    (root / "blobs").mkdir(parents=True)
+    source = GOLDEN / case / "checkpoint"
+    for number, file in enumerate(sorted(p for p in source.rglob("*") if p.is_file())):
+        blob = root / "blobs" / f"{number:040x}"
+        shutil.copyfile(file, blob)
+        link = snapshot / file.relative_to(source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(*[".."] * (len(link.relative_to(root).parts) - 1), "blobs", blob.name))
+    return snapshot
+
+
+@pytest.mark.parametrize("case", ["internvl-qwen2-tiny", "yi-vl-tiny"])
+def test_hub_cache_layout_loads(tmp_path, case):
+    from minisail.parity import run_case
+
+    snapshot = hub_cache(tmp_path, case)
+    assert all(p.is_symlink() for p in snapshot.rglob("*") if p.is_file())
+    run = tmp_path / "case"
+    run.mkdir()
+    for name in ("meta.json", "inputs.safetensors", "expected.safetensors"):
+        if (GOLDEN / case / name).exists():
+            shutil.copyfile(GOLDEN / case / name, run / name)
+    (run / "checkpoint").symlink_to(snapshot, target_is_directory=True)
+    assert run_case(run).passed
+
+
+def test_hub_cache_link_to_another_repository_is_refused(tmp_path, opened):
+    snapshot = hub_cache(tmp_path, "internvl-qwen2-tiny")
+    other = hub_cache(tmp_path, "internvl-qwen2-tiny", repo="models--other--repo")
+    target = (snapshot / "model.safetensors").resolve()
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / "model.safetensors").symlink_to(other.parent.parent / "blobs" / target.name)
+    opened.clear()
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        open_checkpoint_folder(snapshot)
+    assert (other.parent.parent / "blobs" / target.name).resolve() not in opened

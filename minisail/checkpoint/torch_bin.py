@@ -21,12 +21,12 @@ description), so the strict loader works on either.
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
 import torch
 
+from minisail.checkpoint.paths import inside, read_index
 from minisail.errors import CheckpointError
 
 ZIP_MAGIC = b"PK\x03\x04"  # a zip local-file header: every torch.save file since PyTorch 1.6 starts with it
@@ -116,14 +116,10 @@ class BinTensors:
 
 def open_bin_folder(folder: Path, prefix: str = "pytorch_model") -> BinTensors:
     """The tensors of `folder`/{prefix}.bin or of the shards listed in {prefix}.bin.index.json."""
-    single, index = folder / f"{prefix}.bin", folder / f"{prefix}.bin.index.json"
+    single = inside(folder, f"{prefix}.bin", "the weights file")
+    index = inside(folder, f"{prefix}.bin.index.json", "the index file")
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-                raise TypeError("weight_map must map tensor names to file names")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise CheckpointError(f"{index} is not a valid checkpoint index ({error}): download it again") from error
+        weight_map = read_index(folder, index.name)  # every shard name already checked by inside()
         shard_names = sorted(set(weight_map.values()))
         missing = [name for name in shard_names if not (folder / name).is_file()]
         if missing:
@@ -133,7 +129,7 @@ def open_bin_folder(folder: Path, prefix: str = "pytorch_model") -> BinTensors:
             )
         tensors = BinTensors({folder / name: load_bin(folder / name) for name in shard_names}, str(folder))
         for name, shard in weight_map.items():
-            if name not in tensors or tensors.location[name].name != shard:
+            if name not in tensors or tensors.location[name] != folder / shard:
                 raise CheckpointError(f"{index} says {name!r} is in {shard}, but that shard does not hold it")
         return tensors
     if single.is_file():
