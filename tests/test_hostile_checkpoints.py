@@ -15,6 +15,7 @@ import json
 import shutil
 import struct
 import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ import minisail.errors
 from minisail.checkpoint.files import open_checkpoint_folder
 from minisail.checkpoint.safetensors_header import DTYPE_BITS
 from minisail.checkpoint.safetensors_mmap import SafetensorsFile
+from minisail.checkpoint.torch_bin import load_bin
 from minisail.errors import CheckpointError
 
 safetensors = pytest.importorskip("safetensors")
@@ -436,3 +438,80 @@ def test_hub_cache_link_to_another_repository_is_refused(tmp_path, opened):
     with pytest.raises(CheckpointError, match="symbolic link"):
         open_checkpoint_folder(snapshot)
     assert (other.parent.parent / "blobs" / target.name).resolve() not in opened
+
+
+# --- .bin: views, compression, pickle size -----------------------------------------------------------------------
+
+
+def rewrite_zip(source: Path, target: Path, *, compress=zipfile.ZIP_STORED, change=None) -> Path:
+    """`source`'s records written again into `target`, compressed with `compress`, each passed through change()."""
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(target, "w") as out:
+        for info in archive.infolist():
+            data = archive.read(info.filename)
+            out.writestr(info.filename, change(info.filename, data) if change else data, compress_type=compress)
+    return target
+
+
+def test_valid_bin_still_loads(tmp_path):
+    weights = {"w": torch.randn(3, 4), "t": torch.randn(4, 3).t(), "part": torch.arange(10.0)[2:5]}
+    torch.save(weights, tmp_path / "ok.bin")
+    loaded = load_bin(tmp_path / "ok.bin")
+    for name, tensor in weights.items():
+        assert torch.equal(loaded[name], tensor)
+    rewritten = rewrite_zip(tmp_path / "ok.bin", tmp_path / "rezipped.bin")  # another writer, stored records
+    assert torch.equal(load_bin(rewritten)["w"], weights["w"])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.ones(1).expand(1 << 20),
+        lambda: torch.ones(1).expand(1024, 1024),
+        lambda: torch.arange(8.0).as_strided((4, 4), (1, 1)),
+        lambda: torch.arange(8.0).as_strided((4,), (2,)),  # holes: not dense
+    ],
+    ids=["stride-0", "stride-0 2d", "overlapping", "holes"],
+)
+def test_bin_overlapping_or_expanded_views_are_refused(tmp_path, make):
+    torch.save({"w": make()}, tmp_path / "x.bin")
+    with pytest.raises(CheckpointError, match="x.bin: tensor 'w'.*overlap"):
+        load_bin(tmp_path / "x.bin")
+
+
+def test_bin_deflated_records_are_refused(tmp_path):
+    torch.save({"w": torch.arange(1000.0)}, tmp_path / "x.bin")
+    deflated = rewrite_zip(tmp_path / "x.bin", tmp_path / "deflated.bin", compress=zipfile.ZIP_DEFLATED)
+    with pytest.raises(CheckpointError, match="deflated.bin: zip record .* is compressed"):
+        load_bin(deflated)
+
+
+def test_bin_record_past_the_end_is_refused(tmp_path):
+    torch.save({"w": torch.arange(1000.0)}, tmp_path / "x.bin")
+    blob = bytearray((tmp_path / "x.bin").read_bytes())
+    at = blob.index(b"PK\x01\x02")  # the first central-directory entry (data.pkl): claim 1 GB of data
+    while at >= 0:
+        name_len = struct.unpack_from("<H", blob, at + 28)[0]
+        if blob[at + 46 : at + 46 + name_len].endswith(b"data/0"):
+            struct.pack_into("<II", blob, at + 20, 1 << 30, 1 << 30)
+        at = blob.find(b"PK\x01\x02", at + 4)
+    (tmp_path / "lying.bin").write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="lying.bin"):
+        load_bin(tmp_path / "lying.bin")
+
+
+def test_bin_oversized_pickle_is_refused(tmp_path, monkeypatch):
+    import minisail.checkpoint.torch_bin as torch_bin
+
+    torch.save({f"name{i}": torch.zeros(1) for i in range(100)}, tmp_path / "x.bin")
+    monkeypatch.setattr(torch_bin, "MAX_PICKLE_BYTES", 1000)  # the real bound (64 MB) scaled down
+    with pytest.raises(CheckpointError, match="data.pkl.* pickle, more than"):
+        load_bin(tmp_path / "x.bin")
+
+
+def test_bin_truncated_is_refused(tmp_path):
+    torch.save({"w": torch.arange(1000.0)}, tmp_path / "x.bin")
+    data = (tmp_path / "x.bin").read_bytes()
+    for cut in (10, len(data) // 2, len(data) - 10):
+        (tmp_path / "cut.bin").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="cut.bin"):
+            load_bin(tmp_path / "cut.bin")
