@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from minisail.checkpoint.paths import inside
 from minisail.errors import ConfigError
 from minisail.llm.decoder import DecoderConfig
 
@@ -20,7 +21,7 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a folder: point minisail at the checkpoint folder that holds config.json")
-    path = folder / "config.json"
+    path = inside(folder, "config.json", "config.json")  # a link out of the folder is refused, not read
     if not path.is_file():
         raise ConfigError(f"{folder} has no config.json: is this an official checkpoint folder?")
     try:

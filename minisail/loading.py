@@ -32,12 +32,17 @@ from torch import nn
 from minisail.chat import bind_chat
 from minisail.checkpoint.keymaps import KeyMap, bnb_scale_key
 from minisail.checkpoint.loader import checkpoint_dtype, fill_from_checkpoint
+from minisail.checkpoint.paths import inside
 from minisail.config import read_config
 from minisail.errors import CheckpointError, ConfigError, MinisailError
 from minisail.models.registry import detect_family
 from minisail.quant import swap_in_int8_linears
 
 IMG_CONTEXT = "<IMG_CONTEXT>"
+TOKENIZER_FILES = (  # every file image_token_id_from_tokenizer (and the tokenizer it may build) reads
+    "tokenizer_config.json", "tokenizer.json", "added_tokens.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.json", "merges.txt",
+)  # fmt: skip
 
 DTYPE_NAMES = {
     "float32": torch.float32,
@@ -150,11 +155,14 @@ def image_token_id_from_tokenizer(folder: Path, default):
     """<IMG_CONTEXT>'s id as the checkpoint's own tokenizer says (SAIL-VL2 hard-codes it upstream; we don't).
 
     The added-token tables are small JSON files: read them first rather than building the whole tokenizer.
+    Every file is checked by `inside` first: a tokenizer file linked out of the folder is refused, not read.
     """
+    for name in TOKENIZER_FILES:
+        inside(folder, name, "a tokenizer file")
     for name, table in (("tokenizer_config.json", "added_tokens_decoder"), ("tokenizer.json", "added_tokens")):
         try:
             entries = json.loads((folder / name).read_text(encoding="utf-8")).get(table)
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             continue
         if isinstance(entries, dict):  # {"151667": {"content": "<IMG_CONTEXT>", ...}}
             entries = [{"id": int(k), **v} for k, v in entries.items() if isinstance(v, dict) and k.isdigit()]

@@ -7,7 +7,8 @@ Layouts (the official ones, as save_pretrained writes them):
 
 `CheckpointTensors` maps every tensor name to the file that holds it and hands out either a zero-copy view
 or a fresh copy (see `SafetensorsFile`). A missing shard, a tensor the index promises but the shard lacks,
-or a tensor stored twice is a `CheckpointError` that names it.
+or a tensor stored twice is a `CheckpointError` that names it. Every file is opened only after
+`paths.inside` has checked that it lies inside the folder (shard names in an index are untrusted input).
 
 `open_checkpoint_folder` also takes the PyTorch `.bin` layouts (checkpoint/torch_bin.py), preferring
 safetensors when a folder has both. `NamespacedTensors` joins several folders into one set of names (Yi-VL:
@@ -17,14 +18,17 @@ which folder each tensor comes from.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from minisail.checkpoint.paths import inside, read_index
 from minisail.checkpoint.safetensors_mmap import SafetensorsFile
 from minisail.checkpoint.torch_bin import BinTensors, open_bin_folder
 from minisail.errors import CheckpointError
+
+SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")
+BIN_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class CheckpointTensors:
@@ -67,13 +71,13 @@ class CheckpointTensors:
 
 
 def open_safetensors_folder(folder: Path, prefix: str = "model") -> CheckpointTensors:
-    """The tensors of `folder`/{prefix}.safetensors or of the shards listed in {prefix}.safetensors.index.json."""
-    single, index = folder / f"{prefix}.safetensors", folder / f"{prefix}.safetensors.index.json"
+    """The tensors of `folder`/{prefix}.safetensors or of the shards listed in {prefix}.safetensors.index.json.
+
+    Every file name, the index's shard names included, is checked by `paths.inside` before it is opened."""
+    single = inside(folder, f"{prefix}.safetensors", "the weights file")
+    index = inside(folder, f"{prefix}.safetensors.index.json", "the index file")
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({error}): download it again") from error
+        weight_map = read_index(folder, index.name)  # every shard name already checked by inside()
         shard_names = sorted(set(weight_map.values()))
         missing = [name for name in shard_names if not (folder / name).is_file()]
         if missing:
@@ -83,7 +87,7 @@ def open_safetensors_folder(folder: Path, prefix: str = "model") -> CheckpointTe
             )
         tensors = CheckpointTensors([SafetensorsFile(folder / name) for name in shard_names], str(folder))
         for name, shard in weight_map.items():
-            if name not in tensors or tensors.location[name].path.name != shard:
+            if name not in tensors or tensors.location[name].path != folder / shard:
                 raise CheckpointError(f"{index} says {name!r} is in {shard}, but that shard does not hold it")
         return tensors
     if single.is_file():
@@ -98,9 +102,9 @@ def open_checkpoint_folder(folder: Path) -> CheckpointTensors | BinTensors:
     """The tensors of `folder`: safetensors (model.safetensors[.index.json]) if present, else PyTorch .bin
     (pytorch_model.bin[.index.json]); each with its index followed exactly."""
     folder = Path(folder)
-    if any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+    if any(inside(folder, name, "a weights file").is_file() for name in SAFETENSORS_NAMES):
         return open_safetensors_folder(folder)
-    if any((folder / name).is_file() for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    if any(inside(folder, name, "a weights file").is_file() for name in BIN_NAMES):
         return open_bin_folder(folder)
     raise CheckpointError(
         f"{folder} has no weights (neither model.safetensors[.index.json] nor pytorch_model.bin[.index.json]): "

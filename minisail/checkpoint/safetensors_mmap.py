@@ -5,67 +5,39 @@ of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
 offsets relative to the end of the header. Mapping the file privately (copy-on-write) means a model whose
 parameters are these views costs no second copy in RAM: pages are read from disk when first touched.
 
-Every inconsistency (short file, bad header, offsets past the end, a size that does not match the shape) is
-a `CheckpointError` naming the file and the tensor, so a truncated download is reported as one.
+The header is untrusted input: `read_header` accepts exactly the files the reference `safetensors` library
+loads (its rules, and why each is there, are in safetensors_header.py), so every tensor lies inside the data
+section, owns its bytes alone and has a shape torch can hold. Every refusal (short file, bad header, offsets
+that overlap or leave gaps, a size that does not match the shape) is a `CheckpointError` naming the file and
+the tensor, so a truncated download is reported as one.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import json
-import math
 import mmap
 import os
-import struct
 import sys
 from pathlib import Path
 
 import torch
 
+from minisail.checkpoint.safetensors_header import parse_header
 from minisail.errors import CheckpointError
-
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file (without __metadata__) and the byte offset where data begins."""
+    """{name: (dtype, shape, begin, end)} (absolute byte offsets) of a safetensors file, and where its data begins.
+
+    Validated by the reference library's rules (safetensors_header.py): a file this accepts is one
+    `safetensors.safe_open` loads, and the other way round."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path} is {size} bytes, too short to be a safetensors file: download it again")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > size - 8 or header_len > 100_000_000:
-                raise CheckpointError(
-                    f"{path}: the header claims {header_len} bytes but the file has {size}: "
-                    "the file is truncated or not a safetensors file; download it again"
-                )
-            header = json.loads(f.read(header_len))
+            return parse_header(path, f.read(8), size, f.read)
     except OSError as error:
         raise CheckpointError(f"cannot read {path}: {error}") from error
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(
-            f"{path}: the safetensors header is not valid JSON ({error}); the file is corrupt"
-        ) from error
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
-    header.pop("__metadata__", None)
-    return header, 8 + header_len
 
 
 PAGE = mmap.PAGESIZE
@@ -101,27 +73,9 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        header, self.data_start = read_header(self.path)
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]]
+        self.entries, self.data_start = read_header(self.path)
         self.file_size = os.path.getsize(self.path)
-        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
-        for name, info in header.items():
-            try:
-                dtype = DTYPES[info["dtype"]]
-                shape = [int(d) for d in info["shape"]]
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError) as error:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry {info!r}") from error
-            nbytes = math.prod(shape) * dtype.itemsize
-            if end - begin != nbytes or begin < 0:
-                raise CheckpointError(
-                    f"{self.path}: tensor {name!r} spans {end - begin} bytes, its shape {shape} needs {nbytes}"
-                )
-            if self.data_start + end > self.file_size:
-                raise CheckpointError(
-                    f"{self.path}: tensor {name!r} ends at byte {self.data_start + end} but the file has "
-                    f"{self.file_size} bytes: the file is truncated; download it again"
-                )
-            self.entries[name] = (dtype, shape, self.data_start + begin, self.data_start + end)
         self._bytes = None  # the whole file as a uint8 tensor over a private memory map, made on first view()
 
     def view(self, name: str) -> torch.Tensor:

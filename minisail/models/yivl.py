@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from minisail.checkpoint.files import NamespacedTensors, open_checkpoint_folder
+from minisail.checkpoint.paths import inside
 from minisail.config import decoder_config, positive, read_config, require, width_and_heads
 from minisail.errors import CheckpointError, ConfigError, PromptError
 from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
@@ -70,9 +71,10 @@ class YiVLConfig:
 
 
 def vision_folder(folder: Path, config: dict) -> Path:
-    """The vision tower's folder: mm_vision_tower joined to the checkpoint folder, as upstream joins it."""
+    """The vision tower's folder: mm_vision_tower joined to the checkpoint folder, as upstream joins it, and
+    refused (paths.inside) if it leads outside the checkpoint folder (an absolute path, '..', a link out)."""
     name = require(config, "mm_vision_tower", "the top level", str)
-    path = Path(folder) / name
+    path = inside(folder, name, "config.json's mm_vision_tower")
     if not path.is_dir():
         raise CheckpointError(
             f"{folder}: config.json's mm_vision_tower {name!r} is not a folder ({path} is missing). Yi-VL checkpoints "
