@@ -6,12 +6,26 @@ One section per class of input: images, tokenizer files, prompts and streaming, 
 
 from __future__ import annotations
 
-import pytest
-from PIL import Image
+import json
+import lzma
+import struct
+import time
 
-from minisail.errors import ImageError
+import pytest
+import tokenizer_files
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from test_tokenizer import _field, _varint, toy_model
+from tokenizers import normalizers
+
+from minisail.errors import ImageError, TokenizerError
 from minisail.image import internvl_pixel_values, internvl_tiles, open_image, yivl_pixel_values
 from minisail.image.preprocess import MAX_PIXEL_VALUES_BYTES, check_pixel_values_bytes
+from minisail.text import sentencepiece as spm_reader
+from minisail.text import tokenizer as tokenizer_module
+from minisail.text.charsmap import check_charsmap
+from minisail.text.tokenizer import load_tokenizer
 
 # --- images -------------------------------------------------------------------------------------------------------
 
@@ -54,3 +68,240 @@ def test_in_memory_image_gets_the_bomb_check(monkeypatch):
 def test_normal_images_still_pass():
     assert internvl_pixel_values(Image.new("RGB", (1, 40000)), max_tiles=12).shape == (13, 3, 448, 448)
     assert yivl_pixel_values(Image.new("RGB", (20, 3000))).shape == (1, 3, 448, 448)
+
+
+# --- tokenizer configs --------------------------------------------------------------------------------------------
+
+
+def spm_folder(tmp_path, model: bytes | None = None, **configs):
+    """A tokenizer folder holding a SentencePiece model (the toy one by default) and the given JSON configs."""
+    (tmp_path / "tokenizer.model").write_bytes(toy_model() if model is None else model)
+    for name, value in configs.items():
+        (tmp_path / f"{name}.json").write_text(value if isinstance(value, str) else json.dumps(value))
+    return tmp_path
+
+
+@pytest.mark.parametrize("file", ["tokenizer_config", "special_tokens_map"])
+def test_additional_special_tokens_as_a_string_is_refused(tmp_path, file):
+    folder = spm_folder(tmp_path, **{file: {"additional_special_tokens": "<img>"}})
+    with pytest.raises(TokenizerError, match=f"{file}.json: additional_special_tokens is '<img>', not a list"):
+        load_tokenizer(folder)
+
+
+@pytest.mark.parametrize(
+    "configs, message",
+    [
+        ({"tokenizer_config": {"added_tokens_decoder": {"x1": {"content": "<a>"}}}}, "id of .* is 'x1'"),
+        ({"tokenizer_config": {"added_tokens_decoder": {"-3": {"content": "<a>"}}}}, "id of .* is '-3'"),
+        ({"tokenizer_config": {"added_tokens_decoder": {"99999999999": {"content": "<a>"}}}}, "ids are whole numbers"),
+        ({"tokenizer_config": {"added_tokens_decoder": {"5": "<a>"}}}, "unexpected added token entry '<a>'"),
+        ({"tokenizer_config": {"added_tokens_decoder": ["<a>"]}}, "added_tokens_decoder is \\['<a>'\\], not an object"),
+        ({"tokenizer_config": {"bos_token": 7}}, "bos_token is 7; a special token must be a string"),
+        ({"tokenizer_config": {"eos_token": {"content": 7}}}, "eos_token is .*'content'"),
+        ({"tokenizer_config": {"additional_special_tokens": [None]}}, "holds null"),
+        ({"special_tokens_map": {"unk_token": ["<unk>"]}}, "special_tokens_map.json: unk_token is"),
+        ({"special_tokens_map": "[]"}, "special_tokens_map.json is not a JSON object"),
+        ({"added_tokens": {"<a>": "300"}}, "added_tokens.json: the id of '<a>' is '300'"),
+        ({"added_tokens": {"<a>": True}}, "added_tokens.json: the id of '<a>' is True"),
+        ({"tokenizer_config": "[" * 100000 + "]" * 100000}, "cannot read .*tokenizer_config.json"),
+    ],
+)
+def test_config_field_types_are_checked(tmp_path, configs, message):
+    with pytest.raises(TokenizerError, match=message):
+        load_tokenizer(spm_folder(tmp_path, **configs))
+
+
+def test_error_messages_do_not_print_megabytes(tmp_path):
+    folder = spm_folder(tmp_path, tokenizer_config={"additional_special_tokens": "x" * 1_000_000})
+    with pytest.raises(TokenizerError) as info:
+        load_tokenizer(folder)
+    assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize(
+    "name, limit", [("tokenizer_config.json", "MAX_JSON_BYTES"), ("tokenizer.json", "MAX_VOCAB_BYTES")]
+)
+def test_oversized_files_are_refused_before_reading(tmp_path, monkeypatch, name, limit):
+    with open(tmp_path / name, "wb") as file:
+        file.truncate(getattr(tokenizer_module, limit) + 1)  # sparse: no disk, and reading it would be the bug
+    (tmp_path / "tokenizer.model").write_bytes(toy_model())
+    with pytest.raises(TokenizerError, match=f"{name} is .* bytes, more than the"):
+        load_tokenizer(tmp_path)
+
+
+def test_too_many_added_tokens(tmp_path, monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "MAX_ADDED_TOKENS", 10)
+    decoder = {str(1000 + i): {"content": f"<t{i}>"} for i in range(11)}
+    with pytest.raises(TokenizerError, match=r"1\d added tokens, more than the 10 minisail accepts"):
+        load_tokenizer(spm_folder(tmp_path, tokenizer_config={"added_tokens_decoder": decoder}))
+
+
+def test_a_rust_panic_becomes_a_tokenizer_error():
+    class PanicLike(BaseException):  # pyo3_runtime.PanicException is a BaseException, not an Exception
+        pass
+
+    def panics():
+        raise PanicLike("index out of bounds")
+
+    with pytest.raises(TokenizerError, match="PanicLike: index out of bounds.*download it again"):
+        tokenizer_module._guarded("tokenizer.model", panics)
+    with pytest.raises(KeyboardInterrupt):
+        tokenizer_module._guarded("x", lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+
+# --- SentencePiece models -----------------------------------------------------------------------------------------
+
+
+def model_with(pieces: list[bytes], normalizer: bytes = b"") -> bytes:
+    """A BPE ModelProto with these raw piece messages, the toy trainer spec and a normalizer spec."""
+    trainer = _field(3, 2) + _field(40, 0) + _field(41, 1) + _field(42, 2)
+    return b"".join(_field(1, p) for p in pieces) + _field(2, trainer) + _field(3, normalizer + _field(1, b"x"))
+
+
+def piece(text: bytes, kind: int = 1) -> bytes:
+    return _field(1, text) + _field(2, 0.0) + _field(3, kind)
+
+
+UNK = piece(b"<unk>", 2)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (_varint(1 << 3 | 2) + _varint(10**15) + b"abc", "claims 1000000000000000 bytes but only 3 are left"),
+        (model_with([UNK, piece(b"a" * 1_000_000)]), "a piece is 1000000 bytes long, more than the 512"),
+        (model_with([UNK, _field(1, b"a") + _varint(2 << 3 | 2) + _varint(2**40)]), "claims 1099511627776 bytes"),
+        (b"\xff" * 11, "varint longer than 10 bytes"),
+    ],
+    ids=["length-10**15", "1MB-piece", "nested-length-2**40", "endless-varint"],
+)
+def test_hostile_length_fields(tmp_path, data, message):
+    (tmp_path / "tokenizer.model").write_bytes(data)
+    with pytest.raises(TokenizerError, match=message):
+        load_tokenizer(tmp_path)
+
+
+def test_piece_count_and_file_size_bounds(tmp_path, monkeypatch):
+    monkeypatch.setattr(spm_reader, "MAX_PIECES", 100)
+    (tmp_path / "tokenizer.model").write_bytes(model_with([UNK] + [piece(b"p%d" % i) for i in range(100)]))
+    with pytest.raises(TokenizerError, match="more than 100 pieces"):
+        load_tokenizer(tmp_path)
+    monkeypatch.setattr(spm_reader, "MAX_MODEL_BYTES", 1000)
+    with pytest.raises(TokenizerError, match="larger than 0 MiB"):
+        load_tokenizer(tmp_path)
+
+
+def test_real_models_are_within_the_bounds():
+    data = lzma.decompress((tokenizer_files.DATA / "internvl-internlm2" / "tokenizer.model.xz").read_bytes())
+    model = spm_reader.parse_model_proto(data)
+    assert len(data) * 4 < spm_reader.MAX_MODEL_BYTES and len(model.pieces) * 4 < spm_reader.MAX_PIECES
+    assert max(len(p.text.encode()) for p in model.pieces) == 384 < spm_reader.MAX_PIECE_BYTES
+
+
+# A charsmap built by hand in darts-clone's layout: root block 1, "a" (0x61) at 256 ^ 0x61 with a leaf whose
+# value (byte 0 of the normalized strings, "b") sits at 353 ^ 512 = 865. It maps "a" to "b".
+def hand_charsmap(value: int = 0) -> bytes:
+    units = [0] * 1024
+    units[0] = 256 << 10  # offset 256: the root's children block
+    units[256 ^ 0x61] = 0x61 | 1 << 8 | 512 << 10  # label "a", has a leaf, children at 353 ^ 512
+    units[(256 ^ 0x61) ^ 512] = value | 1 << 31  # the leaf value: the normalized string at byte `value`
+    trie = struct.pack("<1024I", *units)
+    return struct.pack("<I", len(trie)) + trie + b"b\0"
+
+
+def test_hand_built_charsmap_is_accepted_and_normalizes():
+    check_charsmap(hand_charsmap())
+    assert normalizers.Precompiled(hand_charsmap()).normalize_str("a-a") == "b-b"
+
+
+@pytest.mark.parametrize(
+    "blob, message",
+    [
+        (b"\x00", "too short"),
+        (struct.pack("<I", 2**32 - 1) + b"xx", "fits in the 2 bytes"),
+        (struct.pack("<I", 6) + bytes(8), "not a positive multiple of 4"),
+        (struct.pack("<I", 4) + b"abcd", "reaches position"),  # 'abcd' as a root unit: offset far past 1 unit
+        (hand_charsmap()[:-2] + b"\xff\0", "not UTF-8"),
+        (hand_charsmap(value=5), "points at byte 5 of 2 normalized bytes"),
+        (hand_charsmap(value=1)[:-2] + "é".encode() + b"\0", "middle of a UTF-8 character"),
+    ],
+    ids=["short", "huge-trie-size", "unaligned", "root-out-of-bounds", "not-utf8", "value-past-end", "mid-char"],
+)
+def test_malformed_charsmaps_are_refused(tmp_path, blob, message):
+    with pytest.raises(ValueError, match=message):
+        check_charsmap(blob)
+    (tmp_path / "tokenizer.model").write_bytes(model_with([UNK, piece(b"a")], _field(2, blob)))
+    with pytest.raises(TokenizerError, match="precompiled_charsmap"):
+        load_tokenizer(tmp_path)
+
+
+@settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(4, 4 + 4096 + 1), st.integers(0, 255)), min_size=1, max_size=6),
+       st.text(max_size=20))  # fmt: skip
+def test_mutated_charsmaps_are_refused_or_safe(mutations, text):
+    """A charsmap check_charsmap accepts never makes the Precompiled normalizer panic (it would abort encoding)."""
+    blob = bytearray(hand_charsmap())
+    for position, value in mutations:
+        if position < len(blob):
+            blob[position] = value
+    try:
+        check_charsmap(bytes(blob))
+    except ValueError:
+        return
+    normalizers.Precompiled(bytes(blob)).normalize_str("a" + text + "ab")  # a PanicException would fail the test
+
+
+def small_real_model(pieces: int = 600) -> bytes:
+    """The InternLM2 tokenizer.model cut to its first `pieces` pieces (with its specs): real bytes, fast to load."""
+    data = lzma.decompress((tokenizer_files.DATA / "internvl-internlm2" / "tokenizer.model.xz").read_bytes())
+    kept, pos, count = [], 0, 0
+    while pos < len(data):
+        start = pos
+        key, pos = spm_reader._varint(data, pos)
+        size, pos = spm_reader._varint(data, pos)
+        pos += size
+        if key >> 3 != 1 or count < pieces:
+            kept.append(data[start:pos])
+        count += key >> 3 == 1
+    return b"".join(kept)
+
+
+SMALL_REAL_MODEL = small_real_model()
+
+
+def test_small_real_model_loads():
+    tokenizer = spm_reader.build_backend(spm_reader.parse_model_proto(SMALL_REAL_MODEL))
+    assert tokenizer.decode(tokenizer.encode("hello world").ids) == "hello world"
+
+
+def _load_or_refuse(folder, data: bytes) -> None:
+    (folder / "tokenizer.model").write_bytes(data)
+    start = time.perf_counter()
+    try:
+        tokenizer = load_tokenizer(folder)
+    except TokenizerError:
+        return
+    finally:
+        assert time.perf_counter() - start < 5
+    for text in ["hello world", "中文 é\n", ""]:
+        tokenizer.decode(tokenizer.encode(text))
+
+
+@settings(
+    max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(st.binary(max_size=2000))
+def test_random_bytes_load_or_raise_tokenizer_error(tmp_path, data):
+    _load_or_refuse(tmp_path, data)
+
+
+@settings(
+    max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.tuples(st.integers(0, len(SMALL_REAL_MODEL) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+       st.integers(0, len(SMALL_REAL_MODEL)))  # fmt: skip
+def test_mutated_real_model_loads_or_raises_tokenizer_error(tmp_path, mutations, cut):
+    data = bytearray(SMALL_REAL_MODEL)
+    for position, value in mutations:
+        data[position] = value
+    _load_or_refuse(tmp_path, bytes(data[: max(cut, len(data) // 2)]))
