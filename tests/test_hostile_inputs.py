@@ -22,6 +22,7 @@ from tokenizers import normalizers
 from minisail.errors import ImageError, TokenizerError
 from minisail.image import internvl_pixel_values, internvl_tiles, open_image, yivl_pixel_values
 from minisail.image.preprocess import MAX_PIXEL_VALUES_BYTES, check_pixel_values_bytes
+from minisail.session import THINK_CLOSE, THINK_OPEN, ReplyStream, ThoughtReply, boxed_content, split_thinking
 from minisail.text import sentencepiece as spm_reader
 from minisail.text import tokenizer as tokenizer_module
 from minisail.text.charsmap import check_charsmap
@@ -305,3 +306,112 @@ def test_mutated_real_model_loads_or_raises_tokenizer_error(tmp_path, mutations,
     for position, value in mutations:
         data[position] = value
     _load_or_refuse(tmp_path, bytes(data[: max(cut, len(data) // 2)]))
+
+
+# --- replies: linear-time parsing, the same answers as the original whole-text definitions -------------------------
+
+
+def old_reply_parts(text: str, think: bool) -> dict[str, str]:
+    """The original session._reply_parts (unchanged there), repeated so that the oracles below stand alone."""
+    text = text.lstrip()
+    if not think or not text.startswith(THINK_OPEN):
+        return {"reasoning": "", "answer": text.strip()}
+    reasoning, _, answer = text[len(THINK_OPEN) :].partition(THINK_CLOSE)
+    return {"reasoning": reasoning.strip(), "answer": answer.strip()}
+
+
+def old_boxed_content(text: str) -> str | None:
+    """The original boxed_content: quadratic on many unclosed `\\boxed{` (each one scans to the end)."""
+    opening = "\\boxed{"
+    start = text.rfind(opening)
+    while start >= 0:
+        depth = 1
+        for end in range(start + len(opening), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            if depth == 0:
+                return text[start + len(opening) : end]
+        start = text.rfind(opening, 0, start)
+    return None
+
+
+class OldReplyStream:
+    """The original ReplyStream: re-parses the whole text on every piece (quadratic over a long reply)."""
+
+    def __init__(self, cut_at=(), *, think=False):
+        self.cut_at = [s for s in cut_at if s]
+        self.think = think
+        self.text = ""
+        self.sent = {"reasoning": "", "answer": ""}
+
+    def feed(self, piece):
+        self.text += piece
+        return self._events(final=False)
+
+    def finish(self):
+        return self._events(final=True)
+
+    def _events(self, final):
+        text = self.text
+        for cut in self.cut_at:
+            text = text.split(cut)[0]
+        if not final:
+            watch = self.cut_at + ([THINK_OPEN, THINK_CLOSE] if self.think else [])
+            held = max((n for s in watch for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+            text = text[: len(text) - held]
+        events = []
+        for kind, full in old_reply_parts(text, self.think).items():
+            sent = self.sent[kind]
+            if len(full) > len(sent) and full.startswith(sent):
+                events.append((kind, full[len(sent) :]))
+                self.sent[kind] = full
+        return events
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["\\boxed{", "{", "}", "a", " ", "\\", "boxed", "x}"]), max_size=30).map("".join))
+def test_boxed_content_matches_the_original(text):
+    assert boxed_content(text) == old_boxed_content(text)
+    assert split_thinking("<think>r</think>" + text) == old_split_thinking("<think>r</think>" + text)
+
+
+def old_split_thinking(text):
+    parts = old_reply_parts(text, think=True)
+    boxed = old_boxed_content(parts["answer"])
+    return ThoughtReply(text, parts["reasoning"], parts["answer"], parts["answer"] if boxed is None else boxed)
+
+
+def test_boxed_content_is_linear_on_unclosed_boxes():
+    text = "\\boxed{1}" + "\\boxed{" * 200_000  # the original scans to the end from each of them: ~10^11 steps
+    start = time.perf_counter()
+    assert boxed_content(text) == "1" and split_thinking(text).answer == "1"
+    assert time.perf_counter() - start < 5
+
+
+REPLY_PIECES = ["<think>", "</think>", "<th", "ink>", "</", "think", ">", "<", "<|im_end|>", "<|im", "_end|>", "###",
+                "#", "##", " ", "\n", "  ", "a", "b c", "中", "\\boxed{1}", "</s>", "</s", "s>"]  # fmt: skip
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    st.lists(st.sampled_from(REPLY_PIECES), max_size=25),
+    st.sampled_from([(), ("<|im_end|>",), ("###",), ("<|im_end|>", "</s>"), ("###", "<|im_end|>")]),
+    st.booleans(),
+)
+def test_reply_stream_matches_the_original(pieces, cut_at, think):
+    new, old = ReplyStream(cut_at, think=think), OldReplyStream(cut_at, think=think)
+    for piece in pieces:
+        assert new.feed(piece) == old.feed(piece), piece
+    assert new.finish() == old.finish()
+
+
+def test_reply_stream_is_linear():
+    stream = ReplyStream(["<|im_end|>"], think=True)
+    start = time.perf_counter()
+    events = stream.feed("<think>")
+    for _ in range(100_000):
+        events += stream.feed("word ")
+    events += stream.feed("</think> \\boxed{2}<|im_end|>") + stream.finish()
+    assert time.perf_counter() - start < 10
+    reasoning = "".join(text for kind, text in events if kind == "reasoning")
+    assert reasoning == ("word " * 100_000).strip()
+    assert [text for kind, text in events if kind == "answer"] == ["\\boxed{2}"]
