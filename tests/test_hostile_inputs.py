@@ -20,6 +20,7 @@ from test_tokenizer import _field, _varint, toy_model
 from tokenizers import normalizers
 
 from minisail.errors import ImageError, TokenizerError
+from minisail.generate import stream_text
 from minisail.image import internvl_pixel_values, internvl_tiles, open_image, yivl_pixel_values
 from minisail.image.preprocess import MAX_PIXEL_VALUES_BYTES, check_pixel_values_bytes
 from minisail.session import THINK_CLOSE, THINK_OPEN, ReplyStream, ThoughtReply, boxed_content, split_thinking
@@ -415,3 +416,57 @@ def test_reply_stream_is_linear():
     reasoning = "".join(text for kind, text in events if kind == "reasoning")
     assert reasoning == ("word " * 100_000).strip()
     assert [text for kind, text in events if kind == "answer"] == ["\\boxed{2}"]
+
+
+# --- streaming text: a window of ids per step, the same pieces as decoding everything ------------------------------
+
+
+def whole_decode_stream(tokenizer, token_ids, *, skip_special_tokens=True):
+    """The original stream_text: decodes all ids at every step (quadratic over a long reply). The oracle."""
+    ids, emitted = [], ""
+    for token_id in token_ids:
+        ids.append(int(token_id))
+        text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        if len(text) > len(emitted) and not text.endswith("\ufffd") and text.startswith(emitted):
+            yield text[len(emitted) :]
+            emitted = text
+    final = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    common = 0
+    while common < min(len(final), len(emitted)) and final[common] == emitted[common]:
+        common += 1
+    if final[common:]:
+        yield final[common:]
+
+
+STREAM_TEXTS = ["小熊猫🐼 sits", " in a tree 🌳🎋", "naïve café", " — 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "  two  spaces ", "\n\nline",
+                "日本語。", "don't .", " , ok", "<|im_end|>", "<think>", "x", " ", "👩‍👩‍👧"]  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["qwen25", "sailvl2", "internlm2"])
+def real_tokenizer(request):
+    return request.getfixturevalue(f"{request.param}_tokenizer")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_stream_text_matches_decoding_everything(real_tokenizer, data):
+    texts = data.draw(st.lists(st.sampled_from(STREAM_TEXTS), min_size=1, max_size=6))
+    ids = real_tokenizer.encode("".join(texts), add_special_tokens=False)
+    # also ids that are not a clean encoding: cut anywhere (inside a character), shuffled a little, random ids
+    cut = data.draw(st.integers(0, len(ids)))
+    extra = data.draw(st.lists(st.integers(0, len(real_tokenizer) - 1), max_size=4))
+    for sequence in (ids, ids[:cut], ids[:cut] + extra + ids[cut:]):  # special tokens skipped, as chat streams
+        assert list(stream_text(real_tokenizer, sequence)) == list(whole_decode_stream(real_tokenizer, sequence))
+
+
+def test_stream_text_decodes_a_window_not_everything():
+    class CountingTokenizer:
+        decoded = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            self.decoded += len(ids)
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    tokenizer = CountingTokenizer()
+    pieces = list(stream_text(tokenizer, range(20_000)))
+    assert len(pieces) == 20_000 and tokenizer.decoded < 5 * 20_000  # whole decodes: 2 * 10^8
