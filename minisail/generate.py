@@ -164,6 +164,33 @@ def new_token_budget(prompt_tokens: int, max_new_tokens: int, context: int | Non
     return min(max_new_tokens, context - prompt_tokens)
 
 
+def check_cache_fits(decoder, batch: int, prompt_tokens: int, max_new: int, available: int | None = None) -> None:
+    """Refuse a KV cache that would not fit in the available memory, before allocating it.
+
+    The static cache holds keys and values for every layer, row and slot: 2 * layers * batch * kv_heads *
+    capacity * head_dim elements. On the CPU it is compared with MemAvailable (/proc/meminfo; not checked where
+    that is unknown), so `max_new_tokens=10**7` fails here, saying how many tokens would fit, instead of in
+    the allocator.
+    """
+    weight = decoder.embed.weight
+    if weight.device.type != "cpu":
+        return
+    c = decoder.config
+    per_token = 2 * c.num_layers * batch * c.num_kv_heads * c.head_dim * weight.element_size()
+    need = per_token * (prompt_tokens + max_new)
+    if available is None:
+        from minisail.checkpoint.readahead import available_memory_bytes
+
+        available = available_memory_bytes()
+    if available is not None and need > available:
+        fits = available // max(per_token, 1) - prompt_tokens
+        raise PromptError(
+            f"the KV cache for {prompt_tokens} prompt + {max_new} new tokens x {batch} row(s) needs "
+            f"{need / 2**30:.1f} GiB but {available / 2**30:.1f} GiB of memory is available: lower max_new_tokens "
+            f"(about {max(fits, 0)} new tokens fit), or use a shorter prompt or a smaller batch"
+        )
+
+
 def _seen_mask(input_ids, vocab_size: int, penalize_prompt: bool) -> torch.Tensor:
     """[B, V] bool: the prompt's ids (pads included, as transformers' input_ids) or nothing yet."""
     seen = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.bool, device=input_ids.device)
@@ -199,6 +226,7 @@ def generate_steps(
     B, T = inputs.attention_mask.shape
     context = context_length(decoder.config) if limit_context else None
     max_new = new_token_budget(T, config.max_new_tokens, context)
+    check_cache_fits(decoder, B, T, max_new)
     cache = decoder.new_cache(B, T + max_new)
     positions = positions_from_mask(inputs.attention_mask)
     logits = decoder(inputs.embeds, inputs.attention_mask, positions, cache, last_only=True, **inputs.layer_kwargs)
