@@ -8,26 +8,39 @@ from __future__ import annotations
 
 import json
 import lzma
+import os
+import shutil
 import struct
+import subprocess
+import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import tokenizer_files
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from safetensors.torch import save_file
 from test_tokenizer import _field, _varint, toy_model
 from tokenizers import normalizers
 
-from minisail.errors import ImageError, TokenizerError
-from minisail.generate import stream_text
+from minisail.errors import CheckpointError, ImageError, PromptError, TokenizerError
+from minisail.generate import check_cache_fits, greedy_generate, stream_text
 from minisail.image import internvl_pixel_values, internvl_tiles, open_image, yivl_pixel_values
 from minisail.image.preprocess import MAX_PIXEL_VALUES_BYTES, check_pixel_values_bytes
 from minisail.session import THINK_CLOSE, THINK_OPEN, ReplyStream, ThoughtReply, boxed_content, split_thinking
 from minisail.text import sentencepiece as spm_reader
 from minisail.text import tokenizer as tokenizer_module
 from minisail.text.charsmap import check_charsmap
+from minisail.text.prompt import MAX_IMAGE_TOKENS, build_query
+from minisail.text.templates import get_template
 from minisail.text.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).parent.parent
+GOLDEN = ROOT / "tests" / "golden"
 
 # --- images -------------------------------------------------------------------------------------------------------
 
@@ -470,3 +483,122 @@ def test_stream_text_decodes_a_window_not_everything():
     tokenizer = CountingTokenizer()
     pieces = list(stream_text(tokenizer, range(20_000)))
     assert len(pieces) == 20_000 and tokenizer.decoded < 5 * 20_000  # whole decodes: 2 * 10^8
+
+
+# --- prompts, generation lengths and parity cases ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tiles, per_tile", [([10**8], 256), ([1], 10**8), ([1024] * 5, 256)], ids=["1e8-tiles", "1e8-per-tile", "5-images"]
+)
+def test_image_tokens_are_bounded_before_any_text_is_built(tiles, per_tile):
+    template = get_template("Hermes-2")
+    with pytest.raises(PromptError, match=f"make {sum(tiles) * per_tile} image tokens, more than the 1048576"):
+        build_query(template, "<image>" * len(tiles), num_patches_list=tiles, tokens_per_tile=per_tile)
+    assert MAX_IMAGE_TOKENS == 1 << 20
+
+
+def test_kv_cache_that_does_not_fit_is_refused():
+    decoder = SimpleNamespace(
+        embed=SimpleNamespace(weight=torch.zeros(1, dtype=torch.bfloat16)),
+        config=SimpleNamespace(num_layers=28, num_kv_heads=2, head_dim=128),
+    )
+    per_token = 2 * 28 * 2 * 128 * 2  # 28 KiB per token and row in bf16
+    check_cache_fits(decoder, 1, 100, 1000, available=per_token * 2000)
+    with pytest.raises(PromptError, match=r"100 prompt \+ 10000000 new tokens.*about 1900 new tokens fit"):
+        check_cache_fits(decoder, 1, 100, 10**7, available=per_token * 2000)
+
+
+def test_generate_refuses_a_huge_cache_before_allocating(textonly_case, monkeypatch):
+    model, input_ids, attention_mask = textonly_case
+    monkeypatch.setattr("minisail.checkpoint.readahead.available_memory_bytes", lambda: 10 << 20)
+    with pytest.raises(PromptError, match="lower max_new_tokens"):
+        greedy_generate(model, input_ids, attention_mask, max_new_tokens=10**7)
+    assert greedy_generate(model, input_ids, attention_mask, max_new_tokens=3).shape == (1, 3)
+
+
+@pytest.fixture(scope="module")
+def textonly_case():
+    from minisail import load
+    from minisail.parity import read_tensors
+
+    case = GOLDEN / "internvl-qwen2-textonly"
+    inputs = read_tensors(case / "inputs.safetensors")
+    return load(case / "checkpoint"), inputs["input_ids"], inputs["attention_mask"]
+
+
+def case_copy(tmp_path, **replaced) -> Path:
+    """The internvl-qwen2-textonly golden case, with some arrays of expected.safetensors / inputs replaced."""
+    from minisail.parity import read_tensors
+
+    source = GOLDEN / "internvl-qwen2-textonly"
+    case = tmp_path / "case"
+    case.mkdir()
+    (case / "checkpoint").symlink_to(source / "checkpoint")
+    shutil.copy(source / "meta.json", case / "meta.json")
+    for name in ("inputs", "expected"):
+        tensors = read_tensors(source / f"{name}.safetensors")
+        tensors |= {key: value for key, value in replaced.items() if key in tensors}
+        save_file({key: value.contiguous() for key, value in tensors.items()}, case / f"{name}.safetensors")
+    return case
+
+
+@pytest.mark.parametrize(
+    "replaced, message",
+    [
+        ({"generated_ids": torch.zeros(0, 10**7, dtype=torch.long)}, r"generated_ids has shape \[0, 10000000\]"),
+        ({"generated_ids": torch.zeros(1, 10**6, dtype=torch.long)}, r"1 <= K <= 32768"),
+        ({"attention_mask": torch.ones(2, 36, dtype=torch.long)}, r"attention_mask has shape \[2, 36\]"),
+        (
+            {
+                "input_ids": torch.zeros(1, 40000, dtype=torch.long),
+                "attention_mask": torch.ones(1, 40000, dtype=torch.long),
+            },
+            r"input_ids has shape \[1, 40000\].*1 to 32768 tokens",
+        ),
+        ({"logits": torch.zeros(3, 36, 400)}, r"logits has shape \[3, 36, 400\]"),
+        ({"generated_ids": torch.zeros(12, dtype=torch.long)}, r"generated_ids has shape \[12\], expected 2"),
+    ],
+    ids=["0x1e7-generated", "1e6-generated", "mask-rows", "input-past-context", "logits-rows", "1d-generated"],
+)
+def test_parity_case_with_absurd_shapes_is_refused(tmp_path, replaced, message):
+    from minisail.parity import run_case
+
+    case = case_copy(tmp_path, **replaced)
+    with pytest.raises(CheckpointError, match=message):
+        run_case(case)
+
+
+# --- the command line: a reader that stops early ------------------------------------------------------------------
+
+
+def cli_with_closed_stdout(*argv) -> subprocess.CompletedProcess:
+    """Run `python -m minisail ...` with its stdout a pipe whose reader has already gone (as `| head -0`)."""
+    read, write = os.pipe()
+    os.close(read)  # before the child writes anything: its first write gets EPIPE
+    try:
+        process = subprocess.run([sys.executable, "-m", "minisail", *map(str, argv)], stdout=write,
+                                 stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=600)  # fmt: skip
+    finally:
+        os.close(write)
+    return process
+
+
+@pytest.mark.parametrize("command", ["prompt", "tiles", "parity", "chat"])
+def test_closed_stdout_ends_quietly(command, qwen25_tokenizer_dir, tmp_path):
+    image = ROOT / "tests" / "data" / "internvl" / "images" / "red_panda.jpg"
+    argv = {
+        "prompt": ["prompt", "--template", "Hermes-2", "--tokenizer", qwen25_tokenizer_dir, "--tiles", "2", "<image>q"],
+        "tiles": ["tiles", image],
+        "parity": ["parity", GOLDEN / "internvl-qwen2-textonly"],
+        "chat": ["chat", "--model", chat_checkpoint(tmp_path), "--max-new-tokens", "4", "Hi"],
+    }[command]
+    done = cli_with_closed_stdout(*argv)
+    assert done.returncode in (0, 141), done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
+def chat_checkpoint(tmp_path):
+    from test_chat import build_chat_checkpoint
+
+    return build_chat_checkpoint(tmp_path / "ckpt")
