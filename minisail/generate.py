@@ -164,6 +164,33 @@ def new_token_budget(prompt_tokens: int, max_new_tokens: int, context: int | Non
     return min(max_new_tokens, context - prompt_tokens)
 
 
+def check_cache_fits(decoder, batch: int, prompt_tokens: int, max_new: int, available: int | None = None) -> None:
+    """Refuse a KV cache that would not fit in the available memory, before allocating it.
+
+    The static cache holds keys and values for every layer, row and slot: 2 * layers * batch * kv_heads *
+    capacity * head_dim elements. On the CPU it is compared with MemAvailable (/proc/meminfo; not checked where
+    that is unknown), so `max_new_tokens=10**7` fails here, saying how many tokens would fit, instead of in
+    the allocator.
+    """
+    weight = decoder.embed.weight
+    if weight.device.type != "cpu":
+        return
+    c = decoder.config
+    per_token = 2 * c.num_layers * batch * c.num_kv_heads * c.head_dim * weight.element_size()
+    need = per_token * (prompt_tokens + max_new)
+    if available is None:
+        from minisail.checkpoint.readahead import available_memory_bytes
+
+        available = available_memory_bytes()
+    if available is not None and need > available:
+        fits = available // max(per_token, 1) - prompt_tokens
+        raise PromptError(
+            f"the KV cache for {prompt_tokens} prompt + {max_new} new tokens x {batch} row(s) needs "
+            f"{need / 2**30:.1f} GiB but {available / 2**30:.1f} GiB of memory is available: lower max_new_tokens "
+            f"(about {max(fits, 0)} new tokens fit), or use a shorter prompt or a smaller batch"
+        )
+
+
 def _seen_mask(input_ids, vocab_size: int, penalize_prompt: bool) -> torch.Tensor:
     """[B, V] bool: the prompt's ids (pads included, as transformers' input_ids) or nothing yet."""
     seen = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.bool, device=input_ids.device)
@@ -199,6 +226,7 @@ def generate_steps(
     B, T = inputs.attention_mask.shape
     context = context_length(decoder.config) if limit_context else None
     max_new = new_token_budget(T, config.max_new_tokens, context)
+    check_cache_fits(decoder, B, T, max_new)
     cache = decoder.new_cache(B, T + max_new)
     positions = positions_from_mask(inputs.attention_mask)
     logits = decoder(inputs.embeds, inputs.attention_mask, positions, cache, last_only=True, **inputs.layer_kwargs)
@@ -256,24 +284,42 @@ def greedy_generate(model, input_ids, attention_mask=None, pixel_values=None, *,
 # --- text ---------------------------------------------------------------------------------------------------------
 
 
+STREAM_WINDOW = 64  # ids a streamed piece may wait for; a character takes at most 4 byte tokens
+
+
 def stream_text(tokenizer, token_ids: Iterable[int], *, skip_special_tokens: bool = True) -> Iterator[str]:
     """Text pieces as the ids arrive, never splitting a character; they join to the decode of all ids.
 
     Byte-level tokenizers spend several tokens on one CJK character or emoji, and a prefix of them decodes
-    to U+FFFD. So the ids so far are decoded whole each time, and new text is emitted only when it has grown
-    and does not end in U+FFFD (transformers' TextStreamer rule). Should a tokenizer ever rewrite text it
-    already produced (never for byte-level BPE), the last piece resumes after the longest common prefix.
+    to U+FFFD. So new text is emitted only when it has grown and does not end in U+FFFD (transformers'
+    TextStreamer rule). Decoding all ids at every step would make a long reply quadratic, so only a window is
+    decoded, as incremental detokenizers do: `decode(ids[prefix:])` against `decode(ids[prefix:read])`, where
+    `read` is where the text was last emitted and `prefix` where it was emitted before that. Both decodes start
+    at the same id, so whatever a decoder does at the start of a text (SentencePiece drops the first "▁") cancels
+    out, and the difference is the new text. A window that has not emitted for STREAM_WINDOW ids (a run of
+    invalid bytes) moves on anyway, emitting what it has, U+FFFD included: no id is decoded more than about
+    2 * STREAM_WINDOW times.
+    Should a tokenizer ever rewrite text it already produced, the last piece resumes after the longest common
+    prefix of what was emitted and the decode of all ids. (One does: with skip_special_tokens=False, InternLM2's
+    slow decode puts a space in front of the text before a special token; a window cannot see that, so the
+    pieces then differ from decoding everything at each step. Chat streams with special tokens skipped.)
     """
     ids: list[int] = []
-    emitted = ""
+    prefix = read = 0
+    emitted: list[str] = []
     for token_id in token_ids:
         ids.append(int(token_id))
-        text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        if len(text) > len(emitted) and not text.endswith("\ufffd") and text.startswith(emitted):
-            yield text[len(emitted) :]
-            emitted = text
+        base = tokenizer.decode(ids[prefix:read], skip_special_tokens=skip_special_tokens)
+        text = tokenizer.decode(ids[prefix:], skip_special_tokens=skip_special_tokens)
+        grown = len(text) > len(base) and text.startswith(base)
+        if (grown and not text.endswith("\ufffd")) or len(ids) - read >= STREAM_WINDOW:
+            if grown:
+                emitted.append(text[len(base) :])
+                yield emitted[-1]
+            prefix, read = read, len(ids)
     final = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-    common = len(emitted) if final.startswith(emitted) else _common_prefix(final, emitted)
+    sent = "".join(emitted)
+    common = len(sent) if final.startswith(sent) else _common_prefix(final, sent)
     if final[common:]:
         yield final[common:]
 

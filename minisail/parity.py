@@ -95,9 +95,46 @@ def need(tensors: dict, name: str, path: Path) -> torch.Tensor:
     return tensors[name]
 
 
+def check_case_shapes(case_dir: Path, inputs: dict, expected: dict, context: int) -> None:
+    """Refuse a case whose arrays disagree with each other or with the model before anything runs.
+
+    The runner sizes its work from the arrays (greedy decoding allocates a KV cache for every expected
+    token), so a `generated_ids` of shape [0, 10**7] would allocate gigabytes. Checked: input_ids and
+    attention_mask are [B, T] with the same shape, B >= 1, generated_ids is [B, K], T and K are each between
+    1 and the model's context, logits is [B, *, V]. (T + K may pass the context: the dynamic-NTK golden case
+    decodes past max_position_embeddings on purpose, which is why greedy_generate does not limit it.)
+    """
+    inputs_path, expected_path = case_dir / "inputs.safetensors", case_dir / "expected.safetensors"
+
+    def shape(tensors: dict, name: str, path: Path, dims: int) -> tuple[int, ...]:
+        found = tuple(need(tensors, name, path).shape)
+        if len(found) != dims:
+            raise CheckpointError(f"{path}: {name} has shape {list(found)}, expected {dims} dimensions")
+        return found
+
+    batch, length = shape(inputs, "input_ids", inputs_path, 2)
+    if shape(inputs, "attention_mask", inputs_path, 2) != (batch, length):
+        mask = list(inputs["attention_mask"].shape)
+        raise CheckpointError(f"{inputs_path}: attention_mask has shape {mask} but input_ids {[batch, length]}")
+    if not 1 <= batch or not 1 <= length <= context:
+        raise CheckpointError(
+            f"{inputs_path}: input_ids has shape {[batch, length]}; a case needs at least one row and 1 to "
+            f"{context} tokens (the model's context)"
+        )
+    rows, new_tokens = shape(expected, "generated_ids", expected_path, 2)
+    if rows != batch or not 1 <= new_tokens <= context:
+        raise CheckpointError(
+            f"{expected_path}: generated_ids has shape {[rows, new_tokens]}; with input_ids {[batch, length]} it "
+            f"must be [{batch}, K] with 1 <= K <= {context} (the model's context)"
+        )
+    logits = shape(expected, "logits", expected_path, 3)
+    if logits[0] != batch:
+        raise CheckpointError(f"{expected_path}: logits has shape {list(logits)} but input_ids {batch} rows")
+
+
 def run_case(case_dir: str | Path, *, tolerance: float | None = None) -> CaseResult:
     from minisail import load
-    from minisail.generate import greedy_generate
+    from minisail.generate import context_length, greedy_generate
 
     case_dir = Path(case_dir)
     start = time.perf_counter()
@@ -115,6 +152,7 @@ def run_case(case_dir: str | Path, *, tolerance: float | None = None) -> CaseRes
     inputs_path, expected_path = case_dir / "inputs.safetensors", case_dir / "expected.safetensors"
     input_ids, attention_mask = need(inputs, "input_ids", inputs_path), need(inputs, "attention_mask", inputs_path)
     pixel_values = inputs.get("pixel_values")
+    check_case_shapes(case_dir, inputs, expected, context_length(model.language_model.config))
     with torch.inference_mode():
         logits = model(input_ids, attention_mask, pixel_values)
         real = attention_mask.bool()

@@ -5,11 +5,14 @@ parity, chat, bench) with an `_add_<name>` function that declares its arguments 
 that does the work, exported as `COMMAND = (help, add, run)`.
 A command that takes `--json` prints one JSON object as its last line of standard output.
 A `MinisailError` is printed as `minisail: error: ...` with exit status 2, never as a traceback.
+Output piped into a reader that stops early (`python -m minisail prompt ... | head -1`) ends the command
+quietly with status 141 (128 + SIGPIPE, what a shell reports for a command killed by it).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from minisail.cli import bench, chat, parity, prompt, tiles
@@ -33,9 +36,28 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _help, _add, run = COMMANDS[args.command]
     try:
-        return int(run(args) or 0)
+        code = int(run(args) or 0)
+        sys.stdout.flush()  # here, inside the try: a closed pipe shows up on the last write
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return BROKEN_PIPE_STATUS
     except MinisailError as error:
         print(f"minisail: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+BROKEN_PIPE_STATUS = 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's own flush at exit does not hit the closed pipe again
+    (the recipe in Python's signal module documentation, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (stdout replaced, e.g. under pytest)
+        pass

@@ -94,6 +94,7 @@ def _run_prompt(args) -> int:
     from minisail.errors import PromptError
     from minisail.text.prompt import (
         IMG_CONTEXT,
+        MAX_IMAGE_TOKENS,
         build_query,
         build_yivl_query,
         chat_eos_token_id,
@@ -103,12 +104,16 @@ def _run_prompt(args) -> int:
     )
     from minisail.text.templates import SINGLE
     from minisail.text.tokenizer import load_tokenizer
+    from minisail.tiling import MAX_TILES_LIMIT
 
     template, folder, config_per_tile = _prompt_sources(args)
     if args.system is not None:
         template = template.with_system_message(args.system)
-    if args.tokens_per_tile is not None and args.tokens_per_tile < 1:
-        raise PromptError(f"--tokens-per-tile must be at least 1, not {args.tokens_per_tile}")
+    if args.tokens_per_tile is not None and not 1 <= args.tokens_per_tile <= MAX_IMAGE_TOKENS:
+        raise PromptError(f"--tokens-per-tile must be between 1 and {MAX_IMAGE_TOKENS}, not {args.tokens_per_tile}")
+    for tiles in args.tiles or ():  # one image is at most MAX_TILES_LIMIT grid tiles and a thumbnail
+        if not 1 <= tiles <= MAX_TILES_LIMIT + 1:
+            raise PromptError(f"--tiles must be between 1 and {MAX_TILES_LIMIT + 1} (tiles of one image), not {tiles}")
     history = None
     if args.history:
         history = _read_json(args.history, "history file", PromptError)

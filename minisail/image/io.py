@@ -6,7 +6,9 @@ transformers' CLIPImageProcessor (Yi-VL). The format is sniffed from the content
 PNG); alpha is dropped without compositing; the ICC profile and the EXIF orientation are ignored, as upstream.
 
 What minisail adds is failing clearly: a missing, empty, non-image, truncated or oversized file (PIL's
-decompression-bomb warning is turned into an error) and a 0-pixel image raise `ImageError`.
+decompression-bomb warning is turned into an error) and a 0-pixel image raise `ImageError`. A PIL image
+passed in directly gets the same size check as a file: more than `PIL.Image.MAX_IMAGE_PIXELS` pixels
+(89.5M by default, ~270 MB as RGB) is refused before it is converted.
 
 One deliberate difference: 16-bit greyscale (modes I;16, I;16L, I;16B, I;16N) keeps its top 8 bits. Pillow's
 own I;16 -> RGB conversion clips every value above 255 to white, which turns a normal 16-bit PNG into a
@@ -35,6 +37,7 @@ def open_image(source: str | os.PathLike | Image.Image) -> Image.Image:
     Raises ImageError for anything that is not a readable, non-empty image.
     """
     if isinstance(source, Image.Image):
+        check_pixels(source.size, "the image passed in")
         return to_rgb(source)
     if not isinstance(source, (str, os.PathLike)):
         raise ImageError(f"expected an image path or a PIL.Image, got {type(source).__name__}")
@@ -63,6 +66,23 @@ def open_image(source: str | os.PathLike | Image.Image) -> Image.Image:
         # (broken PNG chunks) or ValueError/EOFError, depending on the decoder.
         raise ImageError(f"cannot decode image {path}: the file is truncated or corrupt ({error})") from None
     return to_rgb(image)
+
+
+def max_pixels() -> int | None:
+    """The most pixels any image minisail opens or builds may have: Pillow's decompression-bomb limit, read
+    at call time so that raising `PIL.Image.MAX_IMAGE_PIXELS` (for a trusted file) raises it here too."""
+    return Image.MAX_IMAGE_PIXELS
+
+
+def check_pixels(size: tuple[int, int], what: str, advice: str = "crop or downscale it first") -> None:
+    """Refuse a width x height image above `max_pixels()` before anything of that size is allocated."""
+    width, height = size
+    limit = max_pixels()
+    if limit is not None and width * height > limit:
+        raise ImageError(
+            f"{what} would be {width}x{height} = {width * height} pixels, more than the {limit} an image may have "
+            f"(PIL.Image.MAX_IMAGE_PIXELS): {advice}, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the input"
+        )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -18,6 +18,12 @@ the two are identical (an unmasked paste copies the channels, and RGBA -> RGB on
 go wrong upstream and are not copied: L, LA and I;16 raise TypeError in Image.new, a P image's indices are
 pasted into a canvas with another palette, and a CMYK canvas of (122, 116, 104) is black in RGB.
 
+Memory is bounded before anything large is allocated (ImageError otherwise, saying what to lower): every
+intermediate image (InternVL's resized S*cols x S*rows image, Yi-VL's padded square) has at most
+`PIL.Image.MAX_IMAGE_PIXELS` pixels, as a file must (image/io.py), and pixel_values at most
+MAX_PIXEL_VALUES_BYTES of float32. A 1 x 40000 strip would otherwise become a 40000 x 40000 Yi-VL canvas
+(4.8 GB), and max_tiles=1024 at 448 px a 2.5 GB pixel_values.
+
 Both reproduce tests/data/preprocess/preprocess_cases.json bit for bit (uint8 tiles and float32 values)
 with Pillow 13.0.0; another Pillow or libjpeg-turbo may decode or resample differently.
 """
@@ -33,7 +39,7 @@ from PIL import Image
 
 from minisail import tiling
 from minisail.errors import ImageError
-from minisail.image.io import open_image
+from minisail.image.io import check_pixels, open_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,7 +48,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Yi-VL pads with tuple(int(x * 255) for x in image_mean): truncation, not rounding.
 YIVL_BACKGROUND = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104)
 
-MAX_RESIZED_PIXELS = 1 << 28  # 268M px (~800 MB of RGB): 12 tiles of 448 px are 2.4M
+# float32 pixel_values of one image, at most: 1 GiB is ~1300 tiles of 448 px (upstream uses 6..40 tiles).
+MAX_PIXEL_VALUES_BYTES = 1 << 30
 BICUBIC = Image.Resampling.BICUBIC  # Pillow's default for resize(), named here so the choice is visible
 
 ImageSource = str | os.PathLike | Image.Image
@@ -70,11 +77,11 @@ def internvl_tiles(
     image = open_image(image)
     grid = tiling.best_grid(*image.size, min_tiles=min_tiles, max_tiles=max_tiles, image_size=image_size)
     target = tiling.resized_size(grid, image_size)  # (S*cols, S*rows)
-    if target[0] * target[1] > MAX_RESIZED_PIXELS:
-        raise ImageError(
-            f"tiling {image.size[0]}x{image.size[1]} into {grid[0]}x{grid[1]} tiles of {image_size}px needs a "
-            f"{target[0]}x{target[1]} intermediate image; lower max_tiles or image_size"
-        )
+    width, height = image.size
+    what = f"tiling {width}x{height} into {grid[0]}x{grid[1]} tiles of {image_size}px needs an intermediate image that"
+    check_pixels(target, what, "lower max_tiles or image_size")
+    count = tiling.num_tiles(grid, use_thumbnail=use_thumbnail)
+    check_pixel_values_bytes(count, image_size, "lower max_tiles or image_size")
     resized = image.resize(target, BICUBIC)
     tiles = [resized.crop(box) for box in tiling.tile_boxes(grid, image_size)]
     thumbnail = tiling.has_thumbnail(grid, use_thumbnail=use_thumbnail)
@@ -101,6 +108,7 @@ def yivl_padded(image: ImageSource) -> Image.Image:
     if width == height:
         return image
     side = max(width, height)
+    check_pixels((side, side), f"Yi-VL's square padding of a {width}x{height} image", "crop it closer to a square")
     canvas = Image.new("RGB", (side, side), YIVL_BACKGROUND)
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas
@@ -110,6 +118,7 @@ def yivl_tile(image: ImageSource, *, image_size: int = 448) -> Image.Image:
     """The single S x S RGB image Yi-VL's CLIP tower sees (padded, then resized with PIL bicubic)."""
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= tiling.MAX_TILE_SIZE:
         raise ImageError(f"image_size must be an integer between 1 and {tiling.MAX_TILE_SIZE}, got {image_size!r}")
+    check_pixel_values_bytes(1, image_size, "lower image_size")
     padded = yivl_padded(image)
     # CLIPImageProcessor: shortest edge -> S (the image is square, so (S, S)), then centre crop S: a no-op.
     return padded.resize((image_size, image_size), BICUBIC)
@@ -122,6 +131,16 @@ def yivl_pixel_values(image: ImageSource, *, image_size: int = 448) -> torch.Ten
     # (for uint8 input the two happen to round alike for all 256 values; tests/test_preprocess.py checks it).
     x = (u.permute(2, 0, 1).to(torch.float64) * (1 / 255)).to(torch.float32)[None]  # [1, 3, S, S]
     return _normalize(x, CLIP_MEAN, CLIP_STD)
+
+
+def check_pixel_values_bytes(count: int, image_size: int, advice: str) -> None:
+    """Refuse pixel_values of `count` float32 images of S x S above MAX_PIXEL_VALUES_BYTES, before resizing."""
+    size = count * 3 * image_size * image_size * 4  # [N, 3, S, S] float32
+    if size > MAX_PIXEL_VALUES_BYTES:
+        raise ImageError(
+            f"{count} tiles of {image_size}px make {size / 2**30:.1f} GiB of float32 pixel_values, more than the "
+            f"{MAX_PIXEL_VALUES_BYTES / 2**30:.0f} GiB minisail allows for one image: {advice}"
+        )
 
 
 def _normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

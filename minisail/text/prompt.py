@@ -42,6 +42,10 @@ IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 YIVL_IMAGE_PLACEHOLDER = "<image_placeholder>"
 YIVL_IMAGE_TOKEN_INDEX = -200  # spliced into Yi-VL input_ids where the image features go
 IMAGE_STYLES = ("placeholder", "prefix")
+# The most image tokens one prompt may hold: 4096 tiles of 256 tokens, far more than the context of any model
+# here (tens of thousands of tokens), small enough that the prompt text (13 characters per <IMG_CONTEXT>)
+# stays ~14 MB. Beyond it a request is a mistake: --tokens-per-tile 10**8 would build a 1.3 GB string.
+MAX_IMAGE_TOKENS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -76,9 +80,17 @@ def _is_count(n) -> bool:
 def _check_tiles(num_patches_list: Sequence[int] | None, tokens_per_tile: int = 256) -> tuple[int, ...]:
     tiles = tuple(num_patches_list or ())
     if not all(map(_is_count, tiles)):
-        raise PromptError(f"tile counts must be whole numbers >= 1, one per image; got {list(tiles)}")
+        shown = list(tiles) if len(tiles) <= 20 else f"{list(tiles[:20])} ... ({len(tiles)} images)"
+        raise PromptError(f"tile counts must be whole numbers >= 1, one per image; got {shown}")
     if not _is_count(tokens_per_tile):
         raise PromptError(f"tokens_per_tile must be a whole number >= 1, not {tokens_per_tile!r}")
+    total = tokens_per_tile * sum(tiles)
+    if total > MAX_IMAGE_TOKENS:  # checked before any text is built
+        raise PromptError(
+            f"{len(tiles)} image(s) of {sum(tiles)} tiles x {tokens_per_tile} tokens per tile make {total} image "
+            f"tokens, more than the {MAX_IMAGE_TOKENS} a prompt may hold (far beyond any model's context): use fewer "
+            "images or tiles (max_tiles), or fewer tokens per tile"
+        )
     return tiles
 
 

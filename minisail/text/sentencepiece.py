@@ -14,6 +14,12 @@ USER_DEFINED pieces are atomic in SentencePiece, so they become non-special adde
 normalized text. Checkpoint-level added tokens (chat and image tokens) are not handled here but in
 `minisail.text.tokenizer`, as transformers' slow tokenizers handle them around `sp_model.encode`.
 
+A tokenizer.model is untrusted input, and `tokenizers` (Rust) aborts the interpreter or runs out of memory on
+some hostile ones, so everything is bounded before it gets there (TokenizerError otherwise): the file is at
+most MAX_MODEL_BYTES, every length field must fit in what is left of its message, a model has at most
+MAX_PIECES pieces of at most MAX_PIECE_BYTES each (which also bounds `bpe_merges`, quadratic in piece
+length), and the precompiled charsmap must be internally consistent (`minisail.text.charsmap`).
+
 Known differences, none reachable through the checkpoints minisail supports: UNUSED pieces are left out of the
 vocabulary (SentencePiece merges through them and then splits them again); equal-score pieces are ranked by id
 (SentencePiece prefers the leftmost pair); with a dummy prefix, a text that is exactly one user-defined
@@ -31,8 +37,16 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 
 from minisail.errors import TokenizerError
+from minisail.text.charsmap import check_charsmap
 
 SPACE = "\u2581"  # "▁", SentencePiece's visible stand-in for " "
+
+# Bounds on what a tokenizer.model may hold. Real ones: InternLM2 1.5 MB and 92,544 pieces, Gemma 3 4.7 MB and
+# 262,144 pieces. SentencePiece trains pieces of at most 16 characters by default; user-defined and long
+# pieces are longer (InternLM2's longest is 384 bytes), so 512 bytes leaves room and keeps bpe_merges small.
+MAX_MODEL_BYTES = 16 << 20
+MAX_PIECES = 1 << 20
+MAX_PIECE_BYTES = 512
 
 # ModelProto.SentencePiece.Type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -100,6 +114,8 @@ def _fields(buf: bytes):
             value, pos = buf[pos : pos + size], pos + size
         elif wire_type == 2:  # length-delimited: strings, bytes, sub-messages
             size, pos = _varint(buf, pos)
+            if size > len(buf) - pos:  # checked before slicing: a length of 10**15 is a lie, not a request
+                raise ValueError(f"field {field} claims {size} bytes but only {len(buf) - pos} are left")
             value, pos = buf[pos : pos + size], pos + size
         else:
             raise ValueError(f"unsupported wire type {wire_type} (field {field})")
@@ -128,6 +144,8 @@ def _piece(message: bytes) -> Piece:
     fields = dict(_fields(message))  # 1: piece, 2: score (float32), 3: type
     if not fields.get(1):
         raise ValueError("a piece is empty")
+    if len(fields[1]) > MAX_PIECE_BYTES:
+        raise ValueError(f"a piece is {len(fields[1])} bytes long, more than the {MAX_PIECE_BYTES} allowed")
     return Piece(_text(fields[1]), struct.unpack("<f", fields.get(2, bytes(4)))[0], int(fields.get(3, NORMAL)))
 
 
@@ -141,6 +159,8 @@ def parse_model_proto(data: bytes) -> SentencePieceModel:
     for field, value in _fields(data):
         seen.add(field)
         if field == 1:  # repeated SentencePiece pieces
+            if len(pieces) == MAX_PIECES:
+                raise ValueError(f"more than {MAX_PIECES} pieces")
             pieces.append(_piece(value))
         elif field == 2:
             spec |= _spec(value, TRAINER_SPEC)
@@ -148,15 +168,23 @@ def parse_model_proto(data: bytes) -> SentencePieceModel:
             spec |= _spec(value, NORMALIZER_SPEC)
     if not pieces or not {2, 3} <= seen:  # every trained model has both specs, written after the pieces
         raise ValueError("no pieces, trainer_spec or normalizer_spec: the file is cut short")
+    if spec.get("precompiled_charsmap"):
+        check_charsmap(spec["precompiled_charsmap"])
     return SentencePieceModel(pieces=pieces, **spec)
 
 
 def read_model(path: str | Path) -> SentencePieceModel:
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with path.open("rb") as file:
+            data = file.read(MAX_MODEL_BYTES + 1)  # never more, whatever the file's size
     except OSError as exc:
         raise TokenizerError(f"cannot read {path}: {exc}") from exc
+    if len(data) > MAX_MODEL_BYTES:
+        raise TokenizerError(
+            f"{path} is larger than {MAX_MODEL_BYTES >> 20} MiB; real SentencePiece models are a few MB, so this is "
+            "not one: use the tokenizer.model of the checkpoint's repository"
+        )
     try:
         return parse_model_proto(data)
     except (ValueError, TypeError, AttributeError, struct.error) as exc:  # wrong bytes, wrong wire types
@@ -224,6 +252,11 @@ def build_backend(model: SentencePieceModel, source: str = "tokenizer.model") ->
         raise TokenizerError(f"{source}: treat_whitespace_as_suffix models are not supported")
     if not 0 <= model.unk_id < len(model.pieces):
         raise TokenizerError(f"{source}: unk_id {model.unk_id} is not a piece id")
+    if model.precompiled_charsmap:
+        try:
+            check_charsmap(model.precompiled_charsmap)
+        except ValueError as exc:
+            raise TokenizerError(f"{source}: {exc}; download the file again from the checkpoint's repository") from None
 
     vocab: dict[str, int] = {}
     for piece_id, piece in enumerate(model.pieces):

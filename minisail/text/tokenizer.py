@@ -6,6 +6,12 @@
 - `tokenizer_config.json`: the class, `added_tokens_decoder`, the special tokens, `add_bos_token`. Without
   `added_tokens_decoder`, the older `added_tokens.json` + `special_tokens_map.json` instead.
 
+Tokenizer files are untrusted input: each is read only up to a documented size (MAX_JSON_BYTES for the JSON
+configs, MAX_VOCAB_BYTES for tokenizer.json / vocab.json / merges.txt), every config field is type-checked
+(a string where a list belongs is refused, not split into characters), and every call into `tokenizers` that
+builds or runs a base model turns its errors, including Rust panics (pyo3's PanicException is a
+BaseException), into TokenizerError.
+
 The InternVL-family `chat()` code loads the *slow* classes (`use_fast=False`), so this module mirrors
 transformers 4.44 `PreTrainedTokenizer` (tokenization_utils.py) around a `tokenizers` base model:
 - every added token is cut out of the text first (longest match wins) and the text between added tokens is
@@ -40,6 +46,12 @@ QWEN2_SPLIT += r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 SPECIAL_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m")]
 CLEAN_UP += [(" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
+# Size limits of the files read here, well above real ones: the JSON configs are KBs (SAIL-VL2's
+# tokenizer_config.json is 7 KB), Qwen's tokenizer.json 11 MB, its vocab.json 2.8 MB and merges.txt 1.7 MB.
+MAX_JSON_BYTES = 16 << 20
+MAX_VOCAB_BYTES = 64 << 20
+MAX_TOKEN_ID = (1 << 31) - 1  # ids index an embedding table: non-negative int32
+MAX_ADDED_TOKENS = 1 << 16  # real checkpoints add a few hundred; the added-token regex compiles in ~3 s at this size
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -79,9 +91,10 @@ class Tokenizer:
         self._added_ids = {token.content: token_id for token_id, token in self._added.items()}
         self._special = {key: special.get(key) for key in SPECIAL_ATTRIBUTES}
         self.special_tokens = list(dict.fromkeys([t for t in self._special.values() if t] + additional))
+        listed = set(self.special_tokens)
         self._special_ids = {self._added_ids[token] for token in self.special_tokens}
         # decoded on their own: added tokens not listed as special, and listed additional ones past the vocab
-        self._standalone_ids = {i for i, t in self._added.items() if t.content not in self.special_tokens}
+        self._standalone_ids = {i for i, t in self._added.items() if t.content not in listed}
         self._standalone_ids |= {i for i in map(self._added_ids.get, additional) if i >= base_size}
         contents = sorted(self._added_ids, key=len, reverse=True)  # at one position the longest match wins
         self._added_pattern = re.compile("|".join(map(re.escape, contents))) if contents else None
@@ -139,7 +152,10 @@ class Tokenizer:
             if isinstance(part, int):
                 ids.append(part)
             elif part:  # not encode_batch: once its thread pool ran, forked workers (DataLoader) print warnings
-                ids += self._backend.encode(part, add_special_tokens=False).ids
+                ids += _guarded(
+                    "encoding with this tokenizer",
+                    lambda part=part: self._backend.encode(part, add_special_tokens=False).ids,
+                )
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             ids.insert(0, self.bos_token_id)
         if add_special_tokens and self.add_eos_token and self.eos_token_id is not None:
@@ -239,86 +255,189 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise TokenizerError(f"tokenizer folder {folder} {what}: pass the checkpoint folder with the tokenizer files")
-    config = _read_json(folder / "tokenizer_config.json") or {}
-    if not isinstance(config, dict):
-        raise TokenizerError(
-            f"{folder / 'tokenizer_config.json'} is not a JSON object: copy it again from the checkpoint"
-        )
+    config_path = folder / "tokenizer_config.json"
+    config = _read_object(config_path)
     backend, base_size, spm, added = _base_model(folder)
     name = str(config.get("tokenizer_class") or "").removesuffix("Fast")
     cls = CLASSES.get(name) or (LlamaTokenizer if spm else Tokenizer)
 
-    special = {key: _content(config[key]) if key in config else cls.defaults.get(key) for key in SPECIAL_ATTRIBUTES}
-    additional = [_content(token) for token in config.get("additional_special_tokens") or []]
+    special = {key: _content(config[key], config_path, key) if key in config else cls.defaults.get(key)
+               for key in SPECIAL_ATTRIBUTES}  # fmt: skip
+    additional = _additional(config, config_path)
     if "added_tokens_decoder" in config:  # then the slow tokenizer reads no other file (tokenizer.json's are ignored)
-        added = {int(i): _added_token(entry) for i, entry in config["added_tokens_decoder"].items()}
+        added = _added_tokens_decoder(config["added_tokens_decoder"], config_path)
     else:  # the legacy files, read as PreTrainedTokenizerBase._from_pretrained reads them
-        special_map = _read_json(folder / "special_tokens_map.json") or {}
-        special |= {key: _content(value) for key, value in special_map.items() if key in SPECIAL_ATTRIBUTES}
-        additional += [
-            t for t in map(_content, special_map.get("additional_special_tokens", [])) if t not in additional
-        ]
+        map_path = folder / "special_tokens_map.json"
+        special_map = _read_object(map_path)
+        special |= {
+            key: _content(value, map_path, key) for key, value in special_map.items() if key in SPECIAL_ATTRIBUTES
+        }
+        additional += [t for t in _additional(special_map, map_path) if t not in additional]
         listed = set(additional) | set(special.values())
-        legacy = _read_json(folder / "added_tokens.json") or {}
-        added = {int(i): AddedToken(content, special=content in listed) for content, i in legacy.items()} | added
+        legacy = _added_tokens_json(folder / "added_tokens.json")
+        added = {i: AddedToken(content, special=content in listed) for content, i in legacy.items()} | added
     # as the slow __init__ does: special tokens not added yet are added, at their vocabulary id or past the end
+    contents, next_id = {t.content for t in added.values()}, max([base_size - 1, *added]) + 1
     for token in [t for t in special.values() if t] + additional:
-        if token not in {t.content for t in added.values()}:
-            token_id = backend.token_to_id(token)
+        if token not in contents:
+            token_id = _guarded(f"{folder}: the tokenizer files", lambda token=token: backend.token_to_id(token))
             if token_id is None or token_id >= base_size:
-                token_id = max([base_size - 1, *added]) + 1
+                token_id, next_id = next_id, next_id + 1
             added[token_id] = AddedToken(token, special=True)
+            contents.add(token)
+    if len(added) > MAX_ADDED_TOKENS:
+        raise TokenizerError(
+            f"{folder}: {len(added)} added tokens, more than the {MAX_ADDED_TOKENS} minisail accepts (real checkpoints "
+            "add a few hundred): use the tokenizer files of the checkpoint's repository"
+        )
     return cls(backend, base_size, added, special, additional, config, spm)
+
+
+def _guarded(what: str, call):
+    """`call()`, a call into `tokenizers`, with any failure of it turned into TokenizerError naming `what`.
+
+    The Rust library reports bad data by raising a bare Exception or by panicking; pyo3 turns a panic into
+    PanicException, a BaseException (so `except Exception` misses it). Only Ctrl-C and exit pass through.
+    """
+    try:
+        return call()
+    except (KeyboardInterrupt, SystemExit, TokenizerError):
+        raise
+    except BaseException as exc:  # noqa: BLE001 -- pyo3's PanicException derives from BaseException
+        raise TokenizerError(
+            f"{what} made the tokenizers library fail ({type(exc).__name__}: {exc}); the file is probably corrupt: "
+            "download it again from the checkpoint's repository"
+        ) from None
 
 
 def _base_model(folder: Path):
     """(backend, base vocabulary size, the SentencePiece model or None, tokenizer.json's added tokens)."""
     if (folder / "tokenizer.json").is_file():
+        _check_size(folder / "tokenizer.json", MAX_VOCAB_BYTES)
         backend, added = _read_tokenizer_json(folder / "tokenizer.json")
         return backend, backend.get_vocab_size(with_added_tokens=False), None, added
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        _check_size(folder / "vocab.json", MAX_VOCAB_BYTES)
+        _check_size(folder / "merges.txt", MAX_VOCAB_BYTES)
         backend = _qwen2_bpe(folder / "vocab.json", folder / "merges.txt")
         return backend, backend.get_vocab_size(with_added_tokens=False), None, {}
     if (folder / "tokenizer.model").is_file():
-        model = sentencepiece.read_model(folder / "tokenizer.model")
-        return sentencepiece.build_backend(model, str(folder / "tokenizer.model")), len(model.pieces), model, {}
+        path = folder / "tokenizer.model"
+        model = sentencepiece.read_model(path)  # bounded: size, pieces, lengths, charsmap
+        backend = _guarded(str(path), lambda: sentencepiece.build_backend(model, str(path)))
+        return backend, len(model.pieces), model, {}
     raise TokenizerError(
         f"{folder} has no tokenizer files (tokenizer.json, vocab.json + merges.txt, or tokenizer.model): "
         "copy them from the checkpoint's repository"
     )
 
 
+def _check_size(path: Path, limit: int) -> None:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise TokenizerError(f"cannot read {path}: {exc}") from None
+    if size > limit:
+        raise TokenizerError(
+            f"{path} is {size} bytes, more than the {limit >> 20} MiB a tokenizer file may be (real ones are a few "
+            "MB): use the file of the checkpoint's repository"
+        )
+
+
 def _read_json(path: Path):
     if not path.is_file():
         return None
+    _check_size(path, MAX_JSON_BYTES)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise TokenizerError(f"cannot read {path} ({exc}): copy it again from the checkpoint's repository") from exc
 
 
-def _content(token) -> str | None:
+def _read_object(path: Path) -> dict:
+    """A JSON config that must be an object; {} if the file is absent."""
+    value = _read_json(path)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TokenizerError(
+            f"{path} is not a JSON object (it holds a {type(value).__name__}): copy it again from the checkpoint"
+        )
+    return value
+
+
+def _content(token, path: Path, key: str) -> str | None:
     """A special token as tokenizer_config writes it: a string, null, or an AddedToken object."""
     if token is None or isinstance(token, str):
         return token
     if isinstance(token, dict) and isinstance(token.get("content"), str):
         return token["content"]
-    raise TokenizerError(f"unexpected special token entry {token!r} in the tokenizer config")
+    raise TokenizerError(
+        f"{path}: {key} is {_short(token)}; a special token must be a string or an object with a 'content' string"
+    )
 
 
-def _added_token(entry) -> AddedToken:
+def _additional(config: dict, path: Path) -> list[str]:
+    """`additional_special_tokens`: a list of tokens. A string is refused (iterating it would give characters)."""
+    value = config.get("additional_special_tokens")
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise TokenizerError(
+            f"{path}: additional_special_tokens is {_short(value)}, not a list; write it as a JSON list of tokens, "
+            'e.g. ["<img>", "</img>"]'
+        )
+    tokens = [_content(token, path, "additional_special_tokens") for token in value]
+    if None in tokens:
+        raise TokenizerError(f"{path}: additional_special_tokens holds null; list only tokens")
+    return tokens
+
+
+def _token_id(value, path: Path, token, *, key: bool = False) -> int:
+    """An id from a config: an int in [0, MAX_TOKEN_ID] (a JSON object key: its decimal string)."""
+    if key and isinstance(value, str) and re.fullmatch(r"[0-9]{1,10}", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKEN_ID:
+        raise TokenizerError(
+            f"{path}: the id of {_short(token)} is {_short(value)}; ids are whole numbers from 0 to {MAX_TOKEN_ID}"
+        )
+    return value
+
+
+def _added_tokens_decoder(entries, path: Path) -> dict[int, AddedToken]:
+    if not isinstance(entries, dict):
+        raise TokenizerError(f"{path}: added_tokens_decoder is {_short(entries)}, not an object of id -> token")
+    return {_token_id(i, path, entry, key=True): _added_token(entry, path) for i, entry in entries.items()}
+
+
+def _added_tokens_json(path: Path) -> dict[str, int]:
+    legacy = _read_object(path)
+    return {content: _token_id(i, path, content) for content, i in legacy.items()}
+
+
+def _added_token(entry, path: Path) -> AddedToken:
     if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
-        raise TokenizerError(f"unexpected added token entry {entry!r}: expected an object with a 'content' string")
+        raise TokenizerError(
+            f"{path}: unexpected added token entry {_short(entry)}: expected an object with a 'content' string"
+        )
     if entry.get("single_word"):
         raise TokenizerError(f"added token {entry['content']!r} is single_word, which minisail does not support")
     return AddedToken(entry["content"], *(bool(entry.get(key, False)) for key in ("special", "lstrip", "rstrip")))
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: an error message names the value without printing megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_tokenizer_json(path: Path) -> tuple[Backend, dict[int, AddedToken]]:
     """The base model of a tokenizer.json, and its added tokens apart (handled like the config's)."""
     try:
         loaded = Backend.from_file(str(path))
-    except Exception as exc:  # tokenizers raises a bare Exception for any unreadable file
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 -- a bare Exception for an unreadable file, or a pyo3 panic
         raise TokenizerError(
             f"{path} is not a valid tokenizer.json ({exc}): it is probably truncated; download it again from the "
             "checkpoint's repository"
@@ -334,7 +453,9 @@ def _qwen2_bpe(vocab: Path, merges: Path) -> Backend:
     """Qwen2Tokenizer's pipeline: NFC, Qwen's split regex, byte-level BPE (what Qwen's tokenizer.json holds)."""
     try:
         backend = Backend(models.BPE.from_file(str(vocab), str(merges)))
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 -- a bare Exception for an unreadable file, or a pyo3 panic
         raise TokenizerError(
             f"cannot read the BPE vocabulary {vocab} / {merges} ({exc}): copy them again from the checkpoint"
         ) from exc
