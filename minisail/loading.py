@@ -37,12 +37,9 @@ from minisail.config import read_config
 from minisail.errors import CheckpointError, ConfigError, MinisailError
 from minisail.models.registry import detect_family
 from minisail.quant import swap_in_int8_linears
+from minisail.text.tokenizer import MAX_VOCAB_BYTES, TOKENIZER_FILES
 
 IMG_CONTEXT = "<IMG_CONTEXT>"
-TOKENIZER_FILES = (  # every file image_token_id_from_tokenizer (and the tokenizer it may build) reads
-    "tokenizer_config.json", "tokenizer.json", "added_tokens.json", "special_tokens_map.json",
-    "tokenizer.model", "vocab.json", "merges.txt",
-)  # fmt: skip
 
 DTYPE_NAMES = {
     "float32": torch.float32,
@@ -161,6 +158,8 @@ def image_token_id_from_tokenizer(folder: Path, default):
         inside(folder, name, "a tokenizer file")
     for name, table in (("tokenizer_config.json", "added_tokens_decoder"), ("tokenizer.json", "added_tokens")):
         try:
+            if (folder / name).stat().st_size > MAX_VOCAB_BYTES:
+                continue  # load_tokenizer below refuses it with a message
             entries = json.loads((folder / name).read_text(encoding="utf-8")).get(table)
         except (OSError, ValueError, AttributeError, RecursionError):
             continue

@@ -12,7 +12,6 @@ Thinking models (SAIL-VL2-Thinking) are asked with THINK_INSTRUCTION appended to
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -24,6 +23,7 @@ import PIL.Image
 import torch
 
 from minisail.chat import ChatPrompt, bind_chat, chat_template, is_yivl, prepare_chat
+from minisail.checkpoint.paths import read_json_object
 from minisail.errors import MinisailError, PromptError
 from minisail.generate import GenerationConfig, generate_stream
 from minisail.text.prompt import IMAGE_PLACEHOLDER, append_history, decode_reply
@@ -203,12 +203,8 @@ def tile_limits(model, min_tiles=None, max_tiles=None) -> tuple[int, int]:
     c = model.config
     low, high = getattr(c, "min_dynamic_patch", 1), getattr(c, "max_dynamic_patch", 12)
     folder = getattr(model, "checkpoint_folder", None)
-    path = Path(folder) / "preprocessor_config.json" if folder else None
-    if path is not None and path.is_file():
-        try:
-            processor = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise MinisailError(f"cannot read {path}: {error}") from None
+    if folder is not None:
+        processor = read_json_object(folder, "preprocessor_config.json", "preprocessor config") or {}
         low, high = processor.get("min_dynamic_patch", low), processor.get("max_dynamic_patch", high)
     return (low if min_tiles is None else min_tiles), (high if max_tiles is None else max_tiles)
 

@@ -113,3 +113,26 @@ def read_index(folder: Path, index_name: str) -> dict[str, str]:
             raise CheckpointError(f"{index}: weight_map[{shown(name)}] is {shown(shard)}, not a shard file name")
         inside(folder, shard, f"{index_name}'s weight_map entry for {shown(name)}")
     return weight_map
+
+
+MAX_JSON_FILE_BYTES = 16 * 1024 * 1024  # config.json, tokenizer_config.json, ...: real ones are a few KB
+MAX_JSON_FILE_DEPTH = 32
+
+
+def read_json_object(folder: str | os.PathLike, name: str, what: str, error=CheckpointError) -> dict | None:
+    """The JSON object in `folder`/name (None if there is no such file), read as untrusted input: confined by
+    `inside`, at most MAX_JSON_FILE_BYTES, nested at most MAX_JSON_FILE_DEPTH levels, strict JSON (no NaN), an
+    object at the top. Anything else raises `error` (a MinisailError class) naming the file."""
+    path = inside(folder, name, what)
+    if not path.is_file():
+        return None
+    try:
+        if path.stat().st_size > MAX_JSON_FILE_BYTES:
+            raise error(f"{path} is larger than {MAX_JSON_FILE_BYTES} bytes: it is not a {what}; download it again")
+        with open(path, "rb") as f:
+            content = loads(f.read(MAX_JSON_FILE_BYTES + 1).decode("utf-8"), max_depth=MAX_JSON_FILE_DEPTH)
+    except (OSError, UnicodeDecodeError, JSONError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}): download it again") from None
+    if not isinstance(content, dict):
+        raise error(f"{path} holds a JSON {type(content).__name__}, not an object: it is not a {what}")
+    return content

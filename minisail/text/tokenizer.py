@@ -37,6 +37,7 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
+from minisail.checkpoint.paths import inside
 from minisail.errors import TokenizerError
 from minisail.text import sentencepiece
 
@@ -48,6 +49,10 @@ CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), ("
 CLEAN_UP += [(" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
 # Size limits of the files read here, well above real ones: the JSON configs are KBs (SAIL-VL2's
 # tokenizer_config.json is 7 KB), Qwen's tokenizer.json 11 MB, its vocab.json 2.8 MB and merges.txt 1.7 MB.
+TOKENIZER_FILES = (  # every file a tokenizer may be read from, each checked by checkpoint.paths.inside first
+    "tokenizer_config.json", "tokenizer.json", "added_tokens.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.json", "merges.txt",
+)  # fmt: skip
 MAX_JSON_BYTES = 16 << 20
 MAX_VOCAB_BYTES = 64 << 20
 MAX_TOKEN_ID = (1 << 31) - 1  # ids index an embedding table: non-negative int32
@@ -255,6 +260,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise TokenizerError(f"tokenizer folder {folder} {what}: pass the checkpoint folder with the tokenizer files")
+    for name in TOKENIZER_FILES:  # a file linked out of the folder is refused before anything is read
+        inside(folder, name, "a tokenizer file")
     config_path = folder / "tokenizer_config.json"
     config = _read_object(config_path)
     backend, base_size, spm, added = _base_model(folder)
