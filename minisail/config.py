@@ -28,7 +28,7 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except RecursionError:  # json recurses once per nesting level: thousands of `[` are no config
         raise ConfigError(f"{path} nests too deeply to be a config.json: download it again") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # UnicodeDecodeError, JSONDecodeError, an int of > 4300 digits
         raise ConfigError(f"{path} is not valid JSON ({error}): download it again") from error
     if not isinstance(config, dict):
         raise ConfigError(f"{path} is not a JSON object")
