@@ -1,7 +1,9 @@
 """Reading the official config.json of each family into minisail's small config dataclasses.
 
-Unknown keys are ignored (the official configs carry dozens of transformers bookkeeping fields); a missing
-required key is a `ConfigError` that names it and where it was expected. Class defaults of the upstream
+Unknown keys are ignored (the official configs carry dozens of transformers bookkeeping fields), but every key
+the math depends on is read through a typed reader below (`positive`, `real`, `epsilon`, `flag`, `choice`):
+a missing, mistyped, non-finite or out-of-range value is a `ConfigError` that names the key and the accepted
+values. Switches a module does not implement are refused, never silently ignored. Class defaults of the upstream
 config classes differ from every released checkpoint (select_layer -4, ps_version v1, ...), so minisail uses
 an upstream class default only where a released config can omit the key, and says so.
 """
@@ -44,7 +46,7 @@ def read_config(folder: str | Path) -> dict[str, Any]:
 REQUIRED = object()  # marks a key without a default
 
 # Sanity bounds for sizes that reach an allocation (even a meta one) before the checkpoint's shapes are compared.
-# Far above every released model (largest: vocab 151936, intermediate 29568, InternViT-6B width 3200), and low
+# Far above the releases minisail runs (vocab <= 151936, widths <= 7168, intermediate <= 20480), and low
 # enough that no product of two of them overflows int64 or is slow to build on the meta device.
 MAX_SIZE = 1 << 22  # widths, vocab, intermediate sizes, heads, layer counts (layers are also counted in the files)
 MAX_IMAGE_SIZE = 1 << 15  # tile side in pixels (448 in every release)

@@ -389,6 +389,7 @@ JSON = st.recursive(
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
     max_leaves=6,
 )
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 40))  # per case; raise it for a longer hunt
 # keys a config may carry that the golden ones do not: switches the readers must refuse or accept knowingly
 EXTRA_KEYS = [
     "rope_parameters",
@@ -442,7 +443,7 @@ def edited_config(draw, case: str):
 
 
 @pytest.mark.parametrize("case", CASES)
-@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 40)), deadline=20_000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=20_000, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_config_edits_load_or_raise_a_minisail_error(case, data):
     config, vit = data.draw(edited_config(case))
