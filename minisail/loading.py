@@ -1,8 +1,10 @@
 """`minisail.load(path, *, dtype=None, device=None, quantize=None)`: an official checkpoint folder -> a ready model.
 
 1. read config.json and pick the family from its sub-configs (models/registry.py), then read the files the
-   config points to (Yi-VL: the vision folder's own config.json);
-2. build the model on the meta device: no memory, no random init;
+   config points to (Yi-VL: the vision folder's own config.json), and check every value the math depends on
+   (`read_model_config`, which `python -m minisail prompt --model` runs too: both refuse the same configs);
+2. open the checkpoint's tensor table (headers only) and check that it numbers as many layers as the config
+   says, then build the model on the meta device: no memory, no random init;
 3. turn into `Int8Linear` (minisail/quant.py) every Linear the checkpoint stores as bitsandbytes int8, and with
    `quantize="int8"` every Linear of the decoder layers;
 4. fill every parameter from the memory-mapped checkpoint through the family's weight map, strictly
@@ -24,7 +26,9 @@ Int8 (weight-only; activations stay in `dtype`):
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +39,7 @@ from minisail.checkpoint.loader import checkpoint_dtype, fill_from_checkpoint
 from minisail.checkpoint.paths import inside
 from minisail.config import read_config
 from minisail.errors import CheckpointError, ConfigError, MinisailError
-from minisail.models.registry import detect_family
+from minisail.models.registry import Family, check_layer_counts, detect_family
 from minisail.quant import swap_in_int8_linears
 from minisail.text.tokenizer import MAX_VOCAB_BYTES, TOKENIZER_FILES
 
@@ -72,18 +76,37 @@ def resolve_device(device) -> torch.device | None:
     return device
 
 
-def load(path, *, dtype=None, device=None, quantize=None):
-    if quantize not in (None, "int8"):
-        raise ConfigError(f"unknown quantize={quantize!r}: use None (as stored) or 'int8' (int8 decoder weights)")
-    device = resolve_device(device)  # before anything is read: a bad device should not cost a load
+@dataclass(frozen=True)
+class ModelConfig:
+    """A checkpoint folder's config, read and checked: what `load` builds from, before any weight is read."""
+
+    family: Family
+    config: dict  # config.json, completed with the files it points to (Yi-VL: vision_config from vit/<name>/)
+    parsed: Any  # the family's config dataclass (InternVLConfig, YiVLConfig)
+
+
+def read_model_config(path) -> ModelConfig:
+    """config.json -> family + checked config; a ConfigError (or CheckpointError for a missing vision folder)
+    for anything `load` would refuse on the config alone. Reads no weights."""
     folder = Path(path)
     config = read_config(folder)
     check_quantization_config(config)
     family = detect_family(config)
     config = family.complete_config(folder, config)
+    return ModelConfig(family, config, family.parse(config))
+
+
+def load(path, *, dtype=None, device=None, quantize=None):
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"unknown quantize={quantize!r}: use None (as stored) or 'int8' (int8 decoder weights)")
+    device = resolve_device(device)  # before anything is read: a bad device should not cost a load
+    folder = Path(path)
+    checked = read_model_config(folder)
+    family, config = checked.family, checked.config
+    tensors = family.open_tensors(folder, config)  # headers only: the data stays on disk until the fill
+    check_layer_counts(family, checked.parsed, tensors)  # before the build, which loops over the layers
     with torch.device("meta"):
         model = family.build(config)
-    tensors = family.open_tensors(folder, config)
     keymap = family.keymap(model)
     int8_names = int8_linear_names(model, keymap, tensors, quantize, bnb="quantization_config" in config)
     swap_in_int8_linears(model, int8_names)

@@ -80,9 +80,9 @@ def test_missing_tensor_is_named(tmp_path):
 
 def test_unused_tensor_is_named(tmp_path):
     tensors = golden_tensors(CASE)
-    tensors["language_model.model.layers.2.mlp.up_proj.weight"] = torch.zeros(4, 4)
+    tensors["language_model.model.layers.1.mlp.extra_proj.weight"] = torch.zeros(4, 4)
     folder = write_checkpoint(tmp_path / "c", golden_config(CASE), tensors)
-    with pytest.raises(CheckpointError, match=r"not used.*layers\.2\.mlp\.up_proj"):
+    with pytest.raises(CheckpointError, match=r"not used.*layers\.1\.mlp\.extra_proj"):
         minisail.load(folder)
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from checkpoints import GOLDEN
 
 from minisail.cli import main
 from minisail.errors import PromptError, TokenizerError
@@ -490,17 +491,16 @@ def checkpoint_folder(tmp_path, tokenizer_dir, config):
     return folder
 
 
-SAILVL2_CONFIG = {
-    "template": "univl-chat",
-    "force_image_size": 448,
-    "downsample_ratio": 0.5,
-    "vision_config": {"patch_size": 14},
-}
+def sailvl2_config(image_size: int = 448, **top) -> dict:
+    """The golden SAIL-VL2 config.json (the prompt command checks the whole config, as load does) at `image_size`."""
+    config = json.loads((GOLDEN / "sail-vl2-tiny" / "checkpoint" / "config.json").read_text(encoding="utf-8"))
+    config["vision_config"]["image_size"] = image_size
+    return {**config, "force_image_size": image_size, **top}
 
 
 def test_cli_model_folder(capsys, tmp_path, sailvl2_tokenizer_dir):
     call = CASES["sail-vl2-2b/c_two_images"]["calls"][0]
-    folder = checkpoint_folder(tmp_path, sailvl2_tokenizer_dir, SAILVL2_CONFIG)
+    folder = checkpoint_folder(tmp_path, sailvl2_tokenizer_dir, sailvl2_config())
     argv = ["--model", str(folder), "--tiles", "3", "--tiles", "5", call["inputs"]["question"], "--json"]
     code, out, _ = run_prompt(capsys, *argv)
     assert code == 0
@@ -510,8 +510,7 @@ def test_cli_model_folder(capsys, tmp_path, sailvl2_tokenizer_dir):
 
 
 def test_cli_model_folder_system_message_and_tokens_per_tile(capsys, tmp_path, sailvl2_tokenizer_dir):
-    config = {**SAILVL2_CONFIG, "system_message": "Be brief.", "force_image_size": 224}
-    folder = checkpoint_folder(tmp_path, sailvl2_tokenizer_dir, config)
+    folder = checkpoint_folder(tmp_path, sailvl2_tokenizer_dir, sailvl2_config(224, system_message="Be brief."))
     code, out, _ = run_prompt(capsys, "--model", str(folder), "--tiles", "2", "Hi", "--json")
     result = last_json(out)
     assert code == 0 and result["tokens_per_tile"] == 64 and result["query"].count(IMG_CONTEXT) == 128
@@ -535,6 +534,7 @@ def test_cli_yivl_splices_the_image_index(capsys, internlm2_tokenizer_dir):
         (["--template", "Hermes-2", "--tokenizer", "{missing}", "q"], "does not exist"),
         (["--model", "{missing}", "q"], "does not exist"),
         (["--model", "{nokey}", "q"], "no 'template' key"),
+        (["--model", "{badconfig}", "q"], "hidden_act 'gelu' is not supported"),
         (["--template", "Hermes-2", "q"], "--model DIR, or both"),
         (["--template", "Hermes-2", "--tokenizer", "{tok}", "--tiles", "3", "--tiles", "5", "q"], "Image-1: <image>"),
         (["--template", "Hermes-2", "--tokenizer", "{tok}", "--tiles", "0", "q"], "--tiles must be between 1 and 1025"),
@@ -548,10 +548,15 @@ def test_cli_yivl_splices_the_image_index(capsys, internlm2_tokenizer_dir):
     ],
 )
 def test_cli_errors(capsys, tmp_path, qwen25_tokenizer_dir, argv, message):
-    nokey = checkpoint_folder(tmp_path, qwen25_tokenizer_dir, {"model_type": "sailvl"})
+    no_template = {k: v for k, v in sailvl2_config().items() if k != "template"}
+    nokey = checkpoint_folder(tmp_path, qwen25_tokenizer_dir, no_template)
     bad_history = tmp_path / "history.json"
     bad_history.write_text('[["only a question"]]', encoding="utf-8")
+    bad = sailvl2_config()
+    bad["llm_config"] = {**bad["llm_config"], "hidden_act": "gelu"}  # refused by minisail.load: refused here too
+    badconfig = checkpoint_folder(tmp_path / "bad", qwen25_tokenizer_dir, bad)
     paths = {"tok": qwen25_tokenizer_dir, "missing": tmp_path / "nowhere", "nokey": nokey, "badhistory": bad_history}
+    paths["badconfig"] = badconfig
     code, out, err = run_prompt(capsys, *[a.format(**paths) for a in argv])
     assert code == 2 and out == ""
     assert err.startswith("minisail: error: ") and message in err and "Traceback" not in err

@@ -97,8 +97,13 @@ def test_an_unexpected_tensor_in_the_vit_folder_is_an_error(tmp_path):
 
     folder = copy_checkpoint(tmp_path)
     vit = open_checkpoint_folder(folder / VIT)
-    tensors = {name: vit.read(name) for name in vit.keys()}
-    tensors["vision_model.encoder.layers.4.mlp.fc1.bias"] = torch.zeros(256)  # a 5th block the config lacks
+    stored = {name: vit.read(name).clone() for name in vit.keys()}
+    del vit
+    tensors = {**stored, "vision_model.encoder.layers.4.mlp.fc1.bias": torch.zeros(256)}  # a 5th block
+    save_file(tensors, folder / VIT / "model.safetensors")
+    with pytest.raises(CheckpointError, match="num_hidden_layers = 4, but the checkpoint numbers 5"):
+        minisail.load(folder)  # counted before the build
+    tensors = {**stored, "vision_model.encoder.layers.1.mlp.fc9.bias": torch.zeros(256)}
     save_file(tensors, folder / VIT / "model.safetensors")
     with pytest.raises(CheckpointError, match="not used by the model"):
         minisail.load(folder)

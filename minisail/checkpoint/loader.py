@@ -148,7 +148,18 @@ def _sources(keymap: KeyMap, tensors, name: str, where: str) -> tuple[Rule, list
 
 
 def _join(rule: Rule, parts, sources, shape: tuple, name: str, where: str) -> torch.Tensor:
-    """rule.join(parts), checked to have `shape`."""
+    """rule.join(parts), each part first checked to have its own expected shape, the result to have `shape`.
+
+    Checking only the joined total would accept a fused q/k/v whose q and k sizes are swapped (same rows in
+    all): the expected part shapes are the rule's inverse applied to an empty tensor of the parameter's shape."""
+    expected = [tuple(part.shape) for part in rule.join.split(torch.empty(shape, device="meta"))]
+    for source, part, want in zip(sources, parts, expected, strict=True):
+        if tuple(part.shape) != want:
+            whole = f" (of {shape} in all)" if len(sources) > 1 else ""
+            raise CheckpointError(
+                f"{where}: {name} needs shape {want}{whole} from tensor {source!r}, which has shape "
+                f"{tuple(part.shape)}: the config does not match the weights"
+            )
     try:
         value = rule.join.join(parts)
     except RuntimeError as error:

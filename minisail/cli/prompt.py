@@ -52,16 +52,17 @@ def _prompt_sources(args):
     """(template, tokenizer folder, tokens per tile from the config or None) from --model or the flags."""
     from pathlib import Path
 
-    from minisail.errors import CheckpointError, ConfigError, TokenizerError
+    from minisail.errors import CheckpointError, TokenizerError
+    from minisail.loading import read_model_config
     from minisail.merge import tokens_per_tile
     from minisail.text.templates import get_template, template_for_config
 
     if args.model:
         if not Path(args.model).is_dir():
             raise CheckpointError(f"checkpoint folder {args.model} does not exist")
-        config = _read_json(Path(args.model) / "config.json", "checkpoint config", ConfigError)
-        if not isinstance(config, dict):
-            raise ConfigError(f"{args.model}/config.json is not a JSON object")
+        # the same family detection and config checks as minisail.load (no weights read): a config that load
+        # refuses gets no prompt either, with the same error
+        config = read_model_config(args.model).config
         template = get_template(args.template) if args.template else template_for_config(config)
         folder = args.tokenizer or args.model
         vision = config.get("vision_config") or {}

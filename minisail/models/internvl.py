@@ -22,7 +22,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minisail.config import NUMBER, decoder_config, optional, positive, require, width_and_heads
+from minisail.config import (
+    MAX_IMAGE_SIZE,
+    choice,
+    decoder_config,
+    epsilon,
+    flag,
+    image_and_patch,
+    optional,
+    positive,
+    real,
+    require,
+    width_and_heads,
+)
 from minisail.errors import ConfigError, PromptError
 from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
 from minisail.merge import pixel_shuffle, tokens_per_tile
@@ -51,56 +63,76 @@ class InternVLConfig:
 
 
 def intern_vit_config(vision: dict) -> InternViTConfig:
+    """InternViT's `vision_config` (InternVisionConfig). Defaults are the upstream class defaults, used only where
+    a released config omits the key (InternViT-6B-V1-5 has no norm_type). Ignored on purpose: num_channels (the
+    upstream patch conv hard-codes 3 input channels), use_flash_attn (the same math), dropout, attention_dropout
+    and drop_path_rate (off at eval), initializer_factor (initialisation only)."""
     where = "vision_config"
-    norm_type = vision.get("norm_type", "rms_norm")  # upstream class default; InternViT-6B-V1-5 omits the key
-    if norm_type not in ("rms_norm", "layer_norm"):
-        raise ConfigError(f"config.json: vision_config.norm_type {norm_type!r} is not 'rms_norm' or 'layer_norm'")
+    norm_type = choice(vision, "norm_type", where, ("rms_norm", "layer_norm"), "rms_norm")
+    # upstream applies ACT2FN[hidden_act] in the MLP; minisail implements exact (erf) GELU, the class default
+    choice(vision, "hidden_act", where, ("gelu",), "gelu", why=": InternViT's MLP is exact (erf) GELU")
     hidden, heads = width_and_heads(vision, where)
+    image_size, patch_size = image_and_patch(vision, where)
     return InternViTConfig(
         hidden_size=hidden,
         num_heads=heads,
         num_layers=positive(vision, "num_hidden_layers", where),
         intermediate_size=positive(vision, "intermediate_size", where),
-        image_size=positive(vision, "image_size", where),
-        patch_size=positive(vision, "patch_size", where),
+        image_size=image_size,
+        patch_size=patch_size,
         norm_type=norm_type,
-        norm_eps=float(optional(vision, "layer_norm_eps", where, NUMBER, 1e-6)),
-        qkv_bias=bool(vision.get("qkv_bias", False)),
-        qk_normalization=bool(vision.get("qk_normalization", False)),
+        norm_eps=epsilon(vision, "layer_norm_eps", where, 1e-6),
+        qkv_bias=flag(vision, "qkv_bias", where, False),
+        qk_normalization=flag(vision, "qk_normalization", where, False),
     )
 
 
 def internvl_config(config: dict, vision=None) -> InternVLConfig:
     """The chat-level keys of config.json. `vision` is the tower config when the caller read it (SAIL-ViT, Mono's
-    patch model): any dataclass with `image_size` and `patch_size`; by default InternViT's is read here."""
-    select_layer = optional(config, "select_layer", "the top level", int, -4)  # upstream class default
+    patch model): any dataclass with `image_size`, `patch_size` and `hidden_size`; by default InternViT's is read
+    here. mlp1's GELU and LayerNorm are fixed in upstream's code (no config key), as here."""
+    top = "the top level"
+    select_layer = optional(config, "select_layer", top, int, -4)  # upstream class default
     if vision is None:
-        vision = intern_vit_config(require(config, "vision_config", "the top level", dict))
+        vision = intern_vit_config(require(config, "vision_config", top, dict))
         # hidden_states = [embeddings, layer 1, ..., layer L]: L + 1 entries to pick from
         if not -(vision.num_layers + 1) <= select_layer <= vision.num_layers:
             raise ConfigError(
                 f"config.json: select_layer {select_layer} is outside a {vision.num_layers}-layer InternViT "
                 f"(valid: -{vision.num_layers + 1} .. {vision.num_layers})"
             )
-    llm = decoder_config(require(config, "llm_config", "the top level", dict))
-    top = "the top level"
-    ps_version = config.get("ps_version", "v1")  # upstream class default
-    if ps_version not in ("v1", "v2"):
-        raise ConfigError(f"config.json: ps_version {ps_version!r} is not 'v1' or 'v2'")
+    llm = decoder_config(require(config, "llm_config", top, dict))
+    ps_version = choice(config, "ps_version", top, ("v1", "v2"), "v1")  # upstream class default
+    downsample_ratio = real(config, "downsample_ratio", top, 0.5, above=0.0, at_most=1.0)  # upstream class default
+    image_size = vision.image_size
+    if optional(config, "force_image_size", top, int, 0):  # 0 or null mean the ViT's own, as upstream's `or`
+        image_size = positive(config, "force_image_size", top, limit=MAX_IMAGE_SIZE)
+    grid = image_size // vision.patch_size
+    if grid == 0:
+        raise ConfigError(
+            f"config.json: force_image_size {image_size} is smaller than one {vision.patch_size}-pixel patch"
+        )
+    merge = 1 / downsample_ratio  # pixel shuffle merges merge x merge neighbouring tokens into one
+    if not merge.is_integer() or grid % int(merge):
+        raise ConfigError(
+            f"config.json: downsample_ratio = {downsample_ratio!r} is not supported for a {grid}x{grid} patch grid: "
+            f"accepted 1/k for a whole k that divides the grid (0.5 in every release)"
+        )
+    min_tiles = positive(config, "min_dynamic_patch", top, 1)
     return InternVLConfig(
         vision=vision,
         llm=llm,
         select_layer=select_layer,
         ps_version=ps_version,
-        downsample_ratio=float(optional(config, "downsample_ratio", top, NUMBER, 0.5)),
-        image_size=optional(config, "force_image_size", top, int, 0) or vision.image_size,
+        downsample_ratio=downsample_ratio,
+        image_size=image_size,
         template=optional(config, "template", top, str, None),
         system_message=optional(config, "system_message", top, str, None),
         # Not the upstream class defaults (6 tiles, no thumbnail): every release's config and model card's
         # load_image use dynamic tiling with a thumbnail and up to 12 tiles.
-        min_dynamic_patch=optional(config, "min_dynamic_patch", top, int, 1),
-        max_dynamic_patch=optional(config, "max_dynamic_patch", top, int, 12),
-        use_thumbnail=optional(config, "use_thumbnail", top, bool, True),
+        min_dynamic_patch=min_tiles,
+        max_dynamic_patch=positive(config, "max_dynamic_patch", top, 12),
+        use_thumbnail=flag(config, "use_thumbnail", top, True),
     )
 
 

@@ -29,18 +29,21 @@ from dataclasses import replace
 
 import torch
 
-from minisail.config import positive, require
+from minisail.config import image_and_patch, positive, require
 from minisail.errors import ConfigError
 from minisail.models.internvl import InternVLChatModel, InternVLConfig, internvl_config
 from minisail.vision.patch_embed import InternVisionPatchModel, PatchEmbedConfig
 
 
 def patch_embed_config(vision: dict) -> PatchEmbedConfig:
+    """Only what the patch model computes with: it has no layers, MLP or norm, so num_hidden_layers, hidden_act,
+    layer_norm_eps and the other InternViT fields a Mono config carries are ignored, as upstream ignores them."""
     where = "vision_config"
+    image_size, patch_size = image_and_patch(vision, where)
     return PatchEmbedConfig(
         hidden_size=positive(vision, "hidden_size", where),
-        image_size=positive(vision, "image_size", where),
-        patch_size=positive(vision, "patch_size", where),
+        image_size=image_size,
+        patch_size=patch_size,
     )
 
 

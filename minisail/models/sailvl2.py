@@ -12,17 +12,30 @@ and upstream uses that tensor: the weight map prefers a stored head and ties onl
 
 from __future__ import annotations
 
-from minisail.config import positive, require, width_and_heads
+from minisail.config import (
+    MAX_CHANNELS,
+    choice,
+    epsilon,
+    flag,
+    image_and_patch,
+    positive,
+    require,
+    width_and_heads,
+)
 from minisail.errors import ConfigError
 from minisail.models.internvl import InternVLChatModel, InternVLConfig, internvl_config
 from minisail.vision.sail_vit import SailViT, SailViTConfig, select_depth
 
 
 def sail_vit_config(vision: dict) -> SailViTConfig:
-    """The SAIL-ViT part of config.json (`vision_config`, SAILViTConfig; class defaults where a key may be absent)."""
+    """The SAIL-ViT part of config.json (`vision_config`, SAILViTConfig; class defaults where a key may be absent).
+
+    SAILViTConfig has no hidden_act: upstream's SwiGLU calls F.silu. A config that names another activation
+    describes another model, so it is refused; attention_dropout / projection_dropout are off at eval."""
     where = "vision_config"
+    choice(vision, "hidden_act", where, ("silu",), "silu", why=": SAIL-ViT's SwiGLU is SiLU, fixed in upstream's code")
     hidden, heads = width_and_heads(vision, where)
-    image_size, patch_size = positive(vision, "image_size", where), positive(vision, "patch_size", where)
+    image_size, patch_size = image_and_patch(vision, where)
     if image_size % patch_size:
         raise ConfigError(
             f"config.json: vision_config.image_size {image_size} is not a multiple of patch_size {patch_size}"
@@ -34,10 +47,10 @@ def sail_vit_config(vision: dict) -> SailViTConfig:
         intermediate_size=positive(vision, "intermediate_size", where),
         image_size=image_size,
         patch_size=patch_size,
-        num_channels=positive(vision, "num_channels", where) if "num_channels" in vision else 3,
-        norm_eps=float(vision.get("rms_norm_eps", 1e-5)),
-        qkv_bias=bool(vision.get("qkv_bias", False)),
-        use_bias=bool(vision.get("use_bias", False)),
+        num_channels=positive(vision, "num_channels", where, 3, limit=MAX_CHANNELS),
+        norm_eps=epsilon(vision, "rms_norm_eps", where, 1e-5),
+        qkv_bias=flag(vision, "qkv_bias", where, False),
+        use_bias=flag(vision, "use_bias", where, False),
     )
 
 

@@ -37,7 +37,20 @@ from torch import nn
 
 from minisail.checkpoint.files import NamespacedTensors, open_checkpoint_folder
 from minisail.checkpoint.paths import inside
-from minisail.config import decoder_config, positive, read_config, require, width_and_heads
+from minisail.config import (
+    MAX_CHANNELS,
+    MAX_SIZE,
+    choice,
+    decoder_config,
+    epsilon,
+    flag,
+    image_and_patch,
+    optional,
+    positive,
+    read_config,
+    require,
+    width_and_heads,
+)
 from minisail.errors import CheckpointError, ConfigError, PromptError
 from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
 from minisail.models.internvl import PreparedInputs, check_vocabulary
@@ -92,44 +105,46 @@ def with_vision_config(folder: Path, config: dict) -> dict:
 
 
 def clip_vision_config(vision: dict, where: str = "the vision tower's config.json") -> CLIPVisionConfig:
+    """CLIPVisionConfig's keys (class defaults where absent); dropout / attention_dropout are off at eval."""
     hidden, heads = width_and_heads(vision, where)
-    act = vision.get("hidden_act", "quick_gelu")  # CLIPVisionConfig's class default; Yi-VL's says "gelu"
-    if act not in ACTIVATIONS:
-        raise ConfigError(f"{where}: hidden_act {act!r} is not supported (only {', '.join(ACTIVATIONS)})")
+    act = choice(vision, "hidden_act", where, tuple(ACTIVATIONS), "quick_gelu")  # class default; Yi-VL's is gelu
+    image_size, patch_size = image_and_patch(vision, where)
     return CLIPVisionConfig(
         hidden_size=hidden,
         num_heads=heads,
         num_layers=positive(vision, "num_hidden_layers", where),
         intermediate_size=positive(vision, "intermediate_size", where),
-        image_size=positive(vision, "image_size", where),
-        patch_size=positive(vision, "patch_size", where),
-        layer_norm_eps=float(vision.get("layer_norm_eps", 1e-5)),  # the class default
+        image_size=image_size,
+        patch_size=patch_size,
+        layer_norm_eps=epsilon(vision, "layer_norm_eps", where, 1e-5),  # the class default
         hidden_act=act,
-        num_channels=int(vision.get("num_channels", 3)),
+        num_channels=positive(vision, "num_channels", where, 3, limit=MAX_CHANNELS),
     )
 
 
 def yivl_config(config: dict) -> YiVLConfig:
+    """config.json (a Llama config plus LLaVA's mm_* keys, with the vision folder's config as vision_config).
+
+    The projector's GELU and LayerNorm eps are fixed in upstream's builder (no config key), as here."""
+    top = "the top level"
     vision = clip_vision_config(require(config, "vision_config", "the top level (see with_vision_config)", dict))
-    llm = decoder_config(config, where="the top level")
-    projector = str(config.get("mm_projector_type", "linear"))  # upstream's default
-    match = re.fullmatch(r"mlp(\d+)x_gelu_Norm", projector)
-    if not match or int(match.group(1)) < 1:
+    llm = decoder_config(config, where=top)
+    projector = optional(config, "mm_projector_type", top, str, "linear")  # upstream's default
+    match = re.fullmatch(r"mlp([0-9]+)x_gelu_Norm", projector)
+    if not match or not 1 <= int(match.group(1)) <= MAX_SIZE:
         raise ConfigError(
             f"config.json: mm_projector_type {projector!r} is not supported: minisail runs Yi-VL's mlp2x_gelu_Norm "
             "(any mlpNx_gelu_Norm), not other LLaVA projectors"
         )
-    if config.get("mm_use_im_start_end"):
+    if flag(config, "mm_use_im_start_end", top, False):
         raise ConfigError("config.json: mm_use_im_start_end = true is not supported (Yi-VL has no image start/end)")
-    select_feature = config.get("mm_vision_select_feature", "patch")  # upstream's default
-    if select_feature not in ("patch", "cls_patch"):
-        raise ConfigError(f"config.json: mm_vision_select_feature {select_feature!r} is not 'patch' or 'cls_patch'")
-    select_layer = require(config, "mm_vision_select_layer", "the top level", int)
+    select_feature = choice(config, "mm_vision_select_feature", top, ("patch", "cls_patch"), "patch")  # upstream's
+    select_layer = require(config, "mm_vision_select_layer", top, int)
     try:
         depth_for(select_layer, vision.num_layers)
     except ValueError as error:
         raise ConfigError(f"config.json: mm_vision_select_layer: {error}") from None
-    mm_hidden = positive(config, "mm_hidden_size", "the top level")
+    mm_hidden = positive(config, "mm_hidden_size", top)
     if mm_hidden != vision.hidden_size:
         raise ConfigError(
             f"config.json: mm_hidden_size {mm_hidden} != the vision tower's hidden_size {vision.hidden_size}"
@@ -137,7 +152,7 @@ def yivl_config(config: dict) -> YiVLConfig:
     return YiVLConfig(
         vision=vision,
         llm=llm,
-        vision_tower=config["mm_vision_tower"],
+        vision_tower=require(config, "mm_vision_tower", top, str),
         select_layer=select_layer,
         select_feature=select_feature,
         projector_depth=int(match.group(1)),
