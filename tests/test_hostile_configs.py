@@ -5,8 +5,8 @@ what it says, or refuse it with a MinisailError naming the key and the accepted 
 deep inside torch, never a model that silently computes something else (a gelu decoder run as SiLU), never
 minutes of building for a config asking for 10**9 layers.
 
-The checkpoints are the golden cases' (tiny, official layout): each test links their weight files into a
-temporary folder next to an edited config.json.
+The checkpoints are the golden cases' (tiny, official layout): each test hard-links (or copies) their weight files
+into a temporary folder next to an edited config.json (not symbolic links: minisail refuses links out of a folder).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -41,24 +42,31 @@ YIVL_VIT = "vit/clip-vit-tiny-p14-yi-vl-56"
 
 
 def case_folder(case: str, folder: Path, config: dict | None = None, vit_config: dict | None = None) -> Path:
-    """`folder` holding links to the golden case's weights and the given config.json (default: the case's own).
+    """`folder` holding hard links to (or copies of) the golden case's weights and the given config.json (default: the case's own).
     Yi-VL's vision folder is rebuilt the same way, with `vit_config` as its config.json."""
     source = GOLDEN / case / "checkpoint"
     folder.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if path.is_file() and path.name != "config.json":
-            (folder / path.name).symlink_to(path)
+            _place(path, folder / path.name)
     (folder / "config.json").write_text(json.dumps(config if config is not None else golden_config(case)))
     if case == YIVL:
         vit = folder / YIVL_VIT
         vit.mkdir(parents=True)
         for path in (source / YIVL_VIT).iterdir():
             if path.name != "config.json":
-                (vit / path.name).symlink_to(path)
+                _place(path, vit / path.name)
         if vit_config is None:
             vit_config = json.loads((source / YIVL_VIT / "config.json").read_text())
         (vit / "config.json").write_text(json.dumps(vit_config))
     return folder
+
+
+def _place(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system
+        shutil.copyfile(source, target)
 
 
 def vit_config() -> dict:
