@@ -11,6 +11,7 @@ from minisail.errors import (
     ConfigError,
     ImageError,
     MinisailError,
+    NumericsError,
     PromptError,
     TokenizerError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ImageError",
+    "NumericsError",
     "PromptError",
     "TokenizerError",
     "__version__",

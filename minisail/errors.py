@@ -28,3 +28,7 @@ class TokenizerError(MinisailError):
 
 class PromptError(MinisailError, ValueError):
     """A prompt that cannot be built or run: unknown template, image count mismatch, too long for the context."""
+
+
+class NumericsError(MinisailError, ArithmeticError):
+    """A model that computes NaN or infinite logits: NaN/Inf weights in the checkpoint, or a dtype that overflows."""

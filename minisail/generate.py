@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from minisail.errors import ConfigError, PromptError
+from minisail.errors import ConfigError, NumericsError, PromptError
 from minisail.llm.decoder import positions_from_mask
 
 # Keys of transformers' GenerationConfig that chat() users pass and that change nothing here, with the only
@@ -240,6 +240,7 @@ def generate_steps(
     rows: list[list[int]] = [[] for _ in range(B)]  # new ids per row, kept only to look for stop strings
     next_position = positions[:, -1:] + 1  # [B, 1]
     for step in range(max_new):
+        check_finite(logits, step)
         token = next_tokens(logits, config, seen, generator).masked_fill(finished, pad)  # [B]
         yield token
         finished |= torch.isin(token, stop_ids)
@@ -251,6 +252,18 @@ def generate_steps(
             seen.scatter_(1, token[:, None], True)
         logits = decode_step(model, cache, token[:, None], next_position)
         next_position = next_position + 1
+
+
+def check_finite(logits: torch.Tensor, step: int) -> None:
+    """A NumericsError for NaN or infinite logits [B, V], instead of an argmax over NaN (token 0 forever) or a
+    multinomial that fails obscurely. Cheap next to the step: one pass over B x V floats. minisail does not scan
+    the weights at load (a full read of the checkpoint); this is where NaN/Inf weights show."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NumericsError(
+            f"the model computed non-finite logits (NaN or Inf) for new token {step + 1}: the checkpoint holds NaN or "
+            "Inf weights (a corrupt download or a broken conversion: download it again), or the dtype overflows "
+            "(float16: load in bfloat16 or float32)"
+        )
 
 
 def _hits_stop_string(rows, token, finished, stop_strings, tokenizer) -> torch.Tensor:

@@ -238,3 +238,15 @@ def test_generate_stream_joins_to_the_decoded_tokens(textonly):
     assert all("\ufffd" not in piece for piece in pieces[:-1])
     with pytest.raises(PromptError, match="one row"):
         list(generate_stream(model, tokenizer, input_ids.repeat(2, 1), None, None, {}))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_end_generation_with_a_clear_error(value):
+    """minisail does not scan weights at load (README: a full read); NaN/Inf weights surface at the first token."""
+    from minisail.errors import NumericsError
+
+    model, ids, mask, pixels = golden("internvl-qwen2-tiny")
+    with torch.no_grad():
+        model.language_model.norm.weight[3] = value  # as a corrupt checkpoint would hold it
+    with pytest.raises(NumericsError, match="non-finite logits .* new token 1: the checkpoint holds NaN or Inf"):
+        generate(model, ids, mask, pixels, GenerationConfig(max_new_tokens=4))

@@ -42,7 +42,8 @@ YIVL_VIT = "vit/clip-vit-tiny-p14-yi-vl-56"
 
 
 def case_folder(case: str, folder: Path, config: dict | None = None, vit_config: dict | None = None) -> Path:
-    """`folder` holding hard links to (or copies of) the golden case's weights and the given config.json (default: the case's own).
+    """`folder` holding hard links to (or copies of) the golden case's weights and the given config.json
+    (default: the case's own).
     Yi-VL's vision folder is rebuilt the same way, with `vit_config` as its config.json."""
     source = GOLDEN / case / "checkpoint"
     folder.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ def refuse_float16(dtype: torch.dtype) -> None:
         raise ConfigError(
             "Mono-InternVL does not run in float16: the official model overflows to NaN in float16 "
             "(lmdeploy refuses it for the same reason). Load it with dtype=torch.bfloat16 (the checkpoint's "
-            "own) or torch.float32"
+            "own) or torch.float32 (faster on a CPU without native bf16)"
         )
 
 
