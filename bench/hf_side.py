@@ -1,6 +1,6 @@
 """The transformers side of the benchmark: the same weights in transformers' native InternVL classes.
 
-This is the only module under minisail/ that uses `transformers`, and only when the benchmark is asked to
+This is the only module of the benchmark that uses `transformers`, and only when the benchmark is asked to
 compare (the `parity` extra installed; the benchmark's worker and machine report also import it, to load it
 before the clock starts and to print its version); the library itself never imports it.
 
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from minisail.bench.checkpoints import write_shards
-from minisail.bench.models import DTYPES
-from minisail.bench.presets import Preset
+from bench.checkpoints import write_shards
+from bench.models import DTYPES
+from bench.presets import Preset
 from minisail.checkpoint.files import open_safetensors_folder
 from minisail.errors import CheckpointError
 
