@@ -10,7 +10,7 @@ of its own.
 
 What it does (issue 9):
 1. builds the preset's model (presets.py) with seeded random weights and writes it once, bf16 and sharded, in
-   the official layout (and, with transformers installed, converted to its native names)
+   the official layout (and, with transformers installed, renamed to its native names by hf_names.py's table)
    in a cache folder (checkpoints.py);
 2. measures this machine's weight-streaming bandwidth and the decode roofline it implies (machine.py);
 3. per dtype (fp32, bf16, int8 weight-only), starts one process per framework (worker.py; transformers' side

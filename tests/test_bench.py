@@ -19,6 +19,7 @@ import torch
 import minisail
 from bench import checkpoints
 from bench.__main__ import main
+from bench.hf_names import internvl, to_official, to_transformers
 from bench.presets import PRESETS, get_preset
 from minisail.checkpoint.files import open_safetensors_folder
 from minisail.checkpoint.loader import to_official_state_dict
@@ -87,6 +88,19 @@ def test_official_checkpoint_is_sharded_bf16_and_round_trips(tmp_path):
     official = to_official_state_dict(model, detect_family(preset.config).keymap(model))
     assert set(official) == set(tensors.keys())
     assert all(torch.equal(official[name], tensors.read(name)) for name in official)
+
+
+def test_transformers_names_round_trip(tmp_path):
+    """hf_names' one table, read both ways (the benchmark one way, the parity tests the other), is a bijection on
+    a whole official checkpoint: every tensor renamed, the fused qkv split and joined back bit for bit."""
+    checkpoints.write_official(get_preset("tiny"), tmp_path, seed=4)
+    tensors = open_safetensors_folder(tmp_path)
+    official = {name: tensors.read(name) for name in tensors.keys()}
+    renamed = to_transformers(internvl(), official)
+    assert "model.vision_tower.encoder.layer.0.attention.q_proj.weight" in renamed and "lm_head.weight" in renamed
+    assert not any(".qkv." in name for name in renamed)
+    back = to_official(internvl(), renamed)
+    assert set(back) == set(official) and all(torch.equal(back[n], official[n]) for n in official)
 
 
 def test_bench_runs_from_the_repository_root_in_a_fresh_process(tmp_path):
