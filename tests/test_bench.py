@@ -1,4 +1,4 @@
-"""`python -m minisail bench` at its smallest: the JSON it prints, the checkpoints it writes, its cache policy.
+"""`python -m bench` at its smallest: the JSON it prints, the checkpoints it writes, its cache policy.
 
 Timings are not asserted (they depend on the machine); the shape of the report is, and so is that the benchmark
 compares like with like: the transformers-layout copy of its checkpoint computes the same numbers as minisail.
@@ -9,16 +9,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import minisail
-from minisail.bench import checkpoints
-from minisail.bench.presets import PRESETS, get_preset
+from bench import checkpoints
+from bench.__main__ import main
+from bench.hf_names import internvl, to_official, to_transformers
+from bench.presets import PRESETS, get_preset
 from minisail.checkpoint.files import open_safetensors_folder
 from minisail.checkpoint.loader import to_official_state_dict
-from minisail.cli import main
 from minisail.models.registry import detect_family
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -26,10 +30,7 @@ KEYS = {"load_s", "peak_rss_gb", "vision_1tile_s", "vision_7tiles_s", "prefill_s
 
 
 def test_quick_bench_prints_one_json_object_of_the_documented_form(tmp_path, capsys):
-    assert (
-        main(["bench", "--preset", "tiny", "--quick", "--dtype", "bf16", "--dtype", "int8", "--cache", str(tmp_path)])
-        == 0
-    )
+    assert main(["--preset", "tiny", "--quick", "--dtype", "bf16", "--dtype", "int8", "--cache", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     report = json.loads(out[-1])
     assert "decode, tok/s" in "\n".join(out[:-1])  # the table for people comes first
@@ -61,9 +62,9 @@ def test_quick_bench_prints_one_json_object_of_the_documented_form(tmp_path, cap
 
 
 def test_decode_matmuls_are_the_decode_steps_linears(tmp_path):
-    from minisail.bench.checkpoints import ensure_checkpoints
-    from minisail.bench.presets import get_preset
-    from minisail.bench.worker import MinisailRunner, bench_inputs
+    from bench.checkpoints import ensure_checkpoints
+    from bench.presets import get_preset
+    from bench.worker import MinisailRunner, bench_inputs
 
     preset = get_preset("tiny")
     folder = ensure_checkpoints(preset, tmp_path, transformers=False)["minisail"]
@@ -89,10 +90,42 @@ def test_official_checkpoint_is_sharded_bf16_and_round_trips(tmp_path):
     assert all(torch.equal(official[name], tensors.read(name)) for name in official)
 
 
+def test_transformers_names_round_trip(tmp_path):
+    """hf_names' one table, read both ways (the benchmark one way, the parity tests the other), is a bijection on
+    a whole official checkpoint: every tensor renamed, the fused qkv split and joined back bit for bit."""
+    checkpoints.write_official(get_preset("tiny"), tmp_path, seed=4)
+    tensors = open_safetensors_folder(tmp_path)
+    official = {name: tensors.read(name) for name in tensors.keys()}
+    renamed = to_transformers(internvl(), official)
+    assert "model.vision_tower.encoder.layer.0.attention.q_proj.weight" in renamed and "lm_head.weight" in renamed
+    assert not any(".qkv." in name for name in renamed)
+    back = to_official(internvl(), renamed)
+    assert set(back) == set(official) and all(torch.equal(back[n], official[n]) for n in official)
+
+
+def test_bench_runs_from_the_repository_root_in_a_fresh_process(tmp_path):
+    """`python -m bench` as CI starts it: from the root of a checkout, the package not installed, its workers
+    (`python -m bench.worker`) found through the repository root; the last line of the output is the JSON."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    argv = ["--preset", "tiny", "--quick", "--dtype", "bf16", "--no-transformers", "--repeats", "1"]
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", *argv, "--cache", str(tmp_path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["preset"] == "tiny" and report["results"]["bf16"]["minisail"]["decode_tok_s"] > 0
+
+
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs the parity extra (transformers)")
 def test_transformers_copy_computes_the_same_model(tmp_path):
-    from minisail.bench.hf_side import hf_model_class
-    from minisail.bench.worker import bench_inputs
+    from bench.hf_side import hf_model_class
+    from bench.worker import bench_inputs
 
     preset = get_preset("tiny")
     folders = checkpoints.ensure_checkpoints(preset, tmp_path, transformers=True)
@@ -132,7 +165,7 @@ def test_cache_is_reused_and_tidied(tmp_path):
 
 
 def test_presets_have_the_real_shapes():
-    from minisail.bench.models import build_on_meta
+    from bench.models import build_on_meta
 
     def billions(name):
         model, _ = build_on_meta(PRESETS[name])
@@ -144,12 +177,12 @@ def test_presets_have_the_real_shapes():
 
 
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):
-    assert main(["bench", "--preset", "tiny", "--repeats", "0", "--cache", str(tmp_path)]) == 2
+    assert main(["--preset", "tiny", "--repeats", "0", "--cache", str(tmp_path)]) == 2
     assert "--repeats must be at least 1" in capsys.readouterr().err
 
 
 def test_compiled_decode_step_runs_and_is_reported(tmp_path, capsys):
-    argv = ["bench", "--preset", "tiny", "--quick", "--compile", "--dtype", "bf16", "--no-transformers"]
+    argv = ["--preset", "tiny", "--quick", "--compile", "--dtype", "bf16", "--no-transformers"]
     assert main([*argv, "--cache", str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     notes = report["notes"]["bf16"]
@@ -160,9 +193,9 @@ def test_compiled_decode_step_runs_and_is_reported(tmp_path, capsys):
 def test_compile_mode_really_runs_the_decode_step_compiled(tmp_path):
     from torch._dynamo.utils import counters
 
-    from minisail.bench.checkpoints import ensure_checkpoints
-    from minisail.bench.presets import get_preset
-    from minisail.bench.worker import MinisailRunner, bench_inputs
+    from bench.checkpoints import ensure_checkpoints
+    from bench.presets import get_preset
+    from bench.worker import MinisailRunner, bench_inputs
 
     preset = get_preset("tiny")
     folder = ensure_checkpoints(preset, tmp_path, transformers=False)["minisail"]
@@ -178,9 +211,9 @@ def test_compile_mode_really_runs_the_decode_step_compiled(tmp_path):
 
 
 def test_where_compiling_fails_the_benchmark_decodes_eagerly_and_says_so(tmp_path, monkeypatch):
-    from minisail.bench.checkpoints import ensure_checkpoints
-    from minisail.bench.presets import get_preset
-    from minisail.bench.worker import MinisailRunner, bench_inputs
+    from bench.checkpoints import ensure_checkpoints
+    from bench.presets import get_preset
+    from bench.worker import MinisailRunner, bench_inputs
 
     def compile_that_fails(function, **options):
         def compiled(*args, **kwargs):

@@ -1,7 +1,8 @@
 """Tiny random-config parity against transformers' native classes for the same math (the `parity` extra).
 
 - InternVLVisionModel (transformers' port of InternViT, both the 300M LayerNorm variant and the 6B RMSNorm +
-  qk-norm variant) against minisail's InternViT, hidden state by hidden state.
+  qk-norm variant) against minisail's InternViT, hidden state by hidden state; its weights renamed to the
+  official names by bench/hf_names.py, the table the benchmark uses the other way round.
 - Qwen2ForCausalLM against minisail's decoder loaded through `minisail.load` from an official-layout checkpoint:
   logits of a left-padded batch, and greedy tokens with the KV cache against transformers' generate().
 """
@@ -16,35 +17,10 @@ transformers = pytest.importorskip("transformers")
 from checkpoints import golden_config, golden_tensors, randomize_, write_checkpoint  # noqa: E402
 
 import minisail  # noqa: E402
+from bench.hf_names import intern_vit, to_official  # noqa: E402
 from minisail.generate import greedy_generate  # noqa: E402
 from minisail.models.internvl import intern_vit_config  # noqa: E402
 from minisail.vision.intern_vit import InternViT  # noqa: E402
-
-
-def official_intern_vit_state(hf_state: dict) -> dict:
-    """transformers' InternVLVision names -> the official InternViT names (the inverse of its converter)."""
-    out = {}
-    for name, value in hf_state.items():
-        name = (
-            name.replace("embeddings.cls_token", "embeddings.class_embedding")
-            .replace("embeddings.position_embeddings", "embeddings.position_embedding")
-            .replace("embeddings.patch_embeddings.projection", "embeddings.patch_embedding")
-            .replace("encoder.layer.", "encoder.layers.")
-            .replace("lambda_1", "ls1")
-            .replace("lambda_2", "ls2")
-            .replace("attention.projection_layer", "attn.proj")
-            .replace("attention.q_norm", "attn.q_norm")
-            .replace("attention.k_norm", "attn.k_norm")
-            .replace("layernorm_before", "norm1")
-            .replace("layernorm_after", "norm2")
-        )
-        out[name] = value
-    for key in [k for k in out if ".attention.q_proj." in k]:
-        kind = key.rsplit(".", 1)[1]
-        prefix = key.split(".attention.q_proj.")[0]
-        parts = [out.pop(f"{prefix}.attention.{p}_proj.{kind}") for p in "qkv"]
-        out[f"{prefix}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
-    return out
 
 
 @pytest.mark.parametrize("variant", ["300m", "6b"])
@@ -83,8 +59,8 @@ def test_intern_vit_matches_transformers(variant):
             }
         )
     )
-    state = official_intern_vit_state(hf.state_dict())
-    ours.load_state_dict({k: v for k, v in state.items() if not k.startswith("layernorm")}, strict=True)
+    hf_state = {k: v for k, v in hf.state_dict().items() if not k.startswith("layernorm")}  # InternViT has none
+    ours.load_state_dict(to_official(intern_vit(official="", hf=""), hf_state), strict=True)
     pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         hidden = hf(pixels, output_hidden_states=True).hidden_states  # (embeddings, layer 1, ..., layer L)

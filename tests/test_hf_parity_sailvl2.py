@@ -1,9 +1,9 @@
 """SAIL-VL2 against transformers' native classes for the same math (the `parity` extra), on tiny random configs.
 
 One official-layout SAIL-VL2 checkpoint is written per test: its SAIL-ViT weights come from a random
-`Aimv2VisionModel` (use_head False, is_native False, silu: AIMv2 at a fixed resolution, which SAIL-ViT is), its
-language model from a random `Qwen3ForCausalLM` with head_dim != hidden / heads, and `minisail.load` reads it
-exactly as a user would. Compared in float32:
+`Aimv2VisionModel` (use_head False, is_native False, silu: AIMv2 at a fixed resolution, which SAIL-ViT is;
+renamed by bench/hf_names.py's table), its language model from a random `Qwen3ForCausalLM` with
+head_dim != hidden / heads, and `minisail.load` reads it exactly as a user would. Compared in float32:
 - the SAIL-ViT output for every select_layer kind (normed last layer, inner un-normed block outputs);
 - the decoder logits of a left-padded batch and the greedy tokens with the KV cache against generate(), with
   the head stored although the config says tied (as SAIL-VL2-2B ships it), and with a truly tied head.
@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 from checkpoints import golden_config, randomize_, write_checkpoint  # noqa: E402
 
 import minisail  # noqa: E402
+from bench.hf_names import sail_vit, to_official  # noqa: E402
 from minisail.generate import greedy_generate  # noqa: E402
 
 VISION = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96, image_size=56)
@@ -52,35 +53,6 @@ def aimv2(bias: bool):
     return randomize_(Aimv2VisionModel(config), seed=11).eval()
 
 
-def official_sail_vit_state(hf_state: dict) -> dict:
-    """transformers' Aimv2VisionModel names -> SAIL-VL2's official `vision_model.*` names."""
-    renames = [
-        ("embeddings.patch_embed.", "preprocessor.patchifier.proj."),
-        ("embeddings.rms_norm.", "preprocessor.patchifier.norm."),
-        ("encoder.layers.", "trunk.blocks."),
-        ("attention.out_proj.", "attn.proj."),
-        ("ffn.gate_proj.", "mlp.fc1."),
-        ("ffn.down_proj.", "mlp.fc2."),
-        ("ffn.up_proj.", "mlp.fc3."),
-        ("rms_norm1.", "norm_1."),
-        ("rms_norm2.", "norm_2."),
-    ]
-    out = {}
-    for name, value in hf_state.items():
-        if name == "embeddings.position_embedding.weight":
-            out["vision_model.preprocessor.pos_embed"] = value[None]  # [g*g, C] -> [1, g*g, C]
-            continue
-        if name == "rms_norm.weight":
-            name = "trunk.post_trunk_norm.weight"
-        for old, new in renames:
-            name = name.replace(old, new)
-        out[f"vision_model.{name}"] = value
-    for key in [k for k in out if ".attention.q_proj." in k]:  # q, k, v stacked by rows into the fused qkv
-        prefix, kind = key.split(".attention.q_proj.")
-        out[f"{prefix}.attn.qkv.{kind}"] = torch.cat([out.pop(f"{prefix}.attention.{p}_proj.{kind}") for p in "qkv"])
-    return out
-
-
 def qwen3(tie: bool):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -94,7 +66,7 @@ def sailvl2_checkpoint(tmp_path, vision, llm, *, head: str, vision_bias: bool = 
     config["force_image_size"] = VISION["image_size"]
     config["vision_config"].update(VISION, qkv_bias=vision_bias, use_bias=vision_bias)
     config["llm_config"].update(LLM, tie_word_embeddings=True)
-    tensors = official_sail_vit_state(vision.state_dict())
+    tensors = to_official(sail_vit(), vision.state_dict())
     generator = torch.Generator().manual_seed(13)
     merged, hidden = 4 * VISION["hidden_size"], LLM["hidden_size"]
     for index, shape, centre in [(0, (merged,), 1.0), (1, (hidden, merged), 0.0), (3, (hidden, hidden), 0.0)]:

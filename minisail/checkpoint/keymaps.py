@@ -5,6 +5,8 @@ fused projections are the official q/k/v (or gate/up) matrices stacked by rows; 
 grouped per key/value head, is regrouped into [q; k; v]. Every `Join` has its inverse (`split`), so the same
 table writes official-layout checkpoints (tests, benchmark) and round-trips exactly. Joins only move rows, so
 an int8 Linear's per-row scales (bitsandbytes' `X.SCB`) go through its weight's rule unchanged (loader.py).
+The benchmark and the transformers parity tests map official <-> transformers names with the same machinery
+(bench/hf_names.py), `resolve_source` being the lookup from the other side.
 
 Patterns: `{i}` stands for a layer index, `*` for the rest of a name (one per pattern). Rules are tried in
 order and the first whose target matches a parameter name wins.
@@ -65,6 +67,17 @@ class KeyMap:
                 tied = _fill(rule.tied_to, groups) if rule.tied_to else None
                 return rule, [_fill(s, groups) for s in rule.sources], tied
         raise KeyError(f"no weight-map rule produces {target!r}")
+
+    def resolve_source(self, key: str) -> tuple[Rule, str, list[str]] | None:
+        """The reverse lookup: (rule, target name, all its source keys) for the first rule that reads `key`,
+        or None. Writing a map's targets from its sources without knowing the targets' names in advance."""
+        for rule in self.rules:
+            for source in rule.sources:
+                match = _regex(source).fullmatch(key)
+                if match:
+                    groups = match.groupdict()
+                    return rule, _fill(rule.target, groups), [_fill(s, groups) for s in rule.sources]
+        return None
 
     def is_ignored(self, key: str) -> bool:
         return any(re.fullmatch(pattern, key) for pattern in self.ignore)

@@ -1,7 +1,7 @@
 """Command-line entry point: `python -m minisail <command> ...`.
 
 Argument parsing only; every command calls into the library. Each command is one module here (prompt, tiles,
-parity, chat, bench) with an `_add_<name>` function that declares its arguments and a `_run_<name>` function
+parity, chat) with an `_add_<name>` function that declares its arguments and a `_run_<name>` function
 that does the work, exported as `COMMAND = (help, add, run)`.
 A command that takes `--json` prints one JSON object as its last line of standard output.
 A `MinisailError` is printed as `minisail: error: ...` with exit status 2, never as a traceback.
@@ -15,12 +15,12 @@ import argparse
 import os
 import sys
 
-from minisail.cli import bench, chat, parity, prompt, tiles
+from minisail.cli import chat, parity, prompt, tiles
 from minisail.errors import MinisailError
 
 # name -> (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS: dict[str, tuple[str, object, object]] = {
-    module.__name__.rpartition(".")[2]: module.COMMAND for module in (prompt, tiles, parity, chat, bench)
+    module.__name__.rpartition(".")[2]: module.COMMAND for module in (prompt, tiles, parity, chat)
 }
 
 

@@ -1,6 +1,6 @@
 """One benchmark worker process: loads one model (minisail's or transformers'), then times what it is asked to.
 
-    python -m minisail.bench.worker '{"framework": "minisail", "preset": "sail-vl-2b", "folder": ..., "dtype": "bf16"}'
+    python -m bench.worker '{"framework": "minisail", "preset": "sail-vl-2b", "folder": ..., "dtype": "bf16"}'
 
 Each worker is a fresh process, so its load time and peak RSS are those of a user's first `load`, and at most
 one model is resident in it. The protocol is one JSON object per line: the worker first prints its load report,
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from minisail.bench.presets import Preset, get_preset
+from bench.presets import Preset, get_preset
 
 PROMPT_BEFORE, IMAGE_TOKENS, PROMPT_AFTER = 20, 256, 10  # 256 image + 30 text tokens
 MAX_TILES = 7
@@ -108,7 +108,7 @@ class MinisailRunner:
     (minisail/llm/fast.py). With `compile`, the decode step is compiled instead (see `compile_decode_step`)."""
 
     def __init__(self, preset: Preset, folder: Path, dtype: str, compile: bool = False):
-        from minisail.bench.models import load_minisail
+        from bench.models import load_minisail
         from minisail.llm.fast import pack_linears, packing_support
 
         self.preset, self.compile = preset, compile and preset.has_llm
@@ -206,7 +206,7 @@ class MinisailRunner:
 def make_runner(spec: dict):
     preset = get_preset(spec["preset"])
     if spec["framework"] == "transformers":
-        from minisail.bench.hf_side import TransformersRunner
+        from bench.hf_side import TransformersRunner
 
         return TransformersRunner(preset, Path(spec["folder"]), spec["dtype"])
     return MinisailRunner(preset, Path(spec["folder"]), spec["dtype"], compile=bool(spec.get("compile")))

@@ -1,15 +1,15 @@
 """The transformers side of the benchmark: the same weights in transformers' native InternVL classes.
 
-This is the only module under minisail/ that uses `transformers`, and only when the benchmark is asked to
-compare (the `parity` extra installed; the benchmark's worker and machine report also import it, to load it
-before the clock starts and to print its version); the library itself never imports it.
+Used only when the benchmark is asked to compare (the `parity` extra installed; the worker and the machine
+report also import transformers, to load it before the clock starts and to print its version). The benchmark
+lives outside minisail/ for this reason: the library never imports transformers.
 
-- `write_transformers_checkpoint`: the official-layout benchmark checkpoint converted to the names of
-  transformers' `InternVLForConditionalGeneration` (InternVLVisionModel + multi_modal_projector + Qwen2Model +
-  lm_head), as its own converter (`convert_internvl_weights_to_hf.py`) lays them out: InternViT's fused qkv
-  split into q/k/v, `ls1` -> `lambda_1`, `norm1` -> `layernorm_before`, `mlp1.{0,1,3}` -> the projector's
-  `layer_norm` / `linear_1` / `linear_2`. The vision-only preset gets an `InternVLModel` whose language model
-  has no layers (transformers' image-feature path needs one; it is never run).
+- `write_transformers_checkpoint`: the official-layout benchmark checkpoint renamed for transformers'
+  `InternVLForConditionalGeneration` (InternVLVisionModel + multi_modal_projector + Qwen2Model + lm_head)
+  through hf_names.py's table, the one the parity tests use the other way round (InternViT's fused qkv split
+  into q/k/v, `ls1` -> `lambda_1`, `mlp1.{0,1,3}` -> the projector's `layer_norm` / `linear_1` / `linear_2`).
+  The vision-only preset gets an `InternVLModel` whose language model has no layers (transformers'
+  image-feature path needs one; it is never run).
 - `TransformersRunner`: loads it with `from_pretrained(dtype=...)` (default attention: SDPA) and runs
   `get_image_features`, a cached forward with `logits_to_keep=1` and `generate()` (greedy, default cache).
 """
@@ -21,27 +21,12 @@ from pathlib import Path
 
 import torch
 
-from minisail.bench.checkpoints import write_shards
-from minisail.bench.models import DTYPES
-from minisail.bench.presets import Preset
+from bench.checkpoints import write_shards
+from bench.hf_names import internvl, to_transformers
+from bench.models import DTYPES
+from bench.presets import Preset
 from minisail.checkpoint.files import open_safetensors_folder
 from minisail.errors import CheckpointError
-
-VISION_RENAMES = [
-    ("embeddings.class_embedding", "embeddings.cls_token"),
-    ("embeddings.position_embedding", "embeddings.position_embeddings"),
-    ("embeddings.patch_embedding", "embeddings.patch_embeddings.projection"),
-    ("encoder.layers.", "encoder.layer."),
-    (".ls1", ".lambda_1"),
-    (".ls2", ".lambda_2"),
-    (".attn.proj.", ".attention.projection_layer."),
-    (".attn.q_norm.", ".attention.q_norm."),
-    (".attn.k_norm.", ".attention.k_norm."),
-    (".norm1.", ".layernorm_before."),
-    (".norm2.", ".layernorm_after."),
-]
-PROJECTOR = {"mlp1.0.": "multi_modal_projector.layer_norm.", "mlp1.1.": "multi_modal_projector.linear_1."}
-PROJECTOR["mlp1.3."] = "multi_modal_projector.linear_2."
 
 
 def hf_config(preset: Preset):
@@ -91,37 +76,12 @@ def hf_model_class(preset: Preset):
     return InternVLForConditionalGeneration if preset.has_llm else InternVLModel
 
 
-def hf_names(name: str, tensor: torch.Tensor, prefix: str) -> list[tuple[str, torch.Tensor]]:
-    """One official tensor -> its transformers name(s) and value(s)."""
-    if name.startswith("vision_model."):
-        inner = name[len("vision_model.") :]
-        for old, new in VISION_RENAMES:
-            inner = inner.replace(old, new)
-        if ".attn.qkv." in inner:  # rows [q; k; v]
-            q, k, v = tensor.chunk(3, dim=0)
-            return [
-                (prefix + "vision_tower." + inner.replace(".attn.qkv.", f".attention.{p}_proj."), t)
-                for p, t in zip("qkv", (q, k, v), strict=True)
-            ]
-        return [(prefix + "vision_tower." + inner, tensor)]
-    for old, new in PROJECTOR.items():
-        if name.startswith(old):
-            return [(prefix + new + name[len(old) :], tensor)]
-    if name.startswith("language_model.model."):
-        return [(prefix + "language_model." + name[len("language_model.model.") :], tensor)]
-    if name == "language_model.lm_head.weight":
-        return [("lm_head.weight", tensor)]
-    raise CheckpointError(f"no transformers name for the official tensor {name!r}")
-
-
 def write_transformers_checkpoint(preset: Preset, official: Path, folder: Path) -> None:
     """The official checkpoint in `official`, renamed for transformers, written to `folder` (config.json + shards)."""
     config = hf_config(preset)
     prefix = "model." if preset.has_llm else ""
     tensors = open_safetensors_folder(official)
-    converted = {}
-    for name in tensors.keys():
-        converted.update(hf_names(name, tensors.view(name), prefix))
+    converted = to_transformers(internvl(prefix), {name: tensors.view(name) for name in tensors.keys()})
     with torch.device("meta"):
         expected = hf_model_class(preset)(config).state_dict()
     generator = torch.Generator().manual_seed(1)

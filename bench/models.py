@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minisail.bench.presets import Preset
+from bench.presets import Preset
 from minisail.checkpoint import keymaps
 from minisail.checkpoint.files import open_safetensors_folder
 from minisail.checkpoint.loader import fill_from_checkpoint

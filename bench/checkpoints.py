@@ -8,7 +8,7 @@ model through `to_official_state_dict` and the family's weight map, so loading i
 of a real checkpoint. Weights are seeded: every run of a format version benchmarks the same numbers.
 
 Cache policy (the folders are large: 4 GB per copy for SAIL-VL-2B, 11 GB for InternViT-6B):
-- default folder ~/.cache/minisail/bench (`--cache DIR` to move it); `--clean` deletes it (only our entries);
+- default folder ~/.cache/bench (`--cache DIR` to move it); `--clean` deletes it (only our entries);
 - a folder is complete once its COMPLETE marker exists: it is built under a temporary name and renamed, so an
   interrupted run never leaves a half-written checkpoint that a later run would trust;
 - entries of other format versions and temporary folders of dead runs are deleted when the bench starts;
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from minisail.bench.models import build_on_meta
-from minisail.bench.presets import PRESETS, Preset
+from bench.models import build_on_meta
+from bench.presets import PRESETS, Preset
 from minisail.checkpoint.loader import to_official_state_dict
 from minisail.errors import MinisailError
 
@@ -197,7 +197,7 @@ def ensure_checkpoints(preset: Preset, cache: Path, *, transformers: bool) -> di
         log(f"writing random bf16 weights for {preset.name} ({official_bytes / 1e9:.1f} GB) to {folder / 'official'}")
     folders["minisail"] = _build(folder, "official", lambda tmp: write_official(preset, tmp))
     if transformers:
-        from minisail.bench.hf_side import write_transformers_checkpoint
+        from bench.hf_side import write_transformers_checkpoint
 
         if not is_complete(folder / "transformers"):
             log(f"converting them to transformers' layout in {folder / 'transformers'}")

@@ -17,10 +17,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from minisail.bench.checkpoints import ensure_checkpoints, evict_page_cache, log, parameter_count
-from minisail.bench.machine import machine_info, memory_available_bytes, streaming_bandwidth
-from minisail.bench.models import int8_available
-from minisail.bench.presets import Preset
+from bench.checkpoints import ensure_checkpoints, evict_page_cache, log, parameter_count
+from bench.machine import machine_info, memory_available_bytes, streaming_bandwidth
+from bench.models import int8_available
+from bench.presets import Preset
 from minisail.errors import MinisailError
 from minisail.llm.fast import packing_support
 
@@ -58,8 +58,10 @@ class Worker:
 
     def __init__(self, spec: dict):
         self.spec, self.name = spec, f"{spec['dtype']} {spec['framework']}"
-        command = [sys.executable, "-m", "minisail.bench.worker", json.dumps(spec)]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        command = [sys.executable, "-m", "bench.worker", json.dumps(spec)]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=worker_environment()
+        )
         self.load = self._read()
 
     def _read(self) -> dict:
@@ -85,6 +87,16 @@ class Worker:
             except (BrokenPipeError, subprocess.TimeoutExpired):
                 self.process.kill()
                 self.process.wait()
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent  # the checkout holding bench/ (not installed)
+
+
+def worker_environment() -> dict[str, str]:
+    """This environment with the repository root first on PYTHONPATH, so `python -m bench.worker` finds this
+    bench/ whatever the current directory is (relative --cache paths stay relative to the caller's)."""
+    path = [str(REPOSITORY), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def median(values):

@@ -1,6 +1,6 @@
 """The benchmark's model presets: official `config.json` dicts at the real shapes of released checkpoints.
 
-The weights are random (`minisail/bench/checkpoints.py` writes them once in the official layout), so a preset
+The weights are random (`bench/checkpoints.py` writes them once in the official layout), so a preset
 is only its config: the same dict `minisail.load` reads from a downloaded folder. Sizes are those of
 /work/shared/FACTS.md section 2 (the official configs):
 

@@ -1,15 +1,24 @@
-"""`python -m minisail bench`: speed and memory at a model's real shapes, against transformers."""
+"""`python -m bench`, run from the repository root: speed and memory at a model's real shapes, against transformers.
+
+The benchmark is not part of the installed package (it compares with `transformers`, which nothing under
+minisail/ may import), so it is started from a checkout. Prints a table, then one JSON object as the last line.
+A `MinisailError` (a bad flag value, too little disk) is printed as `bench: error: ...` with exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 from minisail.errors import MinisailError
 
 
-def _add_bench(parser: argparse.ArgumentParser) -> None:
-    from minisail.bench.presets import PRESETS
+def build_parser() -> argparse.ArgumentParser:
+    from bench.presets import PRESETS
 
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--preset", default="sail-vl-2b", choices=list(PRESETS), help="model shapes (default sail-vl-2b)"
     )
@@ -27,15 +36,13 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", metavar="DIR", help="checkpoint cache folder (default ~/.cache/minisail/bench)")
     parser.add_argument("--clean", action="store_true", help="delete the benchmark's cached checkpoints and exit")
     parser.add_argument("--json", action="store_true", help="accepted for symmetry: the JSON line is always printed")
+    return parser
 
 
-def _run_bench(args) -> int:
-    import json
-    from pathlib import Path
-
-    from minisail.bench import Settings, get_preset, run_bench
-    from minisail.bench.checkpoints import DEFAULT_CACHE, clean_cache
-    from minisail.bench.report import format_table
+def run(args: argparse.Namespace) -> int:
+    from bench import Settings, get_preset, run_bench
+    from bench.checkpoints import DEFAULT_CACHE, clean_cache
+    from bench.report import format_table
 
     cache = Path(args.cache).expanduser() if args.cache else DEFAULT_CACHE
     if args.clean:
@@ -60,8 +67,16 @@ def _run_bench(args) -> int:
     return 0
 
 
-COMMAND = (
-    "benchmark speed and memory at a model's real shapes (vs transformers)",
-    _add_bench,
-    _run_bench,
-)
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except MinisailError as error:
+        print(f"bench: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
