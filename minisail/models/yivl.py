@@ -52,12 +52,14 @@ from minisail.config import (
     width_and_heads,
 )
 from minisail.errors import CheckpointError, ConfigError, PromptError
+from minisail.layers import hidden_state_depth
 from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
 from minisail.models.internvl import PreparedInputs, check_vocabulary
 from minisail.projector import LayerNormMLPProjector
-from minisail.vision.clip_vit import ACTIVATIONS, CLIPVisionConfig, CLIPVisionTower, depth_for
+from minisail.vision.clip_vit import ACTIVATIONS, CLIPVisionConfig, CLIPVisionTower
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder in input_ids (Yi `llava/model/constants.py`): not a vocabulary id
+
 VIT_PREFIX = "vit."  # the vision folder's tensors, as the weight map sees them
 
 
@@ -140,10 +142,8 @@ def yivl_config(config: dict) -> YiVLConfig:
         raise ConfigError("config.json: mm_use_im_start_end = true is not supported (Yi-VL has no image start/end)")
     select_feature = choice(config, "mm_vision_select_feature", top, ("patch", "cls_patch"), "patch")  # upstream's
     select_layer = require(config, "mm_vision_select_layer", top, int)
-    try:
-        depth_for(select_layer, vision.num_layers)
-    except ValueError as error:
-        raise ConfigError(f"config.json: mm_vision_select_layer: {error}") from None
+    source = "config.json: mm_vision_select_layer"
+    hidden_state_depth(select_layer, vision.num_layers, embeddings_first=True, tower="CLIP ViT", source=source)
     mm_hidden = positive(config, "mm_hidden_size", top)
     if mm_hidden != vision.hidden_size:
         raise ConfigError(
@@ -213,7 +213,10 @@ class YiVLModel(nn.Module):
     def __init__(self, config: YiVLConfig):
         super().__init__()
         self.config = config
-        self.vision_tower = CLIPVisionTower(config.vision, depth_for(config.select_layer, config.vision.num_layers))
+        depth = hidden_state_depth(
+            config.select_layer, config.vision.num_layers, embeddings_first=True, tower="CLIP ViT"
+        )
+        self.vision_tower = CLIPVisionTower(config.vision, depth)
         self.projector = LayerNormMLPProjector(
             config.vision.hidden_size, config.llm.hidden_size, config.projector_depth
         )
