@@ -24,7 +24,8 @@ from safetensors.torch import save_file  # noqa: E402
 import minisail  # noqa: E402
 from minisail.generate import greedy_generate  # noqa: E402
 from minisail.layers import hidden_state_depth  # noqa: E402
-from minisail.models.yivl import IMAGE_TOKEN_INDEX, clip_vision_config  # noqa: E402
+from minisail.models.yivl import clip_vision_config  # noqa: E402
+from minisail.text.prompt import YIVL_IMAGE_TOKEN_INDEX  # noqa: E402
 from minisail.vision.clip_vit import CLIPVisionTower  # noqa: E402
 
 VIT = "vit/clip-vit-random-p14-56"
@@ -150,7 +151,7 @@ def test_image_path_matches_the_transformers_pipeline(yivl):
     pixels = torch.randn(1, 3, 56, 56, generator=generator)
     input_ids = torch.randint(3, 300, (1, 14), generator=generator)
     slot = 6
-    input_ids[0, slot] = IMAGE_TOKEN_INDEX
+    input_ids[0, slot] = YIVL_IMAGE_TOKEN_INDEX
     with torch.no_grad():
         features = clip(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]  # Yi: select -2, drop CLS
         image = projector(features)  # [1, 16, 64]
