@@ -35,7 +35,7 @@ from minisail.vision.intern_vit import InternVisionEmbeddings
 
 @dataclass(frozen=True)
 class PatchEmbedConfig:
-    hidden_size: int  # C: 1024 for Mono-InternVL-2B (INFERRED, see FACTS.md section 5)
+    hidden_size: int  # C: 1024 for Mono-InternVL-2B (INFERRED)
     image_size: int  # the size the position table was trained at: its grid is image_size // patch_size
     patch_size: int  # 14
 
