@@ -2,7 +2,7 @@
 
 Mirrors `InternVLChatModel.pixel_shuffle` (with the reshapes around it in `extract_feature`) in
 OpenGVLab/InternVL `internvl_chat/internvl/model/internvl_chat/modeling_internvl_chat.py`; SAIL-VL, SAIL-VL2
-and Mono-InternVL merge the same way (FACTS §9).
+and Mono-InternVL merge the same way.
 
 Shapes at 448 px, patch 14, scale 0.5 (k = 1/scale = 2):
     x [N, L=1024, C]  tokens row-major over a 32 x 32 patch grid (token r*32 + q is patch row r, column q)

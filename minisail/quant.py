@@ -13,33 +13,23 @@ which is a float Linear on the dequantised weights. The int8 weights come from e
 This is not bitsandbytes' forward: on CUDA it quantises the activations too (int8 x int8, with the columns holding
 an |x| > 6 outlier in fp16). Weight-only is closer to the float model, and runs on any device.
 
-Kernels, measured on the 2-core AVX-512 CPU this was written on (torch 2.13, one thread, ms per call, best of 30;
-ranges over the shapes [out, in] 8960x1536 and 1536x8960 (Qwen2.5-1.5B's MLP), 4096x6144 and 6144x4096 (slices of
-InternLM2-20B's 16384x6144 MLP)):
-
-  rows of x  activations  float Linear  _weight_int8pack_mm  blocks of rows (used)  whole dequantise + matmul
-  1          bf16         2.5 - 4.9     0.8 - 2.2            3.3 - 6.4              4.4 - 28
-  1          fp32         2.5 - 4.9     11 - 21              2.3 - 4.0              25 - 51
-  8          bf16         3.0 - 5.4     3.0 - 6.2            3.8 - 7.7              4.8 - 29
-  8          fp32         6.3 - 15      91 - 168             5.4 - 12               30 - 61
-  256        bf16         33 - 60       88 - 199             37 - 68                35 - 86
-  256        fp32         72 - 154      seconds              82 - 158               98 - 199
-
+Kernels (README "Speed and memory" has their timings, dated and tied to the machine they were measured on):
 - `torch.ops.aten._weight_int8pack_mm` (PyTorch's CPU int8 weight-only matmul) is the fastest decode kernel in
-  bf16: 2-3x faster than the bf16 Linear (two threads: 0.4-1.4 ms against 1.8-3.2). But it is a matrix-vector
-  kernel whose cost grows with every row of x, its fp32 path is not vectorised, it needs the scale in x's dtype
-  (bf16: rounded to 8 bits), and on this build it returns garbage or crashes for bf16 with `in` not a multiple
-  of 16. Hence: CPU, bf16, at most INT8PACK_MAX_ROWS rows, `in` % 16 == 0, and, decided by trying once per
-  weight shape on the running machine (`_int8pack_works`), the kernel runs and agrees with the blocked path;
-  anywhere it raises or disagrees, the blocked path runs instead.
+  bf16, faster than the bf16 Linear. But it is a matrix-vector kernel whose cost grows with every row of x, its
+  fp32 path is not vectorised, it needs the scale in x's dtype (bf16: rounded to 8 bits), and on torch 2.13 it
+  returns garbage or crashes for bf16 with `in` not a multiple of 16. Hence: CPU, bf16, at most
+  INT8PACK_MAX_ROWS rows, `in` % 16 == 0, and, decided by trying once per weight shape on the running machine
+  (`_int8pack_works`), the kernel runs and agrees with the blocked path; anywhere it raises or disagrees, the
+  blocked path runs instead.
 - Everything else converts `weight` to x's dtype a block of rows (~8 MB) at a time into one reused buffer, does
   a float matmul and scales the output columns. The block stays in cache and no memory is allocated per call:
-  converting the whole matrix at once costs up to 10x more, mostly page faults for the fresh float copy. In fp32
-  it beats the fp32 Linear at decode (it streams 4x fewer bytes) and stays within 0.9-1.2x of it at prefill.
-  With two threads on a busy machine each block can wait for the second thread to wake up (seen: up to 50 ms).
+  converting the whole matrix at once costs several times more, mostly page faults for the fresh float copy. In
+  fp32 it beats the fp32 Linear at decode (it streams 4x fewer bytes) and stays close to it at prefill. With two
+  threads on a busy machine each block can wait for the second thread to wake up.
 - Devices other than the CPU use the same blocked path (int8pack's speed and correctness were measured only here).
 
-`reference_int8_linear` is the plain definition, for tests. Inference only: the weights are frozen.
+`reference_int8_linear` is the plain definition the int8pack probe (and the tests) compare against. Inference only:
+the weights are frozen.
 """
 
 from __future__ import annotations

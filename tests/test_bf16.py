@@ -20,6 +20,7 @@ from transformers import Qwen2Config  # noqa: E402
 from transformers.models.qwen2 import modeling_qwen2  # noqa: E402
 
 import minisail  # noqa: E402
+from minisail.layers import RMSNorm  # noqa: E402
 from minisail.llm import layers  # noqa: E402
 
 CONFIG = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
@@ -33,7 +34,7 @@ def test_rmsnorm_rope_and_mlp_round_where_transformers_rounds():
     reference_norm = modeling_qwen2.Qwen2RMSNorm(64, eps=1e-6)
     reference_norm.weight.data = 1 + 0.1 * torch.randn(64)
     reference_norm = reference_norm.bfloat16()
-    norm = layers.RMSNorm(64, 1e-6)
+    norm = RMSNorm(64, 1e-6)
     norm.weight = torch.nn.Parameter(reference_norm.weight.data.clone())
     assert torch.equal(norm(x), reference_norm(x))
 

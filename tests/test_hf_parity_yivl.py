@@ -23,8 +23,10 @@ from safetensors.torch import save_file  # noqa: E402
 
 import minisail  # noqa: E402
 from minisail.generate import greedy_generate  # noqa: E402
-from minisail.models.yivl import IMAGE_TOKEN_INDEX, clip_vision_config  # noqa: E402
-from minisail.vision.clip_vit import CLIPVisionTower, depth_for  # noqa: E402
+from minisail.layers import hidden_state_depth  # noqa: E402
+from minisail.models.yivl import clip_vision_config  # noqa: E402
+from minisail.text.prompt import YIVL_IMAGE_TOKEN_INDEX  # noqa: E402
+from minisail.vision.clip_vit import CLIPVisionTower  # noqa: E402
 
 VIT = "vit/clip-vit-random-p14-56"
 CLIP_SIZES = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
@@ -65,7 +67,7 @@ def test_clip_tower_matches_transformers(hidden_act):
     with torch.no_grad():
         hidden = hf(pixels, output_hidden_states=True).hidden_states  # (pre_layrnorm(embeddings), block 1, ..., 3)
         for select in (-2, -1, 0, 1):
-            depth = depth_for(select, config.num_layers)
+            depth = hidden_state_depth(select, config.num_layers, embeddings_first=True, tower="CLIP ViT")
             tower = CLIPVisionTower(config, depth)
             state = {  # transformers 5 names the tower's modules without the official "vision_model." prefix
                 k: v
@@ -149,7 +151,7 @@ def test_image_path_matches_the_transformers_pipeline(yivl):
     pixels = torch.randn(1, 3, 56, 56, generator=generator)
     input_ids = torch.randint(3, 300, (1, 14), generator=generator)
     slot = 6
-    input_ids[0, slot] = IMAGE_TOKEN_INDEX
+    input_ids[0, slot] = YIVL_IMAGE_TOKEN_INDEX
     with torch.no_grad():
         features = clip(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]  # Yi: select -2, drop CLS
         image = projector(features)  # [1, 16, 64]

@@ -3,7 +3,7 @@
 Uses the golden checkpoints in tests/golden/mono-internvl-{tiny,textonly} (produced by the official
 Mono-InternVL code; tests/test_golden.py checks them against its outputs). Here: what those cases cannot show
 on their own, chunked prefill over image tokens, decoded <IMG_CONTEXT>, batches, the float16 refusal, and an
-independent oracle (transformers' Llama with its MLP swapped for the routed pair, FACTS.md section 5).
+independent oracle (transformers' Llama with its MLP swapped for the routed pair).
 """
 
 from __future__ import annotations

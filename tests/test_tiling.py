@@ -1,7 +1,9 @@
 """best_grid and the tile / thumbnail helpers against InternVL's dynamic_preprocess.
 
 The golden table (tests/data/tiling/grid_cases.csv, 59,056 grids from upstream run verbatim) is checked in
-full; property tests cover what the table cannot: optimality, bounds, exact cover by the tiles.
+full; property tests cover what the table cannot: optimality, bounds, exact cover by the tiles. An emulation of
+CPython's set (below) is the oracle for the candidate order: it shows the order best_grid relies on is CPython's
+hash-table layout, the same on every supported interpreter, not an accident of the one running the tests.
 """
 
 import csv
@@ -16,7 +18,6 @@ from hypothesis import strategies as st
 from minisail.errors import ImageError, MinisailError
 from minisail.tiling import (
     _candidates,
-    _tuple_hash,
     best_grid,
     has_thumbnail,
     num_tiles,
@@ -74,10 +75,13 @@ def test_min_above_max_falls_back_to_one_tile_without_thumbnail():
     assert num_tiles((1, 1)) == 1
 
 
-@pytest.mark.skipif(
+cpython_64 = pytest.mark.skipif(
     platform.python_implementation() != "CPython" or sys.maxsize != 2**63 - 1,
     reason="compares with this interpreter's own set order (CPython, 64-bit)",
 )
+
+
+@cpython_64
 def test_candidate_order_matches_this_interpreters_set():
     assert all(_tuple_hash((i, j)) == hash((i, j)) % 2**64 for i in range(60) for j in range(60))
     for lo in range(1, 25):
@@ -86,6 +90,75 @@ def test_candidate_order_matches_this_interpreters_set():
                 (i, j) for n in range(lo, hi + 1) for i in range(1, n + 1) for j in range(1, n + 1) if lo <= i * j <= hi
             }
             assert list(_candidates(lo, hi)) == sorted(upstream, key=lambda g: g[0] * g[1]), (lo, hi)
+
+
+@cpython_64
+@pytest.mark.parametrize("lo, hi", [(lo, hi) for lo in range(1, 13) for hi in range(lo, 41)] + [(1, 128), (7, 1024)])
+def test_candidate_order_is_the_emulated_cpython_set_order(lo, hi):
+    # The grids in the order upstream's loops first meet them (a repeat leaves a set unchanged), fed to the emulation.
+    first_seen = dict.fromkeys(
+        (i, j) for n in range(lo, hi + 1) for i in range(1, n + 1) for j in range(1, min(n, hi // i) + 1) if lo <= i * j
+    )
+    assert _candidates(lo, hi) == tuple(sorted(_cpython_set_order(list(first_seen)), key=lambda g: g[0] * g[1]))
+
+
+# --- CPython's set, emulated: the oracle for the candidate order ---------------------------------------------------
+# CPython (3.8+, 64-bit) hashes a tuple with an xxHash-like mix of its items' hashes; a small int hashes to itself.
+# Constants from Objects/tupleobject.c.
+_XXPRIME_1 = 11400714785074694791
+_XXPRIME_2 = 14029467366897019727
+_XXPRIME_5 = 2870177450012600261
+_U64 = (1 << 64) - 1
+
+
+def _tuple_hash(items: tuple[int, ...]) -> int:
+    """hash(items) for a tuple of small non-negative ints, as unsigned 64-bit (what the set table uses)."""
+    acc = _XXPRIME_5
+    for lane in items:
+        acc = (acc + lane * _XXPRIME_2) & _U64
+        acc = ((acc << 31) | (acc >> 33)) & _U64  # rotate left by 31
+        acc = (acc * _XXPRIME_1) & _U64
+    acc = (acc + (len(items) ^ (_XXPRIME_5 ^ 3527539))) & _U64
+    return 1546275796 if acc == _U64 else acc  # -1 is reserved for errors in C
+
+
+def _cpython_set_order(keys: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Iteration order of a CPython set built by adding `keys` (distinct) one by one.
+
+    Objects/setobject.c: open addressing over a power-of-two table (8 slots to start); a key goes to slot
+    hash & mask, else the next 9 slots (linear probing, if they fit before the end), else the slot
+    (i*5 + 1 + perturb) & mask with perturb = hash >> 5, >> 10, ...; once the fill reaches 3/5 of the mask the
+    table grows to the smallest power of two above 4x the number of keys and the old slots are re-inserted
+    in slot order. Iteration walks the slots in order.
+    """
+    table: list[tuple[int, int] | None] = [None] * 8
+    used = 0
+    for key in keys:
+        _insert(table, key, _tuple_hash(key))
+        used += 1
+        mask = len(table) - 1
+        if used * 5 >= mask * 3:  # no deletions, so fill == used
+            size = 8
+            while size <= used * 4:
+                size <<= 1
+            old, table = table, [None] * size
+            for entry in old:
+                if entry is not None:
+                    _insert(table, entry, _tuple_hash(entry))
+    return [key for key in table if key is not None]
+
+
+def _insert(table: list, key: tuple[int, int], hash_: int) -> None:
+    mask = len(table) - 1
+    i, perturb = hash_ & mask, hash_
+    while True:
+        probes = 9 if i + 9 <= mask else 0  # LINEAR_PROBES
+        for k in range(i, i + probes + 1):
+            if table[k] is None:
+                table[k] = key
+                return
+        perturb >>= 5  # PERTURB_SHIFT
+        i = (i * 5 + 1 + perturb) & mask
 
 
 @given(sides, sides, bounds, tile_sizes)

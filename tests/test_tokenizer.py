@@ -110,7 +110,7 @@ def test_vocabulary_and_special_tokens(name, form, tokenizer_for):
     expected_special = [t for t in want["all_special_tokens"] if listed_images or t not in image_tokens]
     assert tokenizer.special_tokens == expected_special
     assert tokenizer.add_bos_token is (want["add_bos_token"] is True)
-    context = {"qwen2.5": 151667, "qwen3": 151671, "internlm2": 92546}[name]  # FACTS.md §10
+    context = {"qwen2.5": 151667, "qwen3": 151671, "internlm2": 92546}[name]  # the releases' tokenizer files
     assert tokenizer.token_to_id("<IMG_CONTEXT>") == context and tokenizer.id_to_token(context) == "<IMG_CONTEXT>"
 
 

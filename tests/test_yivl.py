@@ -19,8 +19,9 @@ from minisail.generate import greedy_generate
 from minisail.image import yivl_pixel_values
 from minisail.llm.decoder import positions_from_mask
 from minisail.models.registry import detect_family
-from minisail.models.yivl import IMAGE_TOKEN_INDEX, splice_images, yivl_config
+from minisail.models.yivl import splice_images, yivl_config
 from minisail.parity import read_tensors
+from minisail.text.prompt import YIVL_IMAGE_TOKEN_INDEX
 
 GOLDEN = Path(__file__).parent / "golden"
 TINY, TINY_BIN, TEXT = GOLDEN / "yi-vl-tiny", GOLDEN / "yi-vl-tiny-bin", GOLDEN / "yi-vl-textonly"
@@ -64,7 +65,7 @@ def test_the_tower_comes_from_the_vit_folder_not_the_main_shards(model):
     assert not torch.equal(loaded, main.read(f"model.vision_tower.vision_tower.{name}").float())
     # hidden_states[-2] of a 4-block tower: 3 blocks are built, the 4th block's keys are ignored on purpose
     assert len(model.vision_tower.encoder.layers) == 3
-    assert model.image_token_id == IMAGE_TOKEN_INDEX
+    assert model.image_token_id == YIVL_IMAGE_TOKEN_INDEX
 
 
 def test_bf16_load_casts_the_fp32_tower_too(inputs, model):
@@ -249,7 +250,7 @@ def test_preprocessing_gives_the_golden_pixels(inputs):
 
 def test_splice_shapes_and_placement(model, inputs):
     ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
-    slot = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero())
+    slot = int((ids[0] == YIVL_IMAGE_TOKEN_INDEX).nonzero())
     with torch.no_grad():
         prepared = model.prepare_inputs(ids, mask, pixels)
         image = model.encode_images(pixels)
@@ -265,7 +266,7 @@ def test_splice_shapes_and_placement(model, inputs):
 
 def test_splice_left_pads_rows_of_different_lengths():
     H = 3
-    ids = torch.tensor([[5, IMAGE_TOKEN_INDEX, 6, IMAGE_TOKEN_INDEX], [0, 7, 8, 9]])
+    ids = torch.tensor([[5, YIVL_IMAGE_TOKEN_INDEX, 6, YIVL_IMAGE_TOKEN_INDEX], [0, 7, 8, 9]])
     mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
     text = torch.arange(2 * 4 * H, dtype=torch.float32).view(2, 4, H)
     images = -torch.arange(1, 2 * 2 * H + 1, dtype=torch.float32).view(2, 2, H)  # 2 images of 2 rows
@@ -283,7 +284,7 @@ def test_splice_errors(model, inputs):
     with pytest.raises(PromptError, match="no pixel_values"):
         model.prepare_inputs(ids, mask)
     padded = mask.clone()
-    padded[0, : int((ids[0] == IMAGE_TOKEN_INDEX).nonzero()) + 1] = 0
+    padded[0, : int((ids[0] == YIVL_IMAGE_TOKEN_INDEX).nonzero()) + 1] = 0
     with pytest.raises(PromptError, match="padded position"):
         model.prepare_inputs(ids, padded, pixels)
     with pytest.raises(PromptError, match="outside the vocabulary"):
@@ -298,7 +299,7 @@ def test_batch_matches_rows_run_alone(model, inputs):
     row must equal those of the row run alone."""
     ids, pixels = inputs["input_ids"][0], inputs["pixel_values"]
     flipped = pixels.flip(-1)
-    two_images = torch.tensor([30, 31, IMAGE_TOKEN_INDEX, 14, 40, IMAGE_TOKEN_INDEX, 14, 41, 42])
+    two_images = torch.tensor([30, 31, YIVL_IMAGE_TOKEN_INDEX, 14, 40, YIVL_IMAGE_TOKEN_INDEX, 14, 41, 42])
     text_only = torch.tensor([50, 51, 52, 53, 54])
     rows = [(ids, pixels), (two_images, torch.cat([flipped, pixels])), (text_only, None)]
     T = max(len(r) for r, _ in rows)
@@ -311,7 +312,7 @@ def test_batch_matches_rows_run_alone(model, inputs):
         prepared = model.prepare_inputs(batch_ids, batch_mask, batch_pixels)
         logits = model(batch_ids, batch_mask, batch_pixels)
         tokens = greedy_generate(model, batch_ids, batch_mask, batch_pixels, max_new_tokens=6)
-        lengths = [len(row) + (IMG_TOKENS - 1) * int((row == IMAGE_TOKEN_INDEX).sum()) for row, _ in rows]
+        lengths = [len(row) + (IMG_TOKENS - 1) * int((row == YIVL_IMAGE_TOKEN_INDEX).sum()) for row, _ in rows]
         assert prepared.attention_mask.sum(-1).tolist() == lengths
         assert positions_from_mask(prepared.attention_mask)[:, -1].tolist() == [n - 1 for n in lengths]
         for b, (row, row_pixels) in enumerate(rows):

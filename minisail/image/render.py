@@ -4,7 +4,7 @@ Backs `python -m minisail tiles`. The picture shows the exact uint8 tiles the vi
 `preprocess.internvl_tiles`), laid out in their grid with a gap between tiles, numbered in the order the
 model sees them (row-major), with the thumbnail to the right; a caption line states the grid.
 
-Token counts use the published configs (FACTS §1), since no checkpoint is at hand here: the tiling families
+Token counts use the published configs, since no checkpoint is at hand here: the tiling families
 have a patch-14 ViT and a 0.5 pixel shuffle, so one S px tile becomes tokens_per_tile(S, 14, 0.5) tokens
 (256 at 448 px); Yi-VL pads to a square and always feeds one 448 px image, 32 x 32 = 1024 tokens, no tiling.
 """

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minisail.layers import RMSNorm
 from minisail.llm.cache import KVCache
-from minisail.llm.layers import Attention, RMSNorm, SwiGLU, rope_base, rope_cos_sin, rope_cos_sin_from, rope_inv_freq
+from minisail.llm.layers import Attention, SwiGLU, rope_base, rope_cos_sin, rope_cos_sin_from, rope_inv_freq
 from minisail.llm.moe import VisualExpertMLP
 
 

@@ -5,10 +5,9 @@ how fast those weights stream through the matrix-vector kernel. PyTorch's bf16 `
 plain [out, in] matrix (its `brg_matmul` then reads it in the "ba" layout on every call); packing the weight once
 into the layout that kernel wants (`AB16b64a2b`, via `torch.ops.mkldnn._reorder_linear_weight`, what
 `torch.compile`'s CPU backend does under `freezing`) and calling the same kernel on it
-(`torch.ops.mkldnn._linear_pointwise`) reads the same bytes faster. Measured on the benchmark machine (2-core
-AMD EPYC with AVX-512 BF16, torch 2.13), SAIL-VL-2B's decode matmuls (28 layers + lm_head, 3.1 GB in bf16):
-F.linear 251 ms, packed 169 ms, torch.mv 268 ms per token; a whole decode step 262 -> 150 ms, interleaved in one
-process. Prefill (286 rows) and vision (1025 rows per tile) gain 7-8%.
+(`torch.ops.mkldnn._linear_pointwise`) reads the same bytes faster. Decode, bound by that streaming, gains the
+most; prefill and vision, large matrix products either way, gain a little (README "Speed and memory" has the
+measurements).
 
 Every CPU: oneDNN's bf16 kernels need AVX-512 (BW/VL/DQ), AVX-NE-CONVERT or AMX; on an AVX2-only CPU the reorder
 itself raises. So nothing is assumed from the build: `packing_support()` packs a small probe weight and compares

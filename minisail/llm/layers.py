@@ -1,4 +1,4 @@
-"""The building blocks of the decoder: RMSNorm, rotary embedding, grouped-query attention, SwiGLU.
+"""The decoder's own building blocks: rotary embedding, grouped-query attention, SwiGLU.
 
 Mirrors the layer classes of transformers' `modeling_qwen2.py` / `modeling_llama.py` and InternVL's
 `modeling_internlm2.py`; the families differ only in the switches of `DecoderConfig`:
@@ -10,8 +10,9 @@ Mirrors the layer classes of transformers' `modeling_qwen2.py` / `modeling_llama
   (`gate_up`): the official checkpoints store them apart (or grouped, for InternLM2) and the weight maps
   in `minisail/checkpoint/keymaps.py` join them at load. One matmul instead of three is the same math.
 
-Numerics follow upstream: RMSNorm statistics in float32; cos/sin computed in float32 then cast to the
-activation dtype, so the rotation itself runs in the activation dtype.
+RMSNorm is shared with the vision towers (`minisail/layers.py`). Numerics follow upstream: RMSNorm statistics in
+float32; cos/sin computed in float32 then cast to the activation dtype, so the rotation itself runs in the
+activation dtype.
 """
 
 from __future__ import annotations
@@ -20,23 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisail.layers import RMSNorm
 from minisail.llm.cache import KVCache
-
-
-class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, normalised in float32 and cast back before the weight."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Rotary position embedding (rotate-half / NeoX layout: the first and second halves of a head are the pairs)

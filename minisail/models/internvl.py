@@ -36,6 +36,7 @@ from minisail.config import (
     width_and_heads,
 )
 from minisail.errors import ConfigError, PromptError
+from minisail.layers import hidden_state_depth
 from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
 from minisail.merge import pixel_shuffle, tokens_per_tile
 from minisail.projector import MLPProjector
@@ -96,11 +97,13 @@ def internvl_config(config: dict, vision=None) -> InternVLConfig:
     if vision is None:
         vision = intern_vit_config(require(config, "vision_config", top, dict))
         # hidden_states = [embeddings, layer 1, ..., layer L]: L + 1 entries to pick from
-        if not -(vision.num_layers + 1) <= select_layer <= vision.num_layers:
-            raise ConfigError(
-                f"config.json: select_layer {select_layer} is outside a {vision.num_layers}-layer InternViT "
-                f"(valid: -{vision.num_layers + 1} .. {vision.num_layers})"
-            )
+        hidden_state_depth(
+            select_layer,
+            vision.num_layers,
+            embeddings_first=True,
+            tower="InternViT",
+            source="config.json: select_layer",
+        )
     llm = decoder_config(require(config, "llm_config", top, dict))
     ps_version = choice(config, "ps_version", top, ("v1", "v2"), "v1")  # upstream class default
     downsample_ratio = real(config, "downsample_ratio", top, 0.5, above=0.0, at_most=1.0)  # upstream class default

@@ -64,7 +64,9 @@ def sailvl2_config(config: dict) -> InternVLConfig:
             f"config.json: force_image_size {chat.image_size} differs from vision_config.image_size "
             f"{vision.image_size}; SAIL-ViT's position table has no interpolation, so they must be equal"
         )
-    select_depth(chat.select_layer, vision.num_layers)  # a select_layer outside the tower is a ConfigError now
+    select_depth(
+        chat.select_layer, vision.num_layers, source="config.json: select_layer"
+    )  # a select_layer outside the tower is a ConfigError now
     return chat
 
 

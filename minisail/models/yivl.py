@@ -9,7 +9,7 @@ One image, pixels to logits:
       -> CLIP hidden_states[mm_vision_select_layer] (-2: the output of the second-to-last block)  [N, 1 + g*g, C]
       -> CLS dropped (mm_vision_select_feature "patch")                                    [N, g*g, C]  1024 x 1280
       -> projector (Linear, LayerNorm, GELU, Linear, LayerNorm)                           [N, g*g, H]
-      -> spliced into the text embeddings in place of each IMAGE_TOKEN_INDEX (-200) of input_ids: no start/end
+      -> spliced into the text embeddings in place of each YIVL_IMAGE_TOKEN_INDEX (-200) of input_ids: no start/end
          tokens, so every image grows the sequence by g*g - 1 (1023)
       -> Llama decoder, positions attention_mask.cumsum(-1) - 1 over the spliced sequence -> logits [B, T', V]
 
@@ -52,12 +52,13 @@ from minisail.config import (
     width_and_heads,
 )
 from minisail.errors import CheckpointError, ConfigError, PromptError
+from minisail.layers import hidden_state_depth
 from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
 from minisail.models.internvl import PreparedInputs, check_vocabulary
 from minisail.projector import LayerNormMLPProjector
-from minisail.vision.clip_vit import ACTIVATIONS, CLIPVisionConfig, CLIPVisionTower, depth_for
+from minisail.text.prompt import YIVL_IMAGE_TOKEN_INDEX
+from minisail.vision.clip_vit import ACTIVATIONS, CLIPVisionConfig, CLIPVisionTower
 
-IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder in input_ids (Yi `llava/model/constants.py`): not a vocabulary id
 VIT_PREFIX = "vit."  # the vision folder's tensors, as the weight map sees them
 
 
@@ -140,10 +141,8 @@ def yivl_config(config: dict) -> YiVLConfig:
         raise ConfigError("config.json: mm_use_im_start_end = true is not supported (Yi-VL has no image start/end)")
     select_feature = choice(config, "mm_vision_select_feature", top, ("patch", "cls_patch"), "patch")  # upstream's
     select_layer = require(config, "mm_vision_select_layer", top, int)
-    try:
-        depth_for(select_layer, vision.num_layers)
-    except ValueError as error:
-        raise ConfigError(f"config.json: mm_vision_select_layer: {error}") from None
+    source = "config.json: mm_vision_select_layer"
+    hidden_state_depth(select_layer, vision.num_layers, embeddings_first=True, tower="CLIP ViT", source=source)
     mm_hidden = positive(config, "mm_hidden_size", top)
     if mm_hidden != vision.hidden_size:
         raise ConfigError(
@@ -169,7 +168,7 @@ def open_yivl_tensors(folder: Path, config: dict) -> NamespacedTensors:
 # --- splicing ---------------------------------------------------------------------------------------------------
 
 
-def splice_images(input_ids, attention_mask, text_embeds, image_embeds, image_token_id=IMAGE_TOKEN_INDEX):
+def splice_images(input_ids, attention_mask, text_embeds, image_embeds, image_token_id=YIVL_IMAGE_TOKEN_INDEX):
     """Replace every placeholder by its image's rows, then left-pad the rows to one length.
 
     input_ids, attention_mask [B, T]; text_embeds [B, T, H]; image_embeds [N, T_img, H], one per placeholder in
@@ -213,12 +212,15 @@ class YiVLModel(nn.Module):
     def __init__(self, config: YiVLConfig):
         super().__init__()
         self.config = config
-        self.vision_tower = CLIPVisionTower(config.vision, depth_for(config.select_layer, config.vision.num_layers))
+        depth = hidden_state_depth(
+            config.select_layer, config.vision.num_layers, embeddings_first=True, tower="CLIP ViT"
+        )
+        self.vision_tower = CLIPVisionTower(config.vision, depth)
         self.projector = LayerNormMLPProjector(
             config.vision.hidden_size, config.llm.hidden_size, config.projector_depth
         )
         self.language_model = Decoder(config.llm)
-        self.image_token_id = IMAGE_TOKEN_INDEX
+        self.image_token_id = YIVL_IMAGE_TOKEN_INDEX
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3, S, S] -> image embeddings [N, tokens_per_image, H] (upstream encode_images)."""

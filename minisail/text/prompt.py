@@ -40,7 +40,7 @@ from minisail.text.templates import SINGLE, Template, get_template, render_sailv
 IMAGE_PLACEHOLDER = "<image>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 YIVL_IMAGE_PLACEHOLDER = "<image_placeholder>"
-YIVL_IMAGE_TOKEN_INDEX = -200  # spliced into Yi-VL input_ids where the image features go
+YIVL_IMAGE_TOKEN_INDEX = -200  # LLaVA's IMAGE_TOKEN_INDEX (Yi `llava/model/constants.py`): where Yi-VL's image goes
 IMAGE_STYLES = ("placeholder", "prefix")
 # The most image tokens one prompt may hold: 4096 tiles of 256 tokens, far more than the context of any model
 # here (tens of thousands of tokens), small enough that the prompt text (13 characters per <IMG_CONTEXT>)

@@ -18,7 +18,7 @@ Upstream has two texts under the name `internlm2-chat`, keyed by code version: t
 SAIL-VL2's copy) the Chinese InternVL one. minisail registers the later one as `internlm2-chat` and the
 1.5-era one as `internlm2-chat-v1-5`, and picks it for a config that describes InternVL-Chat-V1-5.
 
-SAIL-VL-2B's own template is unknown: its config.json and conversation.py were not readable (FACTS §10, §14).
+SAIL-VL-2B's own template is unknown: its config.json and conversation.py were not readable when this was written.
 `internvl2_5` and `Hermes-2` are the two chatml candidates; an unregistered name in a checkpoint config
 raises a PromptError that lists the known names, so pass one explicitly rather than guessing silently.
 """
@@ -114,7 +114,7 @@ TEMPLATES: dict[str, Template] = {
     for t in (
         _INTERNLM2_CHAT,
         # Same name upstream; the InternVL 1.5 release's conversation.py (InternVL @ a08ba33) that
-        # InternVL-Chat-V1-5 ships carries the English InternLM message (INFERRED from file sizes, FACTS §10).
+        # InternVL-Chat-V1-5 ships carries the English InternLM message (inferred from the files' sizes).
         replace(
             _INTERNLM2_CHAT,
             name="internlm2-chat-v1-5",

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisail.errors import ImageError
+from minisail.layers import vit_attention
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf) GELU
@@ -41,7 +42,7 @@ ACTIVATIONS = {
 class CLIPVisionConfig:
     hidden_size: int  # C
     num_heads: int
-    num_layers: int  # blocks in the checkpoint (the tower may build fewer, see `depth_for`)
+    num_layers: int  # blocks in the checkpoint (the tower may build fewer: `layers.hidden_state_depth`)
     intermediate_size: int
     image_size: int  # S: the only input size the position table fits (no interpolation)
     patch_size: int  # p
@@ -56,14 +57,6 @@ class CLIPVisionConfig:
     @property
     def num_positions(self) -> int:
         return 1 + self.grid**2  # CLS + patches
-
-
-def depth_for(select_layer: int, num_layers: int) -> int:
-    """How many blocks produce hidden_states[select_layer] (Python indexing over the L + 1 hidden states)."""
-    depth = select_layer if select_layer >= 0 else num_layers + 1 + select_layer
-    if not 0 <= depth <= num_layers:
-        raise ValueError(f"select layer {select_layer} is outside the {num_layers + 1} hidden states of the ViT")
-    return depth
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -92,15 +85,9 @@ class CLIPAttention(nn.Module):
         self.v_proj, self.out_proj = nn.Linear(C, C), nn.Linear(C, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, L, C = x.shape
-
-        def heads(t):  # [N, L, C] -> [N, heads, L, head_dim]
-            return t.view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
-
-        q = heads(self.q_proj(x) * self.scale)  # scaled before the product, as upstream
-        k, v = heads(self.k_proj(x)), heads(self.v_proj(x))
-        y = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # softmax(q k^T) v, no mask
-        return self.out_proj(y.transpose(1, 2).reshape(N, L, C))
+        q = self.q_proj(x) * self.scale  # [N, L, C], scaled before the product, as upstream
+        y = vit_attention(q, self.k_proj(x), self.v_proj(x), self.num_heads, scale=1.0)  # softmax(q k^T) v, no mask
+        return self.out_proj(y)
 
 
 class CLIPMLP(nn.Module):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisail.llm.layers import RMSNorm
+from minisail.layers import RMSNorm, hidden_state_depth, vit_attention
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,10 @@ class InternAttention(nn.Module):
         self.proj = nn.Linear(C, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, L, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=-1)  # each [N, L, C]
+        q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)  # each [N, L, C]
         if self.qk_normalization:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.view(N, L, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [N, h, L, d]
-        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, no mask
-        return self.proj(y.transpose(1, 2).reshape(N, L, C))
+        return self.proj(vit_attention(q, k, v, self.num_heads))  # softmax(q k^T / sqrt(d)) v, no mask
 
 
 class InternMLP(nn.Module):
@@ -133,9 +130,7 @@ class InternViT(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, select_layer: int = -1) -> torch.Tensor:
         # hidden_states = [embeddings, layer 1, ..., layer L]; later layers cannot influence the one selected.
-        depth = select_layer if select_layer >= 0 else self.config.num_layers + 1 + select_layer
-        if not 0 <= depth <= self.config.num_layers:
-            raise ValueError(f"select_layer {select_layer} is outside a {self.config.num_layers}-layer ViT")
+        depth = hidden_state_depth(select_layer, self.config.num_layers, embeddings_first=True, tower="InternViT")
         x = self.embeddings(pixel_values)
         for layer in self.encoder.layers[:depth]:
             x = layer(x)

@@ -29,12 +29,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minisail.layers import hidden_state_depth
 from minisail.vision.intern_vit import InternVisionEmbeddings
 
 
 @dataclass(frozen=True)
 class PatchEmbedConfig:
-    hidden_size: int  # C: 1024 for Mono-InternVL-2B (INFERRED, see FACTS.md section 5)
+    hidden_size: int  # C: 1024 for Mono-InternVL-2B (INFERRED)
     image_size: int  # the size the position table was trained at: its grid is image_size // patch_size
     patch_size: int  # 14
 
@@ -49,6 +50,5 @@ class InternVisionPatchModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, select_layer: int = -1) -> torch.Tensor:
         # With no layers the only hidden state is the embeddings: index 0, or -1 counted from the end.
-        if select_layer not in (0, -1):
-            raise ValueError(f"select_layer {select_layer} is outside a patch-embedding model (only -1 or 0)")
+        hidden_state_depth(select_layer, 0, embeddings_first=True, tower="patch-embedding model")
         return self.embeddings(pixel_values)[:, 1:]  # drop CLS

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisail.errors import ConfigError, ImageError
-from minisail.llm.layers import RMSNorm
+from minisail.errors import ImageError
+from minisail.layers import RMSNorm, hidden_state_depth, vit_attention
 
 
 @dataclass(frozen=True)
@@ -55,16 +55,12 @@ class SailViTConfig:
         return self.image_size // self.patch_size
 
 
-def select_depth(select_layer: int, num_layers: int) -> tuple[int, bool]:
-    """(blocks to run, whether post_trunk_norm applies) for upstream's select_layer (see the module docstring)."""
-    if select_layer == -1:
-        return num_layers, True
-    if not -num_layers <= select_layer < num_layers:
-        raise ConfigError(
-            f"config.json: select_layer {select_layer} is outside a {num_layers}-layer SAIL-ViT "
-            f"(valid: -{num_layers} .. {num_layers - 1}; -1 is the normed last layer)"
-        )
-    return (select_layer + 1 if select_layer >= 0 else num_layers + 1 + select_layer), False
+def select_depth(select_layer: int, num_layers: int, source: str = "select_layer") -> tuple[int, bool]:
+    """(blocks to run, whether post_trunk_norm applies) for upstream's select_layer (see the module docstring).
+
+    The hidden states hold no embeddings, so hidden state k is the output of block k + 1; only -1 is special."""
+    depth = hidden_state_depth(select_layer, num_layers, embeddings_first=False, tower="SAIL-ViT", source=source)
+    return depth, select_layer == -1
 
 
 class SailViTPatchifier(nn.Module):
@@ -99,11 +95,8 @@ class SailViTAttention(nn.Module):
         self.proj = nn.Linear(C, C, bias=config.use_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, L, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=-1)  # each [N, L, C]
-        q, k, v = (t.view(N, L, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [N, h, L, d]
-        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, every patch sees every patch
-        return self.proj(y.transpose(1, 2).reshape(N, L, C))
+        q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)  # each [N, L, C]
+        return self.proj(vit_attention(q, k, v, self.num_heads))  # softmax(q k^T / sqrt(d)) v, every patch sees all
 
 
 class SailViTSwiGLU(nn.Module):

@@ -1,9 +1,9 @@
 """Record your own golden case from a real checkpoint and its official remote code.
 
 minisail's parity on real weights is one command away for anyone who has the checkpoint and can run the
-official code (transformers 4.37-4.51 with trust_remote_code; the remote code breaks from 4.52, see
-FACTS/README). This script runs the OFFICIAL model on one image and question and writes a case folder in the
-format of tests/golden/README.md, which `python -m minisail parity CASE_DIR` then checks:
+official code (transformers 4.37-4.51 with trust_remote_code; the remote code breaks from 4.52). This script
+runs the OFFICIAL model on one image and question and writes a case folder in the format of
+tests/golden/README.md, which `python -m minisail parity CASE_DIR` then checks:
 
     pip install "transformers==4.51.3" timm einops   # in a separate environment, for the official code
     python tests/tools/record_golden.py --model weights/SAIL-VL-2B --image photo.jpg \
