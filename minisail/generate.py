@@ -1,4 +1,4 @@
-"""Generation on the static KV cache: greedy or sampled, stop tokens, batches, and UTF-8-safe text streaming.
+"""Generation on the static KV cache: greedy or sampled, stop tokens, batches, streamed text.
 
 Prefill runs the whole prompt once (image rows in place) and fills the cache; each decode step feeds one
 new token per row. Positions continue from the mask-derived prompt positions, so left-padded rows decode as
@@ -19,18 +19,21 @@ tokens count: `minisail.chat` passes `penalize_prompt=False` to match it.
 
 `decode_step` is the one function a decode step runs: it does the step's Python bookkeeping (the cache slot,
 the rotary frequencies) and calls `Decoder.decode_step`, the fixed-shape core ([B, 1] in, [B, V] out, a cache
-allocated once) that `torch.compile` captures as one graph (tests/test_compile.py).
+allocated once) that `torch.compile` captures as one graph (tests/test_compile.py). The text of a reply is
+streamed by `minisail/text/streaming.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from minisail.errors import ConfigError, NumericsError, PromptError
+from minisail.llm.cache import check_cache_fits
 from minisail.llm.decoder import positions_from_mask
+from minisail.text.streaming import stream_text
 
 # Keys of transformers' GenerationConfig that chat() users pass and that change nothing here, with the only
 # value minisail supports (None: any value).
@@ -164,33 +167,6 @@ def new_token_budget(prompt_tokens: int, max_new_tokens: int, context: int | Non
     return min(max_new_tokens, context - prompt_tokens)
 
 
-def check_cache_fits(decoder, batch: int, prompt_tokens: int, max_new: int, available: int | None = None) -> None:
-    """Refuse a KV cache that would not fit in the available memory, before allocating it.
-
-    The static cache holds keys and values for every layer, row and slot: 2 * layers * batch * kv_heads *
-    capacity * head_dim elements. On the CPU it is compared with MemAvailable (/proc/meminfo; not checked where
-    that is unknown), so `max_new_tokens=10**7` fails here, saying how many tokens would fit, instead of in
-    the allocator.
-    """
-    weight = decoder.embed.weight
-    if weight.device.type != "cpu":
-        return
-    c = decoder.config
-    per_token = 2 * c.num_layers * batch * c.num_kv_heads * c.head_dim * weight.element_size()
-    need = per_token * (prompt_tokens + max_new)
-    if available is None:
-        from minisail.checkpoint.readahead import available_memory_bytes
-
-        available = available_memory_bytes()
-    if available is not None and need > available:
-        fits = available // max(per_token, 1) - prompt_tokens
-        raise PromptError(
-            f"the KV cache for {prompt_tokens} prompt + {max_new} new tokens x {batch} row(s) needs "
-            f"{need / 2**30:.1f} GiB but {available / 2**30:.1f} GiB of memory is available: lower max_new_tokens "
-            f"(about {max(fits, 0)} new tokens fit), or use a shorter prompt or a smaller batch"
-        )
-
-
 def _seen_mask(input_ids, vocab_size: int, penalize_prompt: bool) -> torch.Tensor:
     """[B, V] bool: the prompt's ids (pads included, as transformers' input_ids) or nothing yet."""
     seen = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.bool, device=input_ids.device)
@@ -295,53 +271,6 @@ def greedy_generate(model, input_ids, attention_mask=None, pixel_values=None, *,
 
 
 # --- text ---------------------------------------------------------------------------------------------------------
-
-
-STREAM_WINDOW = 64  # ids a streamed piece may wait for; a character takes at most 4 byte tokens
-
-
-def stream_text(tokenizer, token_ids: Iterable[int], *, skip_special_tokens: bool = True) -> Iterator[str]:
-    """Text pieces as the ids arrive, never splitting a character; they join to the decode of all ids.
-
-    Byte-level tokenizers spend several tokens on one CJK character or emoji, and a prefix of them decodes
-    to U+FFFD. So new text is emitted only when it has grown and does not end in U+FFFD (transformers'
-    TextStreamer rule). Decoding all ids at every step would make a long reply quadratic, so only a window is
-    decoded, as incremental detokenizers do: `decode(ids[prefix:])` against `decode(ids[prefix:read])`, where
-    `read` is where the text was last emitted and `prefix` where it was emitted before that. Both decodes start
-    at the same id, so whatever a decoder does at the start of a text (SentencePiece drops the first "▁") cancels
-    out, and the difference is the new text. A window that has not emitted for STREAM_WINDOW ids (a run of
-    invalid bytes) moves on anyway, emitting what it has, U+FFFD included: no id is decoded more than about
-    2 * STREAM_WINDOW times.
-    Should a tokenizer ever rewrite text it already produced, the last piece resumes after the longest common
-    prefix of what was emitted and the decode of all ids. (One does: with skip_special_tokens=False, InternLM2's
-    slow decode puts a space in front of the text before a special token; a window cannot see that, so the
-    pieces then differ from decoding everything at each step. Chat streams with special tokens skipped.)
-    """
-    ids: list[int] = []
-    prefix = read = 0
-    emitted: list[str] = []
-    for token_id in token_ids:
-        ids.append(int(token_id))
-        base = tokenizer.decode(ids[prefix:read], skip_special_tokens=skip_special_tokens)
-        text = tokenizer.decode(ids[prefix:], skip_special_tokens=skip_special_tokens)
-        grown = len(text) > len(base) and text.startswith(base)
-        if (grown and not text.endswith("\ufffd")) or len(ids) - read >= STREAM_WINDOW:
-            if grown:
-                emitted.append(text[len(base) :])
-                yield emitted[-1]
-            prefix, read = read, len(ids)
-    final = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-    sent = "".join(emitted)
-    common = len(sent) if final.startswith(sent) else _common_prefix(final, sent)
-    if final[common:]:
-        yield final[common:]
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def generate_stream(
