@@ -17,10 +17,9 @@ prompt for a model called with input_ids (`penalize_prompt=True`, the default he
 calls `language_model.generate(inputs_embeds=...)`, where input_ids starts empty, so there only the new
 tokens count: `minisail.chat` passes `penalize_prompt=False` to match it.
 
-`decode_step` is the one function a decode step runs: it does the step's Python bookkeeping (the cache slot,
-the rotary frequencies) and calls `Decoder.decode_step`, the fixed-shape core ([B, 1] in, [B, V] out, a cache
-allocated once) that `torch.compile` captures as one graph (tests/test_compile.py). The text of a reply is
-streamed by `minisail/text/streaming.py`.
+Prefill and decode steps are the same `Decoder.forward` (its docstring states the cache contract); `decode_step`
+feeds one token per row with the model's expert routing for it (`model.visual_mask`, None for most families).
+The text of a reply is streamed by `minisail/text/streaming.py`.
 """
 
 from __future__ import annotations
@@ -144,9 +143,7 @@ def next_tokens(logits, config: GenerationConfig, seen=None, generator=None) -> 
 def decode_step(model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One new token per row through the cached decoder: tokens, positions [B, 1] -> float32 logits [B, V]."""
     decoder = model.language_model
-    cache.begin_step(torch.ones_like(tokens))  # the Python bookkeeping, outside the fixed-shape core
-    inv_freq = decoder.rope_inv_freq(cache.length)
-    return decoder.decode_step(tokens, positions, cache, inv_freq, **model.layer_kwargs(tokens))
+    return decoder(decoder.embed(tokens), positions, cache, visual_mask=model.visual_mask(tokens))[:, -1]
 
 
 def context_length(decoder_config) -> int:
@@ -205,8 +202,14 @@ def generate_steps(
     check_cache_fits(decoder, B, T, max_new)
     cache = decoder.new_cache(B, T + max_new)
     positions = positions_from_mask(inputs.attention_mask)
-    logits = decoder(inputs.embeds, inputs.attention_mask, positions, cache, last_only=True, **inputs.layer_kwargs)
-    logits = logits[:, -1]  # [B, V]
+    logits = decoder(
+        inputs.embeds,
+        positions,
+        cache,
+        attention_mask=inputs.attention_mask,
+        visual_mask=inputs.visual_mask,
+        last_only=True,
+    )[:, -1]  # [B, V]
     if generator is None and config.do_sample and config.seed is not None:
         generator = torch.Generator(logits.device).manual_seed(config.seed)
     stop_ids = torch.tensor(config.stop_token_ids, dtype=torch.long, device=logits.device)

@@ -29,7 +29,9 @@ class KVCache:
         self.slots = torch.arange(0, device=device)  # the slots of the current step, [T]
 
     def begin_step(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Reserve slots for a step of T tokens (attention_mask [B, T], 1 = real token); returns the slots [T]."""
+        """Reserve slots for a step of T tokens (attention_mask [B, T], 1 = real token); returns the slots [T].
+
+        Called only by `Decoder.begin_step`, once per step (the contract: minisail/llm/decoder.py)."""
         T = attention_mask.shape[1]
         if self.length + T > self.capacity:
             raise PromptError(
