@@ -174,7 +174,14 @@ class MinisailRunner:
 
         cache = decoder.new_cache(1, inputs.embeds.shape[1] + 1)
         positions = positions_from_mask(inputs.attention_mask)
-        logits = decoder(inputs.embeds, inputs.attention_mask, positions, cache, last_only=True, **inputs.layer_kwargs)
+        logits = decoder(
+            inputs.embeds,
+            positions,
+            cache,
+            attention_mask=inputs.attention_mask,
+            visual_mask=inputs.visual_mask,
+            last_only=True,
+        )
         return logits[:, -1].argmax(-1)
 
     def generate(self, tokens: int) -> list[float]:

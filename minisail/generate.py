@@ -1,4 +1,4 @@
-"""Generation on the static KV cache: greedy or sampled, stop tokens, batches, and UTF-8-safe text streaming.
+"""Generation on the static KV cache: greedy or sampled, stop tokens, batches, streamed text.
 
 Prefill runs the whole prompt once (image rows in place) and fills the cache; each decode step feeds one
 new token per row. Positions continue from the mask-derived prompt positions, so left-padded rows decode as
@@ -17,20 +17,22 @@ prompt for a model called with input_ids (`penalize_prompt=True`, the default he
 calls `language_model.generate(inputs_embeds=...)`, where input_ids starts empty, so there only the new
 tokens count: `minisail.chat` passes `penalize_prompt=False` to match it.
 
-`decode_step` is the one function a decode step runs: it does the step's Python bookkeeping (the cache slot,
-the rotary frequencies) and calls `Decoder.decode_step`, the fixed-shape core ([B, 1] in, [B, V] out, a cache
-allocated once) that `torch.compile` captures as one graph (tests/test_compile.py).
+Prefill and decode steps are the same `Decoder.forward` (its docstring states the cache contract); `decode_step`
+feeds one token per row with the model's expert routing for it (`model.visual_mask`, None for most families).
+The text of a reply is streamed by `minisail/text/streaming.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from minisail.errors import ConfigError, NumericsError, PromptError
+from minisail.llm.cache import check_cache_fits
 from minisail.llm.decoder import positions_from_mask
+from minisail.text.streaming import stream_text
 
 # Keys of transformers' GenerationConfig that chat() users pass and that change nothing here, with the only
 # value minisail supports (None: any value).
@@ -141,9 +143,7 @@ def next_tokens(logits, config: GenerationConfig, seen=None, generator=None) -> 
 def decode_step(model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One new token per row through the cached decoder: tokens, positions [B, 1] -> float32 logits [B, V]."""
     decoder = model.language_model
-    cache.begin_step(torch.ones_like(tokens))  # the Python bookkeeping, outside the fixed-shape core
-    inv_freq = decoder.rope_inv_freq(cache.length)
-    return decoder.decode_step(tokens, positions, cache, inv_freq, **model.layer_kwargs(tokens))
+    return decoder(decoder.embed(tokens), positions, cache, visual_mask=model.visual_mask(tokens))[:, -1]
 
 
 def context_length(decoder_config) -> int:
@@ -162,33 +162,6 @@ def new_token_budget(prompt_tokens: int, max_new_tokens: int, context: int | Non
             "a new conversation"
         )
     return min(max_new_tokens, context - prompt_tokens)
-
-
-def check_cache_fits(decoder, batch: int, prompt_tokens: int, max_new: int, available: int | None = None) -> None:
-    """Refuse a KV cache that would not fit in the available memory, before allocating it.
-
-    The static cache holds keys and values for every layer, row and slot: 2 * layers * batch * kv_heads *
-    capacity * head_dim elements. On the CPU it is compared with MemAvailable (/proc/meminfo; not checked where
-    that is unknown), so `max_new_tokens=10**7` fails here, saying how many tokens would fit, instead of in
-    the allocator.
-    """
-    weight = decoder.embed.weight
-    if weight.device.type != "cpu":
-        return
-    c = decoder.config
-    per_token = 2 * c.num_layers * batch * c.num_kv_heads * c.head_dim * weight.element_size()
-    need = per_token * (prompt_tokens + max_new)
-    if available is None:
-        from minisail.checkpoint.readahead import available_memory_bytes
-
-        available = available_memory_bytes()
-    if available is not None and need > available:
-        fits = available // max(per_token, 1) - prompt_tokens
-        raise PromptError(
-            f"the KV cache for {prompt_tokens} prompt + {max_new} new tokens x {batch} row(s) needs "
-            f"{need / 2**30:.1f} GiB but {available / 2**30:.1f} GiB of memory is available: lower max_new_tokens "
-            f"(about {max(fits, 0)} new tokens fit), or use a shorter prompt or a smaller batch"
-        )
 
 
 def _seen_mask(input_ids, vocab_size: int, penalize_prompt: bool) -> torch.Tensor:
@@ -229,8 +202,14 @@ def generate_steps(
     check_cache_fits(decoder, B, T, max_new)
     cache = decoder.new_cache(B, T + max_new)
     positions = positions_from_mask(inputs.attention_mask)
-    logits = decoder(inputs.embeds, inputs.attention_mask, positions, cache, last_only=True, **inputs.layer_kwargs)
-    logits = logits[:, -1]  # [B, V]
+    logits = decoder(
+        inputs.embeds,
+        positions,
+        cache,
+        attention_mask=inputs.attention_mask,
+        visual_mask=inputs.visual_mask,
+        last_only=True,
+    )[:, -1]  # [B, V]
     if generator is None and config.do_sample and config.seed is not None:
         generator = torch.Generator(logits.device).manual_seed(config.seed)
     stop_ids = torch.tensor(config.stop_token_ids, dtype=torch.long, device=logits.device)
@@ -295,53 +274,6 @@ def greedy_generate(model, input_ids, attention_mask=None, pixel_values=None, *,
 
 
 # --- text ---------------------------------------------------------------------------------------------------------
-
-
-STREAM_WINDOW = 64  # ids a streamed piece may wait for; a character takes at most 4 byte tokens
-
-
-def stream_text(tokenizer, token_ids: Iterable[int], *, skip_special_tokens: bool = True) -> Iterator[str]:
-    """Text pieces as the ids arrive, never splitting a character; they join to the decode of all ids.
-
-    Byte-level tokenizers spend several tokens on one CJK character or emoji, and a prefix of them decodes
-    to U+FFFD. So new text is emitted only when it has grown and does not end in U+FFFD (transformers'
-    TextStreamer rule). Decoding all ids at every step would make a long reply quadratic, so only a window is
-    decoded, as incremental detokenizers do: `decode(ids[prefix:])` against `decode(ids[prefix:read])`, where
-    `read` is where the text was last emitted and `prefix` where it was emitted before that. Both decodes start
-    at the same id, so whatever a decoder does at the start of a text (SentencePiece drops the first "▁") cancels
-    out, and the difference is the new text. A window that has not emitted for STREAM_WINDOW ids (a run of
-    invalid bytes) moves on anyway, emitting what it has, U+FFFD included: no id is decoded more than about
-    2 * STREAM_WINDOW times.
-    Should a tokenizer ever rewrite text it already produced, the last piece resumes after the longest common
-    prefix of what was emitted and the decode of all ids. (One does: with skip_special_tokens=False, InternLM2's
-    slow decode puts a space in front of the text before a special token; a window cannot see that, so the
-    pieces then differ from decoding everything at each step. Chat streams with special tokens skipped.)
-    """
-    ids: list[int] = []
-    prefix = read = 0
-    emitted: list[str] = []
-    for token_id in token_ids:
-        ids.append(int(token_id))
-        base = tokenizer.decode(ids[prefix:read], skip_special_tokens=skip_special_tokens)
-        text = tokenizer.decode(ids[prefix:], skip_special_tokens=skip_special_tokens)
-        grown = len(text) > len(base) and text.startswith(base)
-        if (grown and not text.endswith("\ufffd")) or len(ids) - read >= STREAM_WINDOW:
-            if grown:
-                emitted.append(text[len(base) :])
-                yield emitted[-1]
-            prefix, read = read, len(ids)
-    final = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-    sent = "".join(emitted)
-    common = len(sent) if final.startswith(sent) else _common_prefix(final, sent)
-    if final[common:]:
-        yield final[common:]
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def generate_stream(

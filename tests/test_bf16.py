@@ -22,6 +22,7 @@ from transformers.models.qwen2 import modeling_qwen2  # noqa: E402
 import minisail  # noqa: E402
 from minisail.layers import RMSNorm  # noqa: E402
 from minisail.llm import layers  # noqa: E402
+from minisail.llm.rotary import Rotary  # noqa: E402
 
 CONFIG = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
 
@@ -40,7 +41,7 @@ def test_rmsnorm_rope_and_mlp_round_where_transformers_rounds():
 
     positions = torch.arange(30)[None].expand(2, -1)
     cos, sin = modeling_qwen2.Qwen2RotaryEmbedding(config)(x, positions)
-    ours = layers.rope_cos_sin(positions, 16, 1e6, torch.bfloat16)
+    ours = Rotary(16, 1e6, max_positions=32768).tables(positions, kv_length=30, dtype=torch.bfloat16)
     assert torch.equal(ours[0], cos) and torch.equal(ours[1], sin)
 
     reference_mlp = modeling_qwen2.Qwen2MLP(config).bfloat16()

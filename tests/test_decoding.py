@@ -36,11 +36,10 @@ def test_cached_decoding_equals_the_full_forward(case):
         B, T = attention_mask.shape
         cache = decoder.new_cache(B, T + steps)
         positions = positions_from_mask(attention_mask)
-        cached = [decoder(inputs.embeds, attention_mask, positions, cache, last_only=True)[:, -1]]
-        ones = torch.ones(B, 1, dtype=attention_mask.dtype)
+        cached = [decoder(inputs.embeds, positions, cache, attention_mask=attention_mask, last_only=True)[:, -1]]
         for step in range(steps - 1):
             cached.append(
-                decoder(decoder.embed(tokens[:, step : step + 1]), ones, positions[:, -1:] + 1 + step, cache)[:, -1]
+                decoder(decoder.embed(tokens[:, step : step + 1]), positions[:, -1:] + 1 + step, cache)[:, -1]
             )
         for step in range(steps):
             ids = torch.cat([input_ids, tokens[:, :step]], dim=1)
@@ -92,7 +91,7 @@ def test_prompt_longer_than_the_cache_is_a_clear_error():
     cache = model.language_model.new_cache(1, 4)
     embeds = model.language_model.embed(torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(PromptError, match="holds 4 tokens"):
-        model.language_model(embeds, torch.ones(1, 5), torch.arange(5)[None], cache)
+        model.language_model(embeds, torch.arange(5)[None], cache)
 
 
 def test_image_token_count_mismatch_is_a_clear_error():

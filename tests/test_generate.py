@@ -17,10 +17,10 @@ from minisail.generate import (
     greedy_generate,
     new_token_budget,
     next_tokens,
-    stream_text,
     top_k_filter,
     top_p_filter,
 )
+from minisail.text.streaming import stream_text
 
 
 def golden(case: str):

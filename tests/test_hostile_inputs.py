@@ -28,14 +28,16 @@ from test_tokenizer import _field, _varint, toy_model
 from tokenizers import normalizers
 
 from minisail.errors import CheckpointError, ImageError, PromptError, TokenizerError
-from minisail.generate import check_cache_fits, greedy_generate, stream_text
+from minisail.generate import greedy_generate
 from minisail.image import internvl_pixel_values, internvl_tiles, open_image, yivl_pixel_values
 from minisail.image.preprocess import MAX_PIXEL_VALUES_BYTES, check_pixel_values_bytes
+from minisail.llm.cache import check_cache_fits
 from minisail.session import THINK_CLOSE, THINK_OPEN, ReplyStream, ThoughtReply, boxed_content, split_thinking
 from minisail.text import sentencepiece as spm_reader
 from minisail.text import tokenizer as tokenizer_module
 from minisail.text.charsmap import check_charsmap
 from minisail.text.prompt import MAX_IMAGE_TOKENS, build_query
+from minisail.text.streaming import stream_text
 from minisail.text.templates import get_template
 from minisail.text.tokenizer import load_tokenizer
 

@@ -103,5 +103,5 @@ def test_bfloat16_rows_match_their_own_expert():
 
 def test_a_mask_of_the_wrong_shape_is_refused():
     mlp = make_mlp(5)
-    with pytest.raises(ValueError, match="visual_token_mask"):
+    with pytest.raises(ValueError, match="visual_mask"):
         mlp(torch.randn(2, 5, HIDDEN), torch.zeros(2, 4, dtype=torch.bool))

@@ -105,10 +105,10 @@ def test_patch_model_is_conv_plus_resized_table_and_ignores_the_class_embedding(
 # --- routing ----------------------------------------------------------------------------------------------------
 
 
-def test_layer_kwargs_route_exactly_the_image_context_tokens(tiny):
+def test_visual_mask_routes_exactly_the_image_context_tokens(tiny):
     model, inputs, _ = tiny
     ids = inputs["input_ids"]
-    mask = model.layer_kwargs(ids)["visual_token_mask"]
+    mask = model.visual_mask(ids)
     assert mask.dtype == torch.bool and torch.equal(mask, ids == image_token_id())
     assert int(mask.sum()) == 48 and not mask[ids == 391].any() and not mask[ids == 392].any()  # <img>, </img>
 
@@ -121,12 +121,11 @@ def prefill_in_chunks(model, inputs, bounds, route=True):
     cache = decoder.new_cache(1, T)
     pieces = []
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        kwargs = model.layer_kwargs(inputs["input_ids"][:, a:b])
+        visual = model.visual_mask(inputs["input_ids"][:, a:b])
         if not route and a > 0:  # upstream's rule: any step with a cache uses the text FFN for every token
-            kwargs = {}
-        pieces.append(
-            decoder(prepared.embeds[:, a:b], prepared.attention_mask[:, a:b], positions[:, a:b], cache, **kwargs)
-        )
+            visual = None
+        embeds, mask = prepared.embeds[:, a:b], prepared.attention_mask[:, a:b]
+        pieces.append(decoder(embeds, positions[:, a:b], cache, attention_mask=mask, visual_mask=visual))
     return torch.cat(pieces, dim=1)
 
 
@@ -153,14 +152,14 @@ def test_a_decoded_image_context_token_takes_the_visual_expert(tiny):
         embeds = torch.cat([prepared.embeds, decoder.embed(torch.tensor([[img]]))], dim=1)
         mask = torch.ones_like(ids)
         positions = positions_from_mask(mask)
-        full = decoder(embeds, mask, positions, **model.layer_kwargs(ids))[:, -1]
+        full = decoder(embeds, positions, visual_mask=model.visual_mask(ids))[:, -1]
 
         T = inputs["input_ids"].shape[1]
         cache = decoder.new_cache(1, T + 1)
-        decoder(prepared.embeds, mask[:, :T], positions[:, :T], cache, **prepared.layer_kwargs)
+        decoder(prepared.embeds, positions[:, :T], cache, visual_mask=prepared.visual_mask)
         step_ids = ids[:, T:]
-        step = decoder(embeds[:, T:], mask[:, T:], positions[:, T:], cache, **model.layer_kwargs(step_ids))[:, -1]
-        text_ffn = decoder(embeds, mask, positions, visual_token_mask=(ids == img) & (positions < T))[:, -1]
+        step = decoder(embeds[:, T:], positions[:, T:], cache, visual_mask=model.visual_mask(step_ids))[:, -1]
+        text_ffn = decoder(embeds, positions, visual_mask=(ids == img) & (positions < T))[:, -1]
     assert (step - full).abs().max().item() < 1e-5
     assert (text_ffn - full).abs().max().item() > 1e-3  # the expert choice matters for this token
 

@@ -258,7 +258,7 @@ def test_splice_shapes_and_placement(model, inputs):
     T = ids.shape[1]
     assert image.shape == (1, IMG_TOKENS, 64)
     assert prepared.embeds.shape == (1, T - 1 + IMG_TOKENS, 64) and prepared.attention_mask.shape == (1, T - 1 + 16)
-    assert bool(prepared.attention_mask.all()) and prepared.layer_kwargs == {}
+    assert bool(prepared.attention_mask.all()) and prepared.visual_mask is None
     assert torch.equal(prepared.embeds[0, :slot], text[0, :slot])
     assert torch.equal(prepared.embeds[0, slot : slot + IMG_TOKENS], image[0])
     assert torch.equal(prepared.embeds[0, slot + IMG_TOKENS :], text[0, slot + 1 :])

@@ -5,6 +5,8 @@ Every layer's keys and values live in two tensors [layers, B, kv_heads, capacity
 its tokens into the next free slots and attends over all `capacity` slots, with a mask that hides the slots
 not written yet and the left padding. Fixed shapes also let `torch.compile` capture a decode step once.
 
+`check_cache_fits` refuses, before allocating, a cache larger than the memory available.
+
 Slots are shared by the whole batch (left padding keeps rows aligned): slot s holds the s-th token fed to
 the model, pad or not; `valid[b, s]` says whether row b's token in slot s is a real token.
 """
@@ -27,7 +29,9 @@ class KVCache:
         self.slots = torch.arange(0, device=device)  # the slots of the current step, [T]
 
     def begin_step(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Reserve slots for a step of T tokens (attention_mask [B, T], 1 = real token); returns the slots [T]."""
+        """Reserve slots for a step of T tokens (attention_mask [B, T], 1 = real token); returns the slots [T].
+
+        Called only by `Decoder.begin_step`, once per step (the contract: minisail/llm/decoder.py)."""
         T = attention_mask.shape[1]
         if self.length + T > self.capacity:
             raise PromptError(
@@ -44,3 +48,30 @@ class KVCache:
         self.keys[layer].index_copy_(2, self.slots, k)
         self.values[layer].index_copy_(2, self.slots, v)
         return self.keys[layer], self.values[layer]  # [B, kv_heads, capacity, D]
+
+
+def check_cache_fits(decoder, batch: int, prompt_tokens: int, max_new: int, available: int | None = None) -> None:
+    """Refuse a KV cache that would not fit in the available memory, before allocating it.
+
+    The static cache holds keys and values for every layer, row and slot: 2 * layers * batch * kv_heads *
+    capacity * head_dim elements. On the CPU it is compared with MemAvailable (/proc/meminfo; not checked where
+    that is unknown), so `max_new_tokens=10**7` fails here, saying how many tokens would fit, instead of in
+    the allocator.
+    """
+    weight = decoder.embed.weight
+    if weight.device.type != "cpu":
+        return
+    c = decoder.config
+    per_token = 2 * c.num_layers * batch * c.num_kv_heads * c.head_dim * weight.element_size()
+    need = per_token * (prompt_tokens + max_new)
+    if available is None:
+        from minisail.checkpoint.readahead import available_memory_bytes
+
+        available = available_memory_bytes()
+    if available is not None and need > available:
+        fits = available // max(per_token, 1) - prompt_tokens
+        raise PromptError(
+            f"the KV cache for {prompt_tokens} prompt + {max_new} new tokens x {batch} row(s) needs "
+            f"{need / 2**30:.1f} GiB but {available / 2**30:.1f} GiB of memory is available: lower max_new_tokens "
+            f"(about {max(fits, 0)} new tokens fit), or use a shorter prompt or a smaller batch"
+        )

@@ -2,27 +2,47 @@
 InternLM2 (InternVL-Chat-V1-5, Mono-InternVL) and Llama (Yi-VL).
 
 They are the same pre-norm transformer: token embedding -> L x [RMSNorm -> GQA attention with RoPE -> residual,
-RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> lm_head. The differences are fields of `DecoderConfig`
-(read from each family's config by `minisail/config.py`) and the weight maps in `minisail/checkpoint/keymaps.py`.
+RMSNorm -> SwiGLU MLP (or Mono's visual experts) -> residual] -> RMSNorm -> lm_head. The differences are fields
+of `DecoderConfig` (read from each family's config by `minisail/config.py`) and the weight maps in
+`minisail/checkpoint/keymaps.py`.
 
 Mirrors transformers' Qwen2ForCausalLM / Qwen3ForCausalLM / LlamaForCausalLM and InternVL's InternLM2ForCausalLM.
 
-Positions come from the attention mask (`mask.cumsum(-1) - 1`, pads at 1), as transformers' generate() makes
-them, so left-padded batches see the same positions as unpadded rows. Logits are returned in float32, as the
-upstream heads upcast them.
+The contract, stated here once:
+
+- `Decoder.forward(embeds [B, T, H], positions [B, T], cache=None, *, attention_mask=None, visual_mask=None,
+  last_only=False) -> float32 logits [B, T, V]` is the one entry point: a full forward (no cache), a prefill
+  or a chunk of one (a cache, T tokens) and a decode step (a cache, T = 1) are the same call.
+- `Decoder.begin_step` does a step's Python bookkeeping, and is the only code that does: it reserves the
+  step's cache slots (the only caller of `KVCache.begin_step`), builds the attention mask, and asks the
+  `Rotary` for cos/sin at the step's positions for the key/value length it attends over (the cache's length,
+  which is what InternLM2's dynamic NTK depends on). `forward` calls it, then `run`, the tensor work.
+- A decode step's tensor work goes through `decode_step`, the same `run` under a name of its own: fixed shapes,
+  no Python number that changes between steps, so `torch.compile` captures it once, with no graph break, for a
+  whole generation (tests/test_compile.py; `bench --compile` swaps in the compiled one), and prefills of any
+  length stay eager.
+- `visual_mask` [B, T] bool (True at <IMG_CONTEXT>) routes Mono-InternVL's FFN experts (minisail/llm/moe.py);
+  the model computes it from the token ids (`visual_mask(input_ids)` of every family, None where there are no
+  experts) and the decoder hands it to each layer. A decoder without experts refuses one.
+
+Positions come from the attention mask (`positions_from_mask`, pads at 1), as transformers' generate() makes
+them, so left-padded batches see the same positions as unpadded rows; a decode step continues from the last
+one. Logits are returned in float32, as the upstream heads upcast them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from minisail.layers import RMSNorm
 from minisail.llm.cache import KVCache
-from minisail.llm.layers import Attention, SwiGLU, rope_base, rope_cos_sin, rope_cos_sin_from, rope_inv_freq
+from minisail.llm.layers import Attention, SwiGLU
 from minisail.llm.moe import VisualExpertMLP
+from minisail.llm.rotary import Rotary
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,14 @@ class DecoderConfig:
     architecture: str = ""  # the official class name, for messages
 
 
+class Step(NamedTuple):
+    """What `Decoder.begin_step` prepares for the layers of one step of T tokens over S key slots."""
+
+    mask: torch.Tensor  # [B, 1, T, S] bool: which keys each query may see
+    cos: torch.Tensor  # [B, T, head_dim] rotary tables at the step's positions
+    sin: torch.Tensor  # [B, T, head_dim]
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: DecoderConfig, layer_index: int):
         super().__init__()
@@ -52,15 +80,15 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(config, layer_index)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.visual_experts = config.visual_experts
-        if config.visual_experts:  # text and visual FFN, routed per token by visual_token_mask
+        if config.visual_experts:  # text and visual FFN, routed per token by the visual mask
             self.mlp = VisualExpertMLP(config.hidden_size, config.intermediate_size)
         else:
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, mask, cache, visual_token_mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+    def forward(self, x: torch.Tensor, step: Step, cache: KVCache | None, visual_mask=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), step.cos, step.sin, step.mask, cache)
         if self.visual_experts:
-            return x + self.mlp(self.mlp_norm(x), visual_token_mask)  # visual_token_mask [B, T] bool
+            return x + self.mlp(self.mlp_norm(x), visual_mask)  # visual_mask [B, T] bool or None (all text)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -81,7 +109,7 @@ def attention_mask_4d(key_valid: torch.Tensor, query_slots: torch.Tensor) -> tor
 
 
 class Decoder(nn.Module):
-    """A causal language model: `forward(embeds, attention_mask, positions, cache) -> float32 logits`."""
+    """A causal language model: `forward(embeds, positions, cache) -> float32 logits` (the contract: above)."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -93,7 +121,9 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self._inv_freq: tuple[float, torch.Tensor] | None = None  # (rotary base, its frequencies), for decoding
+        self.rotary = Rotary(
+            config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_dynamic_factor
+        )
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         c = self.config
@@ -110,51 +140,48 @@ class Decoder(nn.Module):
     def forward(
         self,
         embeds: torch.Tensor,  # [B, T, H] token embeddings (image rows already placed)
-        attention_mask: torch.Tensor,  # [B, T] 1 = real token, 0 = left pad
         positions: torch.Tensor,  # [B, T] rotary positions
-        cache: KVCache | None = None,
+        cache: KVCache | None = None,  # None: a full forward; else this step's keys/values are appended
+        *,
+        attention_mask: torch.Tensor | None = None,  # [B, T] 1 = real token, 0 = left pad; None: all real
+        visual_mask: torch.Tensor | None = None,  # [B, T] bool, True = visual token (Mono-InternVL only)
         last_only: bool = False,  # return logits of the last position only (generation)
-        **layer_kwargs,
     ) -> torch.Tensor:
-        c = self.config
+        if visual_mask is not None and not self.config.visual_experts:
+            raise ValueError(
+                f"a visual_mask was given but {self.config.architecture or 'this decoder'} has no visual experts"
+            )
+        step = self.begin_step(positions, cache, attention_mask, embeds.dtype)
+        if cache is not None and embeds.shape[1] == 1:  # a decode step: the fixed-shape graph
+            return self.decode_step(embeds, step, cache, visual_mask)  # [B, 1, V]
+        return self.run(embeds, step, cache, visual_mask, last_only)  # [B, T, V]
+
+    def begin_step(self, positions, cache: KVCache | None = None, attention_mask=None, dtype=None) -> Step:
+        """The step's Python bookkeeping: cache slots, attention mask [B, 1, T, S], rotary tables [B, T, D] in
+        `dtype` (the activations', by default the embedding's)."""
+        if attention_mask is None:
+            attention_mask = torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
         if cache is None:  # a plain full forward: the keys are this call's tokens
-            slots = torch.arange(embeds.shape[1], device=embeds.device)
+            slots = torch.arange(positions.shape[1], device=positions.device)
             mask = attention_mask_4d(attention_mask.bool(), slots)
-            kv_length = embeds.shape[1]
+            kv_length = positions.shape[1]
         else:
             slots = cache.begin_step(attention_mask)
             mask = attention_mask_4d(cache.valid, slots)
-            kv_length = cache.length
-        base = rope_base(c.rope_theta, kv_length, c.max_position_embeddings, c.rope_dynamic_factor, c.head_dim)
-        cos, sin = rope_cos_sin(positions, c.head_dim, base, embeds.dtype)
+            kv_length = cache.length  # keys cached so far, this step's included
+        cos, sin = self.rotary.tables(positions, kv_length, dtype or self.embed.weight.dtype)
+        return Step(mask, cos, sin)
 
+    def run(self, embeds, step: Step, cache: KVCache | None = None, visual_mask=None, last_only=False):
+        """The tensor work of a step: layers, final norm, head -> float32 logits [B, T, V] (or [B, 1, V])."""
         x = embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, **layer_kwargs)
+            x = layer(x, step, cache, visual_mask)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()  # [B, T, V]
+        return self.lm_head(self.norm(x)).float()
 
-    def rope_inv_freq(self, kv_length: int) -> torch.Tensor:
-        """The rotary frequencies [head_dim/2] in effect for `kv_length` cached tokens; one tensor, reused while
-        the base stays the same (it only changes past InternLM2's dynamic-NTK limit)."""
-        c = self.config
-        base = rope_base(c.rope_theta, kv_length, c.max_position_embeddings, c.rope_dynamic_factor, c.head_dim)
-        if self._inv_freq is None or self._inv_freq[0] != base:
-            self._inv_freq = (base, rope_inv_freq(c.head_dim, base, self.embed.weight.device))
-        return self._inv_freq[1]
-
-    def decode_step(self, tokens, positions, cache: KVCache, inv_freq, **layer_kwargs) -> torch.Tensor:
-        """One new token per row at fixed shapes: tokens, positions [B, 1] -> float32 logits [B, V].
-
-        The hot loop of generation. The caller does the Python bookkeeping first (`cache.begin_step` reserves
-        this step's slot, `rope_inv_freq(cache.length)` gives the frequencies), so nothing in here reads a
-        Python number that changes from step to step and `torch.compile` captures it once, with no graph
-        breaks, for a whole generation. It runs the same layers as `forward`: the same numbers.
-        """
-        x = self.embed(tokens)  # [B, 1, H]
-        mask = attention_mask_4d(cache.valid, cache.slots)  # [B, 1, 1, S]
-        cos, sin = rope_cos_sin_from(positions, inv_freq, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, **layer_kwargs)
-        return self.lm_head(self.norm(x)).float()[:, -1]  # [B, V]
+    def decode_step(self, embeds, step: Step, cache: KVCache, visual_mask=None) -> torch.Tensor:
+        """`run` for one new token per row, embeds [B, 1, H] -> logits [B, 1, V], at shapes fixed for a whole
+        generation: a name of its own so that torch.compile can capture decoding alone (see the contract)."""
+        return self.run(embeds, step, cache, visual_mask)

@@ -1,18 +1,16 @@
-"""The decoder's own building blocks: rotary embedding, grouped-query attention, SwiGLU.
+"""The building blocks of the decoder: grouped-query attention, SwiGLU (the rotation: rotary.py).
 
 Mirrors the layer classes of transformers' `modeling_qwen2.py` / `modeling_llama.py` and InternVL's
 `modeling_internlm2.py`; the families differ only in the switches of `DecoderConfig`:
 
 - q/k/v biases (Qwen2), per-head q/k RMSNorm before the rotary embedding (Qwen3), neither (InternLM2, Llama);
-- rotary embedding in the rotate-half layout over the full head_dim, optionally with InternLM2's dynamic
-  NTK scaling past `max_position_embeddings`;
+- the rotary embedding (`minisail/llm/rotary.py`) is applied to q and k after the optional q/k norm;
 - the query, key and value projections are one fused Linear (`qkv`), and gate/up one fused Linear
   (`gate_up`): the official checkpoints store them apart (or grouped, for InternLM2) and the weight maps
   in `minisail/checkpoint/keymaps.py` join them at load. One matmul instead of three is the same math.
 
-RMSNorm is shared with the vision towers (`minisail/layers.py`). Numerics follow upstream: RMSNorm statistics in
-float32; cos/sin computed in float32 then cast to the activation dtype, so the rotation itself runs in the
-activation dtype.
+RMSNorm is shared with the vision towers (`minisail/layers.py`): statistics in float32, cast back to the
+activation dtype before the weight.
 """
 
 from __future__ import annotations
@@ -23,55 +21,7 @@ from torch import nn
 
 from minisail.layers import RMSNorm
 from minisail.llm.cache import KVCache
-
-# ----------------------------------------------------------------------------------------------------------
-# Rotary position embedding (rotate-half / NeoX layout: the first and second halves of a head are the pairs)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def rope_base(theta: float, kv_length: int, max_positions: int, dynamic_factor: float | None, head_dim: int):
-    """The rotary base in effect when the key/value sequence holds `kv_length` tokens.
-
-    Plain RoPE uses `theta` everywhere. InternLM2's dynamic NTK scaling (InternLM2DynamicNTKScalingRotaryEmbedding)
-    switches to a larger base once the sequence is longer than `max_positions`:
-        base = theta * (factor * n / max_positions - (factor - 1)) ** (d / (d - 2)).
-    Upstream recomputes it from the current key/value length at every call, and keys already in the cache keep
-    the rotation they were given. (Upstream also keeps the grown table for later, shorter calls on the same
-    module; minisail computes it from the call alone, which agrees within any one generation.)
-    """
-    if dynamic_factor is None or kv_length <= max_positions:
-        return float(theta)
-    scale = dynamic_factor * kv_length / max_positions - (dynamic_factor - 1)
-    return float(theta) * scale ** (head_dim / (head_dim - 2))
-
-
-def rope_inv_freq(head_dim: int, base: float, device=None) -> torch.Tensor:
-    """The rotation speed of each pair of channels, base^(-2i/d) for i < head_dim/2: float32 [head_dim/2]."""
-    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-
-
-def rope_cos_sin_from(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape [B, T, head_dim] for integer `positions` [B, T] and `inv_freq` [head_dim/2], in float32."""
-    angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
-    angles = torch.cat((angles, angles), dim=-1)  # [B, T, head_dim]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
-    """cos, sin of shape [B, T, head_dim] for integer `positions` [B, T], computed in float32."""
-    return rope_cos_sin_from(positions, rope_inv_freq(head_dim, base, positions.device), dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D] rotated by cos/sin [B, T, D]."""
-    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-    return x * cos + rotate_half(x) * sin
-
+from minisail.llm.rotary import apply_rope
 
 # ----------------------------------------------------------------------------------------------------------
 # Attention and MLP

@@ -6,7 +6,8 @@ Mirrors the feed-forward half of `InternLM2DecoderLayer` in Mono-InternVL's `mod
 FFN has a visual copy, `feed_forward_ve` (w1/w3/w2 of the same shapes as the text `feed_forward`).
 
 Routing is static, with no learned router: a token is visual exactly when its id is <IMG_CONTEXT>
-(`visual_token_mask = input_ids == img_context_token_id`). <img>, </img>, newlines and all text go to the
+(`visual_mask = input_ids == img_context_token_id`, computed by the model's `visual_mask(input_ids)` and
+passed to the decoder, which hands it to every layer's FFN). <img>, </img>, newlines and all text go to the
 text FFN.
 
 How upstream computes it, and why minisail's routing gives the same numbers:
@@ -35,19 +36,19 @@ from minisail.llm.layers import SwiGLU
 
 
 class VisualExpertMLP(nn.Module):
-    """`forward(x [B, T, H], visual_token_mask [B, T] bool | None) -> [B, T, H]`: text or visual SwiGLU per token."""
+    """`forward(x [B, T, H], visual_mask [B, T] bool | None) -> [B, T, H]`: text or visual SwiGLU per token."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.text = SwiGLU(hidden_size, intermediate_size)  # official `feed_forward`
         self.visual = SwiGLU(hidden_size, intermediate_size)  # official `feed_forward_ve`
 
-    def forward(self, x: torch.Tensor, visual_token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if visual_token_mask is None:  # no routing information: every token is text
+    def forward(self, x: torch.Tensor, visual_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if visual_mask is None:  # no routing information: every token is text
             return self.text(x)
-        visual = visual_token_mask.to(device=x.device, dtype=torch.bool)  # [B, T]
+        visual = visual_mask.to(device=x.device, dtype=torch.bool)  # [B, T]
         if visual.shape != x.shape[:-1]:
-            raise ValueError(f"visual_token_mask has shape {tuple(visual.shape)}, expected {tuple(x.shape[:-1])}")
+            raise ValueError(f"visual_mask has shape {tuple(visual.shape)}, expected {tuple(x.shape[:-1])}")
         if torch.compiler.is_compiling():
             # Under torch.compile a Python branch on tensor values would break the graph; torch.cond keeps the
             # decode step one graph: text rows only (the usual case), or both experts chosen row by row.

@@ -148,11 +148,11 @@ def check_vocabulary(input_ids: torch.Tensor, vocab_size: int) -> None:
 
 @dataclass
 class PreparedInputs:
-    """What the decoder consumes for a prompt: embeddings with image rows in place, mask, per-layer extras."""
+    """What the decoder consumes for a prompt: embeddings with image rows in place, mask, expert routing."""
 
     embeds: torch.Tensor  # [B, T, H]
     attention_mask: torch.Tensor  # [B, T]
-    layer_kwargs: dict
+    visual_mask: torch.Tensor | None = None  # [B, T] bool, Mono-InternVL's FFN routing; None: no experts
 
 
 class InternVLChatModel(nn.Module):
@@ -173,9 +173,9 @@ class InternVLChatModel(nn.Module):
         merged = pixel_shuffle(features, version=self.config.ps_version, scale=self.config.downsample_ratio)
         return self.projector(merged)  # [N, T_img, H]
 
-    def layer_kwargs(self, input_ids: torch.Tensor) -> dict:
-        """Extra per-token inputs of the decoder layers (none here; Mono-InternVL routes by token)."""
-        return {}
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """The decoder's FFN routing for `input_ids`: None, no visual experts here (Mono-InternVL has them)."""
+        return None
 
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_embeds=None) -> PreparedInputs:
         if attention_mask is None:
@@ -188,7 +188,7 @@ class InternVLChatModel(nn.Module):
             embeds = self.place_images(input_ids, embeds, image_embeds)
         elif self.image_token_id is not None and bool((input_ids == self.image_token_id).any()):
             raise PromptError("the prompt has <IMG_CONTEXT> tokens but no pixel_values were given")
-        return PreparedInputs(embeds, attention_mask, self.layer_kwargs(input_ids))
+        return PreparedInputs(embeds, attention_mask, self.visual_mask(input_ids))
 
     def place_images(self, input_ids, embeds, image_embeds):
         """Write image rows, in order, at every <IMG_CONTEXT> of the batch (row 0 first); counts must agree."""
@@ -210,4 +210,6 @@ class InternVLChatModel(nn.Module):
         """Full forward without cache: float32 logits [B, T, V]."""
         inputs = self.prepare_inputs(input_ids, attention_mask, pixel_values)
         positions = positions_from_mask(inputs.attention_mask)
-        return self.language_model(inputs.embeds, inputs.attention_mask, positions, **inputs.layer_kwargs)
+        return self.language_model(
+            inputs.embeds, positions, attention_mask=inputs.attention_mask, visual_mask=inputs.visual_mask
+        )

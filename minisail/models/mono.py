@@ -12,7 +12,7 @@ and `InternLM2VEForCausalLM` as its language model. It is InternVL's composition
          exactly when its id is <IMG_CONTEXT>, in the prompt and in every decode step alike
 
 So this class reuses InternVLChatModel's encode_images / prepare_inputs / place_images / forward and only
-builds other modules and returns the routing mask from `layer_kwargs`.
+builds other modules and returns the routing mask from `visual_mask(input_ids)`.
 
 A decoded token is routed by the same rule. Upstream's cached decoding runs the text FFN on every new token
 whatever it is; a model that generated <IMG_CONTEXT> (no sensible model does: it is a placeholder for image
@@ -73,15 +73,15 @@ class MonoInternVLChatModel(InternVLChatModel):
         # config.llm.visual_experts makes the decoder's layers hold VisualExpertMLP FFNs (llm/moe.py).
         super().__init__(config, vision_model=InternVisionPatchModel(config.vision))
 
-    def layer_kwargs(self, input_ids: torch.Tensor) -> dict:
-        """The FFN routing of `input_ids` [B, T]: visual_token_mask [B, T] bool, True at <IMG_CONTEXT>.
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """The FFN routing of `input_ids` [B, T]: [B, T] bool, True at <IMG_CONTEXT> (the visual expert).
 
         Called for the prompt and for every decoded token, so one rule routes them all. Without a known
         <IMG_CONTEXT> id no token can be visual (and no image can be placed: place_images refuses)."""
         refuse_float16(self.language_model.embed.weight.dtype)  # also after a model.half() following load
         if self.image_token_id is None:
-            return {}
-        return {"visual_token_mask": input_ids == self.image_token_id}
+            return None
+        return input_ids == self.image_token_id
 
     def check_dtype(self, dtype: torch.dtype) -> None:
         """Called by minisail.load before any tensor is read: refuse float16 up front."""

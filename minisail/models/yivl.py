@@ -228,9 +228,9 @@ class YiVLModel(nn.Module):
         features = hidden[:, 1:] if self.config.select_feature == "patch" else hidden
         return self.projector(features)  # [N, T_img, H]
 
-    def layer_kwargs(self, input_ids: torch.Tensor) -> dict:
-        """Extra per-token inputs of the decoder layers: none (a plain Llama)."""
-        return {}
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """The decoder's FFN routing for `input_ids`: None, a plain Llama has no visual experts."""
+        return None
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B, T, H]; placeholder slots get a dummy row (they are replaced by the splice)."""
@@ -247,14 +247,14 @@ class YiVLModel(nn.Module):
         if pixel_values is None and image_embeds is None:
             if has_placeholder:
                 raise PromptError("the prompt has an image placeholder (-200) but no pixel_values were given")
-            return PreparedInputs(embeds, attention_mask, {})
+            return PreparedInputs(embeds, attention_mask)
         if image_embeds is None:
             image_embeds = self.encode_images(pixel_values)
         embeds, attention_mask = splice_images(input_ids, attention_mask, embeds, image_embeds, self.image_token_id)
-        return PreparedInputs(embeds, attention_mask, self.layer_kwargs(input_ids))
+        return PreparedInputs(embeds, attention_mask)  # no visual experts: no routing
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None) -> torch.Tensor:
         """Full forward without cache: float32 logits [B, T', V] over the spliced sequence."""
         inputs = self.prepare_inputs(input_ids, attention_mask, pixel_values)
         positions = positions_from_mask(inputs.attention_mask)
-        return self.language_model(inputs.embeds, inputs.attention_mask, positions, **inputs.layer_kwargs)
+        return self.language_model(inputs.embeds, positions, attention_mask=inputs.attention_mask)
