@@ -24,16 +24,9 @@ from minisail.errors import PromptError
 from minisail.generate import greedy_generate
 from minisail.image.preprocess import internvl_pixel_values
 from minisail.models.registry import detect_family
-from minisail.session import (
-    THINK_INSTRUCTION,
-    ReplyStream,
-    Session,
-    ThoughtReply,
-    boxed_content,
-    split_thinking,
-    tile_limits,
-)
+from minisail.session import Session, tile_limits
 from minisail.text.prompt import build_query, decode_reply, encode_queries
+from minisail.text.replies import THINK_INSTRUCTION, ReplyStream, ThoughtReply, boxed_content, split_thinking
 from minisail.text.templates import get_template
 
 IMAGE = Path(__file__).parent / "data" / "internvl" / "images" / "red_panda.jpg"
@@ -220,6 +213,15 @@ def test_reply_stream_cuts_at_a_stop_string_split_across_pieces():
         events += stream.feed(piece)
     events += stream.finish()
     assert "".join(text for _, text in events) == "Two cats"
+
+
+def test_reply_parsing_is_still_importable_from_session():
+    from minisail import session
+    from minisail.text import replies
+
+    for name in ("THINK_INSTRUCTION", "THINK_OPEN", "THINK_CLOSE", "ThoughtReply", "ReplyStream", "split_thinking"):
+        assert getattr(session, name) is getattr(replies, name)
+    assert session.boxed_content is replies.boxed_content
 
 
 # --- family details -----------------------------------------------------------------------------------------------

@@ -32,11 +32,11 @@ from minisail.generate import greedy_generate
 from minisail.image import internvl_pixel_values, internvl_tiles, open_image, yivl_pixel_values
 from minisail.image.preprocess import MAX_PIXEL_VALUES_BYTES, check_pixel_values_bytes
 from minisail.llm.cache import check_cache_fits
-from minisail.session import THINK_CLOSE, THINK_OPEN, ReplyStream, ThoughtReply, boxed_content, split_thinking
 from minisail.text import sentencepiece as spm_reader
 from minisail.text import tokenizer as tokenizer_module
 from minisail.text.charsmap import check_charsmap
 from minisail.text.prompt import MAX_IMAGE_TOKENS, build_query
+from minisail.text.replies import THINK_CLOSE, THINK_OPEN, ReplyStream, ThoughtReply, boxed_content, split_thinking
 from minisail.text.streaming import stream_text
 from minisail.text.templates import get_template
 from minisail.text.tokenizer import load_tokenizer
@@ -328,7 +328,7 @@ def test_mutated_real_model_loads_or_raises_tokenizer_error(tmp_path, mutations,
 
 
 def old_reply_parts(text: str, think: bool) -> dict[str, str]:
-    """The original session._reply_parts (unchanged there), repeated so that the oracles below stand alone."""
+    """The original _reply_parts (unchanged in text/replies.py), repeated so that the oracles below stand alone."""
     text = text.lstrip()
     if not think or not text.startswith(THINK_OPEN):
         return {"reasoning": "", "answer": text.strip()}

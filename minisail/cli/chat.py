@@ -50,7 +50,7 @@ def _add_chat(parser: argparse.ArgumentParser) -> None:
 
 def _chat_turn(session, question: str, images, args) -> None:
     """Ask one question and stream the reply; with --think the reasoning goes first, dimmed (or labelled)."""
-    from minisail.session import split_thinking
+    from minisail.text.replies import split_thinking
 
     out = sys.stdout
     tty = out.isatty()
