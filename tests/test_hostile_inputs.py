@@ -32,7 +32,8 @@ from minisail.generate import greedy_generate
 from minisail.image import internvl_pixel_values, internvl_tiles, open_image, yivl_pixel_values
 from minisail.image.preprocess import MAX_PIXEL_VALUES_BYTES, check_pixel_values_bytes
 from minisail.llm.cache import check_cache_fits
-from minisail.text import sentencepiece as spm_reader
+from minisail.text import sentencepiece as spm_backend
+from minisail.text import sentencepiece_model as spm_model
 from minisail.text import tokenizer as tokenizer_module
 from minisail.text.charsmap import check_charsmap
 from minisail.text.prompt import MAX_IMAGE_TOKENS, build_query
@@ -199,20 +200,20 @@ def test_hostile_length_fields(tmp_path, data, message):
 
 
 def test_piece_count_and_file_size_bounds(tmp_path, monkeypatch):
-    monkeypatch.setattr(spm_reader, "MAX_PIECES", 100)
+    monkeypatch.setattr(spm_model, "MAX_PIECES", 100)
     (tmp_path / "tokenizer.model").write_bytes(model_with([UNK] + [piece(b"p%d" % i) for i in range(100)]))
     with pytest.raises(TokenizerError, match="more than 100 pieces"):
         load_tokenizer(tmp_path)
-    monkeypatch.setattr(spm_reader, "MAX_MODEL_BYTES", 1000)
+    monkeypatch.setattr(spm_model, "MAX_MODEL_BYTES", 1000)
     with pytest.raises(TokenizerError, match="larger than 0 MiB"):
         load_tokenizer(tmp_path)
 
 
 def test_real_models_are_within_the_bounds():
     data = lzma.decompress((tokenizer_files.DATA / "internvl-internlm2" / "tokenizer.model.xz").read_bytes())
-    model = spm_reader.parse_model_proto(data)
-    assert len(data) * 4 < spm_reader.MAX_MODEL_BYTES and len(model.pieces) * 4 < spm_reader.MAX_PIECES
-    assert max(len(p.text.encode()) for p in model.pieces) == 384 < spm_reader.MAX_PIECE_BYTES
+    model = spm_model.parse_model_proto(data)
+    assert len(data) * 4 < spm_model.MAX_MODEL_BYTES and len(model.pieces) * 4 < spm_model.MAX_PIECES
+    assert max(len(p.text.encode()) for p in model.pieces) == 384 < spm_model.MAX_PIECE_BYTES
 
 
 # A charsmap built by hand in darts-clone's layout: root block 1, "a" (0x61) at 256 ^ 0x61 with a leaf whose
@@ -274,8 +275,8 @@ def small_real_model(pieces: int = 600) -> bytes:
     kept, pos, count = [], 0, 0
     while pos < len(data):
         start = pos
-        key, pos = spm_reader._varint(data, pos)
-        size, pos = spm_reader._varint(data, pos)
+        key, pos = spm_model._varint(data, pos)
+        size, pos = spm_model._varint(data, pos)
         pos += size
         if key >> 3 != 1 or count < pieces:
             kept.append(data[start:pos])
@@ -287,7 +288,7 @@ SMALL_REAL_MODEL = small_real_model()
 
 
 def test_small_real_model_loads():
-    tokenizer = spm_reader.build_backend(spm_reader.parse_model_proto(SMALL_REAL_MODEL))
+    tokenizer = spm_backend.build_backend(spm_model.parse_model_proto(SMALL_REAL_MODEL))
     assert tokenizer.decode(tokenizer.encode("hello world").ids) == "hello world"
 
 

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 import minisail
 from minisail.errors import TokenizerError
-from minisail.text import sentencepiece as spm_reader
+from minisail.text import sentencepiece as spm_backend
+from minisail.text import sentencepiece_model as spm_model
 from minisail.text.tokenizer import clean_up_tokenization, load_tokenizer
 
 GOLDEN = json.loads(tokenizer_files.CASES.read_text(encoding="utf-8"))
@@ -216,17 +217,17 @@ def toy_model(*, add_dummy_prefix=True, remove_extra_whitespaces=False, model_ty
 
 
 def toy_backend(**options):
-    return spm_reader.build_backend(spm_reader.parse_model_proto(toy_model(**options)))
+    return spm_backend.build_backend(spm_model.parse_model_proto(toy_model(**options)))
 
 
 def test_toy_model_fields():
-    model = spm_reader.parse_model_proto(toy_model())
+    model = spm_model.parse_model_proto(toy_model())
     assert len(model.pieces) == 4 + 256 + len(TOY_MERGES) + len(TOY_CHARS)
-    assert (model.model_type, model.byte_fallback) == (spm_reader.BPE, True)
+    assert (model.model_type, model.byte_fallback) == (spm_model.BPE, True)
     assert (model.unk_id, model.bos_id, model.eos_id, model.pad_id) == (0, 1, 2, -1)
     assert (model.add_dummy_prefix, model.remove_extra_whitespaces, model.escape_whitespaces) == (True, False, True)
-    assert model.pieces[3] == spm_reader.Piece("<|im_sep|>", 0.0, spm_reader.USER_DEFINED)
-    assert model.pieces[260] == spm_reader.Piece("ll", 0.0, spm_reader.NORMAL)
+    assert model.pieces[3] == spm_model.Piece("<|im_sep|>", 0.0, spm_model.USER_DEFINED)
+    assert model.pieces[260] == spm_model.Piece("ll", 0.0, spm_model.NORMAL)
 
 
 def test_toy_model_dummy_prefix_byte_fallback_and_whitespace():
@@ -284,7 +285,7 @@ def test_piece_decoder_matches_sentencepiece_on_random_ids():
     for options in [{}, {"remove_extra_whitespaces": True}, {"add_dummy_prefix": False}]:
         data = toy_model(**options)
         processor = sentencepiece.SentencePieceProcessor(model_proto=data)
-        decode = spm_reader.PieceDecoder(spm_reader.parse_model_proto(data))
+        decode = spm_backend.PieceDecoder(spm_model.parse_model_proto(data))
         for _ in range(1000):
             ids = [rng.randrange(processor.get_piece_size()) for _ in range(rng.randint(0, 8))]
             ids += [rng.choice([0x4 + 0xF0, 0x4 + 0x9F, 0x4 + 0x90, 0x4 + 0xBC, 4 + 0x41])] * rng.randint(0, 2)

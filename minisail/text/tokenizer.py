@@ -39,7 +39,8 @@ from tokenizers import Tokenizer as Backend
 
 from minisail.checkpoint.paths import inside
 from minisail.errors import TokenizerError
-from minisail.text import sentencepiece
+from minisail.text import sentencepiece, sentencepiece_model
+from minisail.text.sentencepiece_model import SentencePieceModel
 
 # Qwen2Tokenizer's PRETOKENIZE_REGEX (the same pattern is in Qwen's tokenizer.json)
 QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -87,7 +88,7 @@ class Tokenizer:
     join_with_spaces = False  # _decode's spaces_between_special_tokens default
 
     def __init__(self, backend: Backend, base_size: int, added: dict[int, AddedToken], special: dict[str, str | None],
-                 additional: list[str], config: dict, spm: sentencepiece.SentencePieceModel | None = None):  # fmt: skip
+                 additional: list[str], config: dict, spm: SentencePieceModel | None = None):  # fmt: skip
         self._backend = backend  # the base model: text without added tokens <-> ids below base_size
         self._spm = spm  # for SentencePiece: ids to pieces (a hidden piece is not in the backend) and exact decoding
         self._spm_decode = sentencepiece.PieceDecoder(spm) if spm else None
@@ -330,7 +331,7 @@ def _base_model(folder: Path):
         return backend, backend.get_vocab_size(with_added_tokens=False), None, {}
     if (folder / "tokenizer.model").is_file():
         path = folder / "tokenizer.model"
-        model = sentencepiece.read_model(path)  # bounded: size, pieces, lengths, charsmap
+        model = sentencepiece_model.read_model(path)  # bounded: size, pieces, lengths, charsmap
         backend = _guarded(str(path), lambda: sentencepiece.build_backend(model, str(path)))
         return backend, len(model.pieces), model, {}
     raise TokenizerError(
