@@ -42,7 +42,7 @@ from minisail.errors import CheckpointError, ConfigError, MinisailError
 from minisail.models.registry import Family, check_layer_counts, detect_family
 from minisail.quant import swap_in_int8_linears
 from minisail.text.prompt import IMG_CONTEXT
-from minisail.text.tokenizer import MAX_VOCAB_BYTES, TOKENIZER_FILES
+from minisail.text.tokenizer_reader import MAX_VOCAB_BYTES, TOKENIZER_FILES
 
 DTYPE_NAMES = {
     "float32": torch.float32,

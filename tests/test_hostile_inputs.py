@@ -35,6 +35,7 @@ from minisail.llm.cache import check_cache_fits
 from minisail.text import sentencepiece as spm_backend
 from minisail.text import sentencepiece_model as spm_model
 from minisail.text import tokenizer as tokenizer_module
+from minisail.text import tokenizer_reader
 from minisail.text.charsmap import check_charsmap
 from minisail.text.prompt import MAX_IMAGE_TOKENS, build_query
 from minisail.text.replies import THINK_CLOSE, THINK_OPEN, ReplyStream, ThoughtReply, boxed_content, split_thinking
@@ -141,7 +142,7 @@ def test_error_messages_do_not_print_megabytes(tmp_path):
 )
 def test_oversized_files_are_refused_before_reading(tmp_path, monkeypatch, name, limit):
     with open(tmp_path / name, "wb") as file:
-        file.truncate(getattr(tokenizer_module, limit) + 1)  # sparse: no disk, and reading it would be the bug
+        file.truncate(getattr(tokenizer_reader, limit) + 1)  # sparse: no disk, and reading it would be the bug
     (tmp_path / "tokenizer.model").write_bytes(toy_model())
     with pytest.raises(TokenizerError, match=f"{name} is .* bytes, more than the"):
         load_tokenizer(tmp_path)
@@ -162,9 +163,9 @@ def test_a_rust_panic_becomes_a_tokenizer_error():
         raise PanicLike("index out of bounds")
 
     with pytest.raises(TokenizerError, match="PanicLike: index out of bounds.*download it again"):
-        tokenizer_module._guarded("tokenizer.model", panics)
+        tokenizer_reader.call_tokenizers("tokenizer.model", panics)
     with pytest.raises(KeyboardInterrupt):
-        tokenizer_module._guarded("x", lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+        tokenizer_reader.call_tokenizers("x", lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
 
 
 # --- SentencePiece models -----------------------------------------------------------------------------------------
