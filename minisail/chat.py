@@ -24,11 +24,8 @@ import torch
 
 from minisail.errors import PromptError, TokenizerError
 from minisail.generate import GenerationConfig, generate
+from minisail.text.image_tokens import IMAGE_PLACEHOLDER, IMG_CONTEXT, IMG_END, IMG_START
 from minisail.text.prompt import (
-    IMAGE_PLACEHOLDER,
-    IMG_CONTEXT,
-    IMG_END,
-    IMG_START,
     Query,
     append_history,
     build_batch_queries,

@@ -41,7 +41,7 @@ from minisail.config import read_config
 from minisail.errors import CheckpointError, ConfigError, MinisailError
 from minisail.models.registry import Family, check_layer_counts, detect_family
 from minisail.quant import swap_in_int8_linears
-from minisail.text.prompt import IMG_CONTEXT
+from minisail.text.image_tokens import IMG_CONTEXT
 from minisail.text.tokenizer_reader import MAX_VOCAB_BYTES, TOKENIZER_FILES
 
 DTYPE_NAMES = {

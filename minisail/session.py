@@ -24,7 +24,8 @@ from minisail.chat import ChatPrompt, bind_chat, chat_template, is_yivl, prepare
 from minisail.checkpoint.paths import read_json_object
 from minisail.errors import MinisailError, PromptError
 from minisail.generate import GenerationConfig, generate_stream
-from minisail.text.prompt import IMAGE_PLACEHOLDER, append_history, decode_reply
+from minisail.text.image_tokens import IMAGE_PLACEHOLDER
+from minisail.text.prompt import append_history, decode_reply
 from minisail.text.replies import (  # the reply parsing, re-exported: the CLI and older code import it from here
     THINK_CLOSE,
     THINK_INSTRUCTION,

@@ -37,7 +37,8 @@ from minisail.text import sentencepiece_model as spm_model
 from minisail.text import tokenizer as tokenizer_module
 from minisail.text import tokenizer_reader
 from minisail.text.charsmap import check_charsmap
-from minisail.text.prompt import MAX_IMAGE_TOKENS, build_query
+from minisail.text.image_tokens import MAX_IMAGE_TOKENS
+from minisail.text.prompt import build_query
 from minisail.text.replies import THINK_CLOSE, THINK_OPEN, ReplyStream, ThoughtReply, boxed_content, split_thinking
 from minisail.text.streaming import stream_text
 from minisail.text.templates import get_template

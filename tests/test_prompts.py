@@ -18,8 +18,8 @@ from checkpoints import GOLDEN
 
 from minisail.cli import main
 from minisail.errors import PromptError, TokenizerError
+from minisail.text.image_tokens import IMG_CONTEXT, compact_image_runs
 from minisail.text.prompt import (
-    IMG_CONTEXT,
     YIVL_IMAGE_PLACEHOLDER,
     YIVL_IMAGE_TOKEN_INDEX,
     append_history,
@@ -28,7 +28,6 @@ from minisail.text.prompt import (
     build_sailvl2_processor_query,
     build_yivl_query,
     chat_eos_token_id,
-    compact_image_runs,
     decode_reply,
     encode_queries,
     encode_yivl_query,

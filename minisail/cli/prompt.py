@@ -93,16 +93,8 @@ def _run_prompt(args) -> int:
     import json
 
     from minisail.errors import PromptError
-    from minisail.text.prompt import (
-        IMG_CONTEXT,
-        MAX_IMAGE_TOKENS,
-        build_query,
-        build_yivl_query,
-        chat_eos_token_id,
-        compact_image_runs,
-        encode_queries,
-        encode_yivl_query,
-    )
+    from minisail.text.image_tokens import IMG_CONTEXT, MAX_IMAGE_TOKENS, compact_image_runs
+    from minisail.text.prompt import build_query, build_yivl_query, chat_eos_token_id, encode_queries, encode_yivl_query
     from minisail.text.templates import SINGLE
     from minisail.text.tokenizer import load_tokenizer
     from minisail.tiling import MAX_TILES_LIMIT

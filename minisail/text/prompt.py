@@ -10,7 +10,8 @@ InternVL rules (`image_style="placeholder"`, the default):
 - `<image>\\n` goes in front of the question only if `history is None`, images are given and the question
   has no `<image>`. So `history=[]` disables it.
 - The whole conversation is rendered first, then each image's `<image>` (first occurrence, in order, history
-  turns included) becomes `<img>` + `<IMG_CONTEXT>` x tokens_per_tile x tiles + `</img>`.
+  turns included) becomes `<img>` + `<IMG_CONTEXT>` x tokens_per_tile x tiles + `</img>` (the image tokens
+  and their expansion: `minisail.text.image_tokens`).
 - Where upstream fails later (history=[] with an image; two images but one placeholder: an assert or a
   shape error in `generate`), minisail raises a PromptError that says what to write instead.
 - The returned history holds the question as used (with the prepended `<image>\\n`, unexpanded).
@@ -28,24 +29,25 @@ SAIL-VL2 README path: `build_sailvl2_processor_query` (chat_template.jinja, then
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from minisail.errors import PromptError, TokenizerError
+from minisail.text.image_tokens import (
+    IMAGE_PLACEHOLDER,
+    IMG_CONTEXT,
+    check_image_context_ids,
+    check_tiles,
+    expand_images,
+    image_prefix,
+)
 from minisail.text.templates import SINGLE, Template, get_template, render_sailvl2_chat_template
 
-IMAGE_PLACEHOLDER = "<image>"
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 YIVL_IMAGE_PLACEHOLDER = "<image_placeholder>"
 YIVL_IMAGE_TOKEN_INDEX = -200  # LLaVA's IMAGE_TOKEN_INDEX (Yi `llava/model/constants.py`): where Yi-VL's image goes
 IMAGE_STYLES = ("placeholder", "prefix")
-# The most image tokens one prompt may hold: 4096 tiles of 256 tokens, far more than the context of any model
-# here (tens of thousands of tokens), small enough that the prompt text (13 characters per <IMG_CONTEXT>)
-# stays ~14 MB. Beyond it a request is a mistake: --tokens-per-tile 10**8 would build a 1.3 GB string.
-MAX_IMAGE_TOKENS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -61,55 +63,6 @@ class Query:
 class EncodedBatch:
     input_ids: torch.Tensor  # [B, T] int64, shorter rows left-padded with the tokenizer's pad id
     attention_mask: torch.Tensor  # [B, T] int64, 0 on the pads
-
-
-def image_block(tiles: int, tokens_per_tile: int = 256) -> str:
-    """The text one image becomes: `<img>`, one `<IMG_CONTEXT>` per visual token, `</img>`."""
-    return IMG_START + IMG_CONTEXT * (tokens_per_tile * tiles) + IMG_END
-
-
-def compact_image_runs(text: str) -> str:
-    """Runs of `<IMG_CONTEXT>` written as `<IMG_CONTEXT>*N`, for humans (the goldens' `query_compact`)."""
-    return re.sub(f"(?:{re.escape(IMG_CONTEXT)})+", lambda m: f"{IMG_CONTEXT}*{len(m[0]) // len(IMG_CONTEXT)}", text)
-
-
-def _is_count(n) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
-
-
-def _check_tiles(num_patches_list: Sequence[int] | None, tokens_per_tile: int = 256) -> tuple[int, ...]:
-    tiles = tuple(num_patches_list or ())
-    if not all(map(_is_count, tiles)):
-        shown = list(tiles) if len(tiles) <= 20 else f"{list(tiles[:20])} ... ({len(tiles)} images)"
-        raise PromptError(f"tile counts must be whole numbers >= 1, one per image; got {shown}")
-    if not _is_count(tokens_per_tile):
-        raise PromptError(f"tokens_per_tile must be a whole number >= 1, not {tokens_per_tile!r}")
-    total = tokens_per_tile * sum(tiles)
-    if total > MAX_IMAGE_TOKENS:  # checked before any text is built
-        raise PromptError(
-            f"{len(tiles)} image(s) of {sum(tiles)} tiles x {tokens_per_tile} tokens per tile make {total} image "
-            f"tokens, more than the {MAX_IMAGE_TOKENS} a prompt may hold (far beyond any model's context): use fewer "
-            "images or tiles (max_tiles), or fewer tokens per tile"
-        )
-    return tiles
-
-
-def expand_images(text: str, num_patches_list: Sequence[int], tokens_per_tile: int = 256, *, hint: str = "") -> str:
-    """Replace the first `<image>` once per image, in order, by its block (upstream `replace(.., 1)`)."""
-    tiles = _check_tiles(num_patches_list, tokens_per_tile)
-    found = text.count(IMAGE_PLACEHOLDER)
-    if found < len(tiles):
-        if not hint and len(tiles) > 1:
-            hint = (
-                "With several images write one '<image>' per image, e.g. 'Image-1: <image>\\nImage-2: <image>\\n...'."
-            )
-        raise PromptError(
-            f"{len(tiles)} image(s) given but the prompt has only {found} '<image>' placeholder(s), "
-            f"so an image would have nowhere to go. {hint}".strip()
-        )
-    for n in tiles:
-        text = text.replace(IMAGE_PLACEHOLDER, image_block(n, tokens_per_tile), 1)
-    return text
 
 
 def build_query(
@@ -130,7 +83,7 @@ def build_query(
         raise PromptError(f"template {template.name!r} is Yi-VL's; build its prompt with build_yivl_query")
     if image_style not in IMAGE_STYLES:
         raise PromptError(f"image_style must be one of {IMAGE_STYLES}, not {image_style!r}")
-    tiles = _check_tiles(num_patches_list, tokens_per_tile)
+    tiles = check_tiles(num_patches_list, tokens_per_tile)
     if image_style == "placeholder":
         if history is None and tiles and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER + "\n" + question
@@ -144,13 +97,7 @@ def build_query(
         text = expand_images(text, tiles, tokens_per_tile, hint=hint)
     else:
         if history is None and tiles:
-            if len(tiles) == 1:
-                prefix = image_block(tiles[0], tokens_per_tile)
-            else:
-                prefix = "".join(
-                    f"<image {i}> (图{i}):" + image_block(n, tokens_per_tile) for i, n in enumerate(tiles, 1)
-                )
-            question = prefix + "\n" + question
+            question = image_prefix(tiles, tokens_per_tile) + "\n" + question
         text = template.render(template.conversation(history or (), question))
     expected = tokens_per_tile * sum(tiles)
     if text.count(IMG_CONTEXT) != expected:  # e.g. a pre-expanded history that does not match the images
@@ -198,25 +145,12 @@ def build_sailvl2_processor_query(
 ) -> str:
     """SAIL-VL2 README path: `chat_template.jinja`, then the processor's image expansion."""
     text = render_sailvl2_chat_template(messages)
-    tiles = _check_tiles(num_patches_list, tokens_per_tile)
+    tiles = check_tiles(num_patches_list, tokens_per_tile)
     if text.count(IMAGE_PLACEHOLDER) != len(tiles):
         raise PromptError(
             f"the messages hold {text.count(IMAGE_PLACEHOLDER)} image item(s) but {len(tiles)} image(s) were given"
         )
     return expand_images(text, tiles, tokens_per_tile)
-
-
-def _image_context_check(tokenizer, text: str, ids: Sequence[int]) -> None:
-    wanted = text.count(IMG_CONTEXT)
-    if not wanted:
-        return
-    context_id = tokenizer.token_to_id(IMG_CONTEXT)
-    if context_id is None or list(ids).count(context_id) != wanted:
-        raise TokenizerError(
-            f"the tokenizer does not map {IMG_CONTEXT} to a single added token, so the image features "
-            "cannot be placed; use the tokenizer files shipped with the checkpoint (they add <img>, </img>, "
-            "<IMG_CONTEXT>)"
-        )
 
 
 def encode_queries(tokenizer, texts: str | Sequence[str]) -> EncodedBatch:
@@ -226,7 +160,7 @@ def encode_queries(tokenizer, texts: str | Sequence[str]) -> EncodedBatch:
         raise PromptError("no prompts to encode")
     rows = [tokenizer.encode(text) for text in texts]
     for text, ids in zip(texts, rows, strict=True):
-        _image_context_check(tokenizer, text, ids)
+        check_image_context_ids(tokenizer, text, ids)
     width = max(len(ids) for ids in rows)
     pad_id = tokenizer.pad_token_id
     if pad_id is None and any(len(ids) < width for ids in rows):
