@@ -3,7 +3,8 @@
 What a model repository ships, read as transformers' `PreTrainedTokenizerBase._from_pretrained` (4.44,
 tokenization_utils_base.py) reads it:
 - the base model: `tokenizer.json` if present, else `vocab.json` + `merges.txt` (Qwen2 byte-level BPE, the
-  pipeline of tokenization_qwen2.py), else a SentencePiece `tokenizer.model` (`minisail.text.sentencepiece`);
+  pipeline of tokenization_qwen2.py), else a SentencePiece `tokenizer.model` (read by
+  `minisail.text.sentencepiece_model`, built into a pipeline by `minisail.text.sentencepiece`);
 - `tokenizer_config.json`: the class, `added_tokens_decoder`, the special tokens, `add_bos_token`; the older
   `added_tokens.json` + `special_tokens_map.json` when it has no `added_tokens_decoder`.
 `minisail.text.tokenizer.load_tokenizer` puts these together into a Tokenizer.
