@@ -22,22 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minisail.config import (
-    MAX_IMAGE_SIZE,
-    choice,
-    decoder_config,
-    epsilon,
-    flag,
-    image_and_patch,
-    optional,
-    positive,
-    real,
-    require,
-    width_and_heads,
-)
+from minisail.config import MAX_IMAGE_SIZE, choice, flag, optional, positive, real, require
 from minisail.errors import ConfigError, PromptError
 from minisail.layers import hidden_state_depth
-from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
+from minisail.llm.decoder import Decoder, positions_from_mask
+from minisail.llm.decoder_config import DecoderConfig
 from minisail.merge import pixel_shuffle, tokens_per_tile
 from minisail.projector import MLPProjector
 from minisail.vision.intern_vit import InternViT, InternViTConfig
@@ -63,31 +52,6 @@ class InternVLConfig:
         return tokens_per_tile(self.image_size, self.vision.patch_size, self.downsample_ratio)
 
 
-def intern_vit_config(vision: dict) -> InternViTConfig:
-    """InternViT's `vision_config` (InternVisionConfig). Defaults are the upstream class defaults, used only where
-    a released config omits the key (InternViT-6B-V1-5 has no norm_type). Ignored on purpose: num_channels (the
-    upstream patch conv hard-codes 3 input channels), use_flash_attn (the same math), dropout, attention_dropout
-    and drop_path_rate (off at eval), initializer_factor (initialisation only)."""
-    where = "vision_config"
-    norm_type = choice(vision, "norm_type", where, ("rms_norm", "layer_norm"), "rms_norm")
-    # upstream applies ACT2FN[hidden_act] in the MLP; minisail implements exact (erf) GELU, the class default
-    choice(vision, "hidden_act", where, ("gelu",), "gelu", why=": InternViT's MLP is exact (erf) GELU")
-    hidden, heads = width_and_heads(vision, where)
-    image_size, patch_size = image_and_patch(vision, where)
-    return InternViTConfig(
-        hidden_size=hidden,
-        num_heads=heads,
-        num_layers=positive(vision, "num_hidden_layers", where),
-        intermediate_size=positive(vision, "intermediate_size", where),
-        image_size=image_size,
-        patch_size=patch_size,
-        norm_type=norm_type,
-        norm_eps=epsilon(vision, "layer_norm_eps", where, 1e-6),
-        qkv_bias=flag(vision, "qkv_bias", where, False),
-        qk_normalization=flag(vision, "qk_normalization", where, False),
-    )
-
-
 def internvl_config(config: dict, vision=None) -> InternVLConfig:
     """The chat-level keys of config.json. `vision` is the tower config when the caller read it (SAIL-ViT, Mono's
     patch model): any dataclass with `image_size`, `patch_size` and `hidden_size`; by default InternViT's is read
@@ -95,7 +59,7 @@ def internvl_config(config: dict, vision=None) -> InternVLConfig:
     top = "the top level"
     select_layer = optional(config, "select_layer", top, int, -4)  # upstream class default
     if vision is None:
-        vision = intern_vit_config(require(config, "vision_config", top, dict))
+        vision = InternViTConfig.from_config(require(config, "vision_config", top, dict))
         # hidden_states = [embeddings, layer 1, ..., layer L]: L + 1 entries to pick from
         hidden_state_depth(
             select_layer,
@@ -104,7 +68,7 @@ def internvl_config(config: dict, vision=None) -> InternVLConfig:
             tower="InternViT",
             source="config.json: select_layer",
         )
-    llm = decoder_config(require(config, "llm_config", top, dict))
+    llm = DecoderConfig.from_config(require(config, "llm_config", top, dict))
     ps_version = choice(config, "ps_version", top, ("v1", "v2"), "v1")  # upstream class default
     downsample_ratio = real(config, "downsample_ratio", top, 0.5, above=0.0, at_most=1.0)  # upstream class default
     image_size = vision.image_size

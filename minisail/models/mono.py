@@ -29,27 +29,15 @@ from dataclasses import replace
 
 import torch
 
-from minisail.config import image_and_patch, positive, require
+from minisail.config import require
 from minisail.errors import ConfigError
 from minisail.models.internvl import InternVLChatModel, InternVLConfig, internvl_config
 from minisail.vision.patch_embed import InternVisionPatchModel, PatchEmbedConfig
 
 
-def patch_embed_config(vision: dict) -> PatchEmbedConfig:
-    """Only what the patch model computes with: it has no layers, MLP or norm, so num_hidden_layers, hidden_act,
-    layer_norm_eps and the other InternViT fields a Mono config carries are ignored, as upstream ignores them."""
-    where = "vision_config"
-    image_size, patch_size = image_and_patch(vision, where)
-    return PatchEmbedConfig(
-        hidden_size=positive(vision, "hidden_size", where),
-        image_size=image_size,
-        patch_size=patch_size,
-    )
-
-
 def mono_config(config: dict) -> InternVLConfig:
     """The InternVL chat-level fields, a patch-embedding vision config and an InternLM2 with visual experts."""
-    vision = patch_embed_config(require(config, "vision_config", "the top level", dict))
+    vision = PatchEmbedConfig.from_config(require(config, "vision_config", "the top level", dict))
     chat = internvl_config(config, vision)
     if chat.select_layer != -1:  # upstream reads the last hidden state only; any other value fails there
         raise ConfigError(

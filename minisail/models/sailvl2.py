@@ -12,50 +12,14 @@ and upstream uses that tensor: the weight map prefers a stored head and ties onl
 
 from __future__ import annotations
 
-from minisail.config import (
-    MAX_CHANNELS,
-    choice,
-    epsilon,
-    flag,
-    image_and_patch,
-    positive,
-    require,
-    width_and_heads,
-)
+from minisail.config import require
 from minisail.errors import ConfigError
 from minisail.models.internvl import InternVLChatModel, InternVLConfig, internvl_config
 from minisail.vision.sail_vit import SailViT, SailViTConfig, select_depth
 
 
-def sail_vit_config(vision: dict) -> SailViTConfig:
-    """The SAIL-ViT part of config.json (`vision_config`, SAILViTConfig; class defaults where a key may be absent).
-
-    SAILViTConfig has no hidden_act: upstream's SwiGLU calls F.silu. A config that names another activation
-    describes another model, so it is refused; attention_dropout / projection_dropout are off at eval."""
-    where = "vision_config"
-    choice(vision, "hidden_act", where, ("silu",), "silu", why=": SAIL-ViT's SwiGLU is SiLU, fixed in upstream's code")
-    hidden, heads = width_and_heads(vision, where)
-    image_size, patch_size = image_and_patch(vision, where)
-    if image_size % patch_size:
-        raise ConfigError(
-            f"config.json: vision_config.image_size {image_size} is not a multiple of patch_size {patch_size}"
-        )
-    return SailViTConfig(
-        hidden_size=hidden,
-        num_heads=heads,
-        num_layers=positive(vision, "num_hidden_layers", where),
-        intermediate_size=positive(vision, "intermediate_size", where),
-        image_size=image_size,
-        patch_size=patch_size,
-        num_channels=positive(vision, "num_channels", where, 3, limit=MAX_CHANNELS),
-        norm_eps=epsilon(vision, "rms_norm_eps", where, 1e-5),
-        qkv_bias=flag(vision, "qkv_bias", where, False),
-        use_bias=flag(vision, "use_bias", where, False),
-    )
-
-
 def sailvl2_config(config: dict) -> InternVLConfig:
-    vision = sail_vit_config(require(config, "vision_config", "the top level", dict))
+    vision = SailViTConfig.from_config(require(config, "vision_config", "the top level", dict))
     chat = internvl_config(config, vision)  # chat-level keys and the Qwen3 llm_config, read as for InternVL
     if chat.image_size != vision.image_size:
         # Upstream would count tokens for force_image_size while the ViT's position table (no interpolation)

@@ -37,27 +37,15 @@ from torch import nn
 
 from minisail.checkpoint.files import NamespacedTensors, open_checkpoint_folder
 from minisail.checkpoint.paths import inside
-from minisail.config import (
-    MAX_CHANNELS,
-    MAX_SIZE,
-    choice,
-    decoder_config,
-    epsilon,
-    flag,
-    image_and_patch,
-    optional,
-    positive,
-    read_config,
-    require,
-    width_and_heads,
-)
+from minisail.config import MAX_SIZE, choice, flag, optional, positive, read_config, require
 from minisail.errors import CheckpointError, ConfigError, PromptError
 from minisail.layers import hidden_state_depth
-from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
+from minisail.llm.decoder import Decoder, positions_from_mask
+from minisail.llm.decoder_config import DecoderConfig
 from minisail.models.internvl import PreparedInputs, check_vocabulary
 from minisail.projector import LayerNormMLPProjector
 from minisail.text.prompt import YIVL_IMAGE_TOKEN_INDEX
-from minisail.vision.clip_vit import ACTIVATIONS, CLIPVisionConfig, CLIPVisionTower
+from minisail.vision.clip_vit import CLIPVisionConfig, CLIPVisionTower
 
 VIT_PREFIX = "vit."  # the vision folder's tensors, as the weight map sees them
 
@@ -105,31 +93,15 @@ def with_vision_config(folder: Path, config: dict) -> dict:
     return {**config, "vision_config": vit}
 
 
-def clip_vision_config(vision: dict, where: str = "the vision tower's config.json") -> CLIPVisionConfig:
-    """CLIPVisionConfig's keys (class defaults where absent); dropout / attention_dropout are off at eval."""
-    hidden, heads = width_and_heads(vision, where)
-    act = choice(vision, "hidden_act", where, tuple(ACTIVATIONS), "quick_gelu")  # class default; Yi-VL's is gelu
-    image_size, patch_size = image_and_patch(vision, where)
-    return CLIPVisionConfig(
-        hidden_size=hidden,
-        num_heads=heads,
-        num_layers=positive(vision, "num_hidden_layers", where),
-        intermediate_size=positive(vision, "intermediate_size", where),
-        image_size=image_size,
-        patch_size=patch_size,
-        layer_norm_eps=epsilon(vision, "layer_norm_eps", where, 1e-5),  # the class default
-        hidden_act=act,
-        num_channels=positive(vision, "num_channels", where, 3, limit=MAX_CHANNELS),
-    )
-
-
 def yivl_config(config: dict) -> YiVLConfig:
     """config.json (a Llama config plus LLaVA's mm_* keys, with the vision folder's config as vision_config).
 
     The projector's GELU and LayerNorm eps are fixed in upstream's builder (no config key), as here."""
     top = "the top level"
-    vision = clip_vision_config(require(config, "vision_config", "the top level (see with_vision_config)", dict))
-    llm = decoder_config(config, where=top)
+    vision = CLIPVisionConfig.from_config(
+        require(config, "vision_config", "the top level (see with_vision_config)", dict)
+    )
+    llm = DecoderConfig.from_config(config, where=top)
     projector = optional(config, "mm_projector_type", top, str, "linear")  # upstream's default
     match = re.fullmatch(r"mlp([0-9]+)x_gelu_Norm", projector)
     if not match or not 1 <= int(match.group(1)) <= MAX_SIZE:
