@@ -57,8 +57,8 @@ def build_on_meta(preset: Preset) -> tuple[nn.Module, keymaps.KeyMap]:
             model = VisionOnlyModel(preset.config)
             return model, vision_only_keymap()
         family = detect_family(preset.config)
-        model = family.build(preset.config)
-    return model, family.keymap(model)
+        model = family.build(family.parse(preset.config))
+    return model, family.weight_map(model.config)
 
 
 def int8_available() -> bool:
