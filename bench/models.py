@@ -20,10 +20,9 @@ from minisail.checkpoint.files import open_safetensors_folder
 from minisail.checkpoint.loader import fill_from_checkpoint
 from minisail.errors import ConfigError
 from minisail.merge import pixel_shuffle
-from minisail.models.internvl import intern_vit_config
 from minisail.models.registry import detect_family
 from minisail.projector import MLPProjector
-from minisail.vision.intern_vit import InternViT
+from minisail.vision.intern_vit import InternViT, InternViTConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}  # int8: bf16 activations
 
@@ -36,7 +35,7 @@ class VisionOnlyModel(nn.Module):
         self.select_layer = int(config.get("select_layer", -1))
         self.ps_version = config.get("ps_version", "v2")
         self.downsample_ratio = float(config.get("downsample_ratio", 0.5))
-        vision = intern_vit_config(config["vision_config"])
+        vision = InternViTConfig.from_config(config["vision_config"])
         self.vision_model = InternViT(vision)
         merged = int(vision.hidden_size / self.downsample_ratio**2)
         self.projector = MLPProjector(merged, int(config["llm_config"]["hidden_size"]))
@@ -58,8 +57,8 @@ def build_on_meta(preset: Preset) -> tuple[nn.Module, keymaps.KeyMap]:
             model = VisionOnlyModel(preset.config)
             return model, vision_only_keymap()
         family = detect_family(preset.config)
-        model = family.build(preset.config)
-    return model, family.keymap(model)
+        model = family.build(family.parse(preset.config))
+    return model, family.weight_map(model.config)
 
 
 def int8_available() -> bool:

@@ -32,6 +32,7 @@ import torch
 from minisail.errors import ConfigError, NumericsError, PromptError
 from minisail.llm.cache import check_cache_fits
 from minisail.llm.decoder import positions_from_mask
+from minisail.llm.decoder_config import DecoderConfig
 from minisail.text.streaming import stream_text
 
 # Keys of transformers' GenerationConfig that chat() users pass and that change nothing here, with the only
@@ -146,7 +147,7 @@ def decode_step(model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> 
     return decoder(decoder.embed(tokens), positions, cache, visual_mask=model.visual_mask(tokens))[:, -1]
 
 
-def context_length(decoder_config) -> int:
+def context_length(decoder_config: DecoderConfig) -> int:
     """The longest sequence a model is meant for: max_position_embeddings, times the dynamic-NTK factor if any."""
     return int(decoder_config.max_position_embeddings * (decoder_config.rope_dynamic_factor or 1))
 

@@ -1,8 +1,8 @@
 """`minisail.load(path, *, dtype=None, device=None, quantize=None)`: an official checkpoint folder -> a ready model.
 
-1. read config.json and pick the family from its sub-configs (models/registry.py), then read the files the
-   config points to (Yi-VL: the vision folder's own config.json), and check every value the math depends on
-   (`read_model_config`, which `python -m minisail prompt --model` runs too: both refuse the same configs);
+1. read config.json and pick the family module from its sub-configs (models/registry.py), then read the files
+   the config points to (Yi-VL: the vision folder's own config.json), and check every value the math depends
+   on (`read_model_config`, which `python -m minisail prompt --model` runs too: both refuse the same configs);
 2. open the checkpoint's tensor table (headers only) and check that it numbers as many layers as the config
    says, then build the model on the meta device: no memory, no random init;
 3. turn into `Int8Linear` (minisail/quant.py) every Linear the checkpoint stores as bitsandbytes int8, and with
@@ -28,18 +28,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
-from minisail.chat import bind_chat
 from minisail.checkpoint.keymaps import KeyMap, bnb_scale_key
 from minisail.checkpoint.loader import checkpoint_dtype, fill_from_checkpoint
 from minisail.checkpoint.paths import inside
 from minisail.config import read_config
 from minisail.errors import CheckpointError, ConfigError, MinisailError
-from minisail.models.registry import Family, check_layer_counts, detect_family
+from minisail.models.registry import check_layer_counts, detect_family
 from minisail.quant import swap_in_int8_linears
 from minisail.text.image_tokens import IMG_CONTEXT
 from minisail.text.tokenizer_reader import MAX_VOCAB_BYTES, TOKENIZER_FILES
@@ -79,7 +79,7 @@ def resolve_device(device) -> torch.device | None:
 class ModelConfig:
     """A checkpoint folder's config, read and checked: what `load` builds from, before any weight is read."""
 
-    family: Family
+    family: ModuleType  # the family module (models/registry.py)
     config: dict  # config.json, completed with the files it points to (Yi-VL: vision_config from vit/<name>/)
     parsed: Any  # the family's config dataclass (InternVLConfig, YiVLConfig)
 
@@ -105,19 +105,16 @@ def load(path, *, dtype=None, device=None, quantize=None):
     tensors = family.open_tensors(folder, config)  # headers only: the data stays on disk until the fill
     check_layer_counts(family, checked.parsed, tensors)  # before the build, which loops over the layers
     with torch.device("meta"):
-        model = family.build(config)
-    keymap = family.keymap(model)
+        model = family.build(checked.parsed)
+    keymap = family.weight_map(checked.parsed)
     int8_names = int8_linear_names(model, keymap, tensors, quantize, bnb="quantization_config" in config)
     swap_in_int8_linears(model, int8_names)
     dtype = resolve_dtype(dtype) or checkpoint_dtype(tensors)
-    if hasattr(model, "check_dtype"):  # a family that cannot run in some dtype says so before any tensor is read
-        model.check_dtype(dtype)
+    family.check_dtype(dtype)  # a family that cannot run in some dtype says so before any tensor is read
     fill_from_checkpoint(model, tensors, keymap, dtype, device)
     model.eval()
     model.checkpoint_folder = folder
-    model.family = family.name
     model.image_token_id = image_token_id_from_tokenizer(folder, model.image_token_id)
-    bind_chat(model)  # model.chat(tokenizer, pixel_values, question, generation_config) as upstream
     return model
 
 

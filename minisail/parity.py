@@ -146,7 +146,7 @@ def run_case(case_dir: str | Path, *, tolerance: float | None = None) -> CaseRes
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
     model = load(case_dir / "checkpoint", dtype=dtype)
     token_id = image_token_id(meta)
-    if token_id is not None and getattr(model, "image_token_id", None) is None:
+    if token_id is not None and model.image_token_id is None:
         model.image_token_id = token_id
 
     inputs_path, expected_path = case_dir / "inputs.safetensors", case_dir / "expected.safetensors"

@@ -20,11 +20,11 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from minisail.chat import ChatPrompt, bind_chat, chat_template, is_yivl, prepare_chat
+from minisail.chat import ChatPrompt, prepare_chat
 from minisail.checkpoint.paths import read_json_object
-from minisail.errors import MinisailError, PromptError
+from minisail.errors import MinisailError
 from minisail.generate import GenerationConfig, generate_stream
-from minisail.text.image_tokens import IMAGE_PLACEHOLDER
+from minisail.models.registry import family_of
 from minisail.text.prompt import append_history, decode_reply
 from minisail.text.replies import (  # the reply parsing, re-exported: the CLI and older code import it from here
     THINK_CLOSE,
@@ -64,9 +64,8 @@ def sampling_config(base: GenerationConfig | None = None, **options) -> Generati
 
 def tile_limits(model, min_tiles=None, max_tiles=None) -> tuple[int, int]:
     """(min, max) tiles: the override, else preprocessor_config.json (SAIL-VL2 says 10 there), else config.json."""
-    c = model.config
-    low, high = getattr(c, "min_dynamic_patch", 1), getattr(c, "max_dynamic_patch", 12)
-    folder = getattr(model, "checkpoint_folder", None)
+    low, high = model.config.min_dynamic_patch, model.config.max_dynamic_patch
+    folder = model.checkpoint_folder  # None for a model built rather than loaded
     if folder is not None:
         processor = read_json_object(folder, "preprocessor_config.json", "preprocessor config") or {}
         low, high = processor.get("min_dynamic_patch", low), processor.get("max_dynamic_patch", high)
@@ -124,7 +123,7 @@ class Session:
             seconds = time.perf_counter() - start
             dtype_name = str(weight.dtype).removeprefix("torch.")
             log(
-                f"loaded {getattr(model, 'family', 'the model')}: {count / 1e6:.1f}M parameters, {dtype_name} on "
+                f"loaded {model.family}: {count / 1e6:.1f}M parameters, {dtype_name} on "
                 f"{weight.device}, in {seconds:.1f}s"
             )
             if pack and weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
@@ -143,8 +142,8 @@ class Session:
             from minisail.loading import resolve_dtype
 
             model = model.to(device=device, dtype=resolve_dtype(dtype))
-        self.model, self.tokenizer = bind_chat(model), tokenizer
-        self.template = chat_template(model) if template is None else get_template(template)
+        self.model, self.tokenizer, self.family = model, tokenizer, family_of(model)
+        self.template = self.family.chat_template(model.config) if template is None else get_template(template)
         if system is not None:
             self.template = self.template.with_system_message(system)
         self.min_tiles, self.max_tiles = tile_limits(model, min_tiles, max_tiles)
@@ -158,37 +157,7 @@ class Session:
 
     def pixel_values(self, image) -> torch.Tensor:
         """One image as this family's vision tower takes it: InternVL tiles, or Yi-VL's padded square."""
-        from minisail.image.preprocess import internvl_pixel_values, yivl_pixel_values
-
-        c = self.model.config
-        if is_yivl(self.model):
-            return yivl_pixel_values(image, image_size=c.image_size)
-        return internvl_pixel_values(
-            image,
-            min_tiles=self.min_tiles,
-            max_tiles=self.max_tiles,
-            image_size=c.image_size,
-            use_thumbnail=c.use_thumbnail,
-        )
-
-    def _with_placeholders(self, question: str, new_images: int) -> str:
-        """Put `<image>` for each new image in front of the question, as chat() does for one on a first turn."""
-        if is_yivl(self.model):
-            if len(self._images) + new_images > 1:
-                raise PromptError("Yi-VL takes one image per conversation: start a new one (/reset) for another")
-            return question  # build_yivl_query places it
-        found = question.count(IMAGE_PLACEHOLDER)
-        if found == new_images:
-            return question
-        if found == 0 and new_images == 1:
-            return IMAGE_PLACEHOLDER + "\n" + question
-        if found == 0:
-            first = len(self._images) + 1
-            return "".join(f"Image-{first + i}: {IMAGE_PLACEHOLDER}\n" for i in range(new_images)) + question
-        raise PromptError(
-            f"the question has {found} '{IMAGE_PLACEHOLDER}' placeholder(s) for {new_images} new image(s): "
-            "write one per image, or none to have them put in front"
-        )
+        return self.family.pixel_values(image, self.model.config, self.min_tiles, self.max_tiles)
 
     def ask(self, question: str, images=(), *, stream: bool = False, think: bool = False, **sampling):
         """The reply: a str, or a ThoughtReply if think. With stream=True an iterator of text pieces instead, or
@@ -197,7 +166,8 @@ class Session:
             images = [images]
         config = sampling_config(self.generation, **sampling)
         new = [self.pixel_values(image) for image in images]
-        question = self._with_placeholders(question, len(new)) + (THINK_INSTRUCTION if think else "")
+        question = self.family.add_image_placeholders(question, len(self._images), len(new))
+        question += THINK_INSTRUCTION if think else ""
         all_images = self._images + new
         prompt = prepare_chat(
             self.model,

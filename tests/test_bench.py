@@ -85,7 +85,7 @@ def test_official_checkpoint_is_sharded_bf16_and_round_trips(tmp_path):
     tensors = open_safetensors_folder(tmp_path)
     assert {tensors.dtype(name) for name in tensors.keys()} == {torch.bfloat16}
     model = minisail.load(tmp_path)
-    official = to_official_state_dict(model, detect_family(preset.config).keymap(model))
+    official = to_official_state_dict(model, detect_family(preset.config).weight_map(model.config))
     assert set(official) == set(tensors.keys())
     assert all(torch.equal(official[name], tensors.read(name)) for name in official)
 

@@ -18,7 +18,7 @@ from checkpoints import GOLDEN, golden_config, randomize_, write_checkpoint
 from safetensors.torch import load_file
 
 import minisail
-from minisail.chat import batch_chat, bind_chat, chat, prepare_chat
+from minisail.chat import batch_chat, chat, prepare_chat
 from minisail.checkpoint.loader import to_official_state_dict
 from minisail.errors import PromptError
 from minisail.generate import greedy_generate
@@ -52,8 +52,8 @@ def build_chat_checkpoint(folder: Path) -> Path:
         max_position_embeddings=CONTEXT,
     )
     family = detect_family(config)
-    model = randomize_(family.build(config), seed=3)
-    tensors = to_official_state_dict(model, family.keymap(model))
+    model = randomize_(family.build(family.parse(config)), seed=3)
+    tensors = to_official_state_dict(model, family.weight_map(model.config))
     del tensors["language_model.lm_head.weight"]  # tied: the loader falls back to embed_tokens
     write_checkpoint(folder, config, tensors)
     tokenizer_files.build_tokenizer_dir("internvl-qwen2.5", folder)
@@ -105,8 +105,7 @@ def test_chat_returns_the_greedy_reply_and_history_like_upstream(loaded, pixel_v
     assert response2 == expected_reply(
         model, tokenizer, follow_up, history=history[:1], tiles=[len(pixel_values)], pixel_values=pixel_values
     )
-    # text only, as a bound method like upstream's model.chat
-    bind_chat(model)
+    # text only, as a method like upstream's model.chat
     text_reply = model.chat(tokenizer, None, "Hello, who are you?", dict(max_new_tokens=8))
     assert text_reply == expected_reply(model, tokenizer, "Hello, who are you?")
 

@@ -45,9 +45,9 @@ def build(case: str, folder):
     config["max_dynamic_patch"] = 4  # a few 112 px tiles of the real photo
     family = detect_family(config)
     hidden = config["llm_config"]["hidden_size"]
-    model = family.build(config)
+    model = family.build(family.parse(config))
     randomize_(model, seed=11)
-    tensors = to_official_state_dict(model, family.keymap(model))
+    tensors = to_official_state_dict(model, family.weight_map(model.config))
     assert any(t.shape[0] == vocab for t in tensors.values())
     write_checkpoint(folder, config, tensors)
     assert model.config.llm.hidden_size == hidden

@@ -19,8 +19,7 @@ from checkpoints import golden_config, golden_tensors, randomize_, write_checkpo
 import minisail  # noqa: E402
 from bench.hf_names import intern_vit, to_official  # noqa: E402
 from minisail.generate import greedy_generate  # noqa: E402
-from minisail.models.internvl import intern_vit_config  # noqa: E402
-from minisail.vision.intern_vit import InternViT  # noqa: E402
+from minisail.vision.intern_vit import InternViT, InternViTConfig  # noqa: E402
 
 
 @pytest.mark.parametrize("variant", ["300m", "6b"])
@@ -44,7 +43,7 @@ def test_intern_vit_matches_transformers(variant):
     )
     hf = randomize_(InternVLVisionModel(hf_config), seed=1).eval()
     ours = InternViT(
-        intern_vit_config(
+        InternViTConfig.from_config(
             {
                 "hidden_size": 48,
                 "num_attention_heads": 4,

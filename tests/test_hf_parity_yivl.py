@@ -24,9 +24,8 @@ from safetensors.torch import save_file  # noqa: E402
 import minisail  # noqa: E402
 from minisail.generate import greedy_generate  # noqa: E402
 from minisail.layers import hidden_state_depth  # noqa: E402
-from minisail.models.yivl import clip_vision_config  # noqa: E402
 from minisail.text.prompt import YIVL_IMAGE_TOKEN_INDEX  # noqa: E402
-from minisail.vision.clip_vit import CLIPVisionTower  # noqa: E402
+from minisail.vision.clip_vit import CLIPVisionConfig, CLIPVisionTower  # noqa: E402
 
 VIT = "vit/clip-vit-random-p14-56"
 CLIP_SIZES = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
@@ -62,7 +61,7 @@ def clip_config_json(hf) -> dict:
 @pytest.mark.parametrize("hidden_act", ["gelu", "quick_gelu"])
 def test_clip_tower_matches_transformers(hidden_act):
     hf = random_clip(hidden_act)
-    config = clip_vision_config(clip_config_json(hf))
+    config = CLIPVisionConfig.from_config(clip_config_json(hf))
     pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         hidden = hf(pixels, output_hidden_states=True).hidden_states  # (pre_layrnorm(embeddings), block 1, ..., 3)

@@ -189,7 +189,7 @@ def test_int8_modules_are_decided_key_by_key(tmp_path):
 
 def test_an_int8_model_writes_the_bitsandbytes_layout_and_reloads(tmp_path):
     model, logits, _ = run(GOLDEN / INTERNLM2 / "checkpoint", INTERNLM2, quantize="int8")
-    official = to_official_state_dict(model, detect_family(golden_config(INTERNLM2)).keymap(model))
+    official = to_official_state_dict(model, detect_family(golden_config(INTERNLM2)).weight_map(model.config))
     scb = official["language_model.model.layers.0.attention.wqkv.SCB"]
     weight = official["language_model.model.layers.0.attention.wqkv.weight"]
     assert weight.dtype == torch.int8 and scb.shape == weight.shape[:1]

@@ -68,8 +68,8 @@ def write_large_checkpoint(folder: Path, dtype: torch.dtype, num_layers: int) ->
     (folder / "config.json").write_text(json.dumps(config))
     family = detect_family(config)
     with torch.device("meta"):
-        model = family.build(config)
-    shapes = {name: t.shape for name, t in to_official_state_dict(model, family.keymap(model)).items()}
+        model = family.build(family.parse(config))
+    shapes = {name: t.shape for name, t in to_official_state_dict(model, family.weight_map(model.config)).items()}
     groups, current, size = [], [], 0
     for name, shape in shapes.items():  # in model order, so a shard holds consecutive layers
         current.append(name)

@@ -14,7 +14,7 @@ from minisail.checkpoint.keymaps import internlm2_wqkv
 from minisail.checkpoint.loader import to_official_state_dict
 from minisail.errors import CheckpointError, ConfigError
 from minisail.llm.decoder import DecoderConfig
-from minisail.models.registry import detect_family
+from minisail.models.registry import FAMILIES, FAMILY_API, detect_family, family_of
 
 CASE = "internvl-qwen2-tiny"
 
@@ -160,11 +160,26 @@ def test_config_errors(tmp_path):
         detect_family(config)
 
 
+def test_every_family_module_exports_the_same_names():
+    for family in FAMILIES:
+        missing = [name for name in FAMILY_API if not hasattr(family, name)]
+        assert not missing, f"{family.__name__} lacks {missing}"
+    assert len({family.NAME for family in FAMILIES}) == len(FAMILIES)
+
+
+@pytest.mark.parametrize("case", ["internvl-qwen2-tiny", "mono-internvl-tiny", "sail-vl2-tiny", "yi-vl-tiny"])
+def test_a_loaded_model_knows_its_family_and_chats_through_real_methods(case):
+    model = minisail.load(GOLDEN / case / "checkpoint")
+    config = json.loads((GOLDEN / case / "checkpoint" / "config.json").read_text())
+    assert family_of(model) is detect_family(config) and family_of(model).NAME == model.family
+    assert not {"chat", "batch_chat", "family"} & vars(model).keys()  # class attributes, nothing patched on
+
+
 @pytest.mark.parametrize("case", [CASE, "internvl-internlm2-tiny"])
 def test_weight_map_round_trips_to_the_official_keys(case):
     model = minisail.load(GOLDEN / case / "checkpoint")
     family = detect_family(golden_config(case))
-    official = to_official_state_dict(model, family.keymap(model))
+    official = to_official_state_dict(model, family.weight_map(model.config))
     stored = golden_tensors(case)
     assert official.keys() == stored.keys()
     for name, value in stored.items():

@@ -23,7 +23,7 @@ from minisail.config import read_config
 from minisail.errors import ConfigError
 from minisail.generate import greedy_generate
 from minisail.llm.decoder import positions_from_mask
-from minisail.models.mono import mono_config
+from minisail.models import mono
 from minisail.models.registry import detect_family
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -53,7 +53,7 @@ def tiny():
 def test_family_and_the_patch_model_ignore_the_vit_fields(tiny):
     model, _, _ = tiny
     config = read_config(TINY / "checkpoint")
-    assert detect_family(config).name == "mono-internvl" and model.family == "mono-internvl"
+    assert detect_family(config).NAME == "mono-internvl" and model.family == "mono-internvl"
     assert config["vision_config"]["num_hidden_layers"] == 48  # present in the file, meaningless here
     names = {name: tuple(p.shape) for name, p in model.vision_model.named_parameters()}
     assert names == {
@@ -70,7 +70,7 @@ def test_weights_round_trip_to_the_official_keys(tiny):
     """Every official tensor is used and comes back bit-exact, feed_forward_ve included."""
     model, _, _ = tiny
     official = read_tensors(TINY / "checkpoint" / "model.safetensors")
-    written = to_official_state_dict(model, detect_family(read_config(TINY / "checkpoint")).keymap(model))
+    written = to_official_state_dict(model, detect_family(read_config(TINY / "checkpoint")).weight_map(model.config))
     assert set(written) == set(official)
     for key, value in official.items():
         assert torch.equal(written[key], value), key
@@ -228,10 +228,10 @@ def test_float16_is_refused_at_load_and_after_a_cast(tiny):
 def test_config_errors(tmp_path):
     config = read_config(TINY / "checkpoint")
     with pytest.raises(ConfigError, match="select_layer"):
-        mono_config({**config, "select_layer": -4})
+        mono.parse({**config, "select_layer": -4})
     vision = {k: v for k, v in config["vision_config"].items() if k != "image_size"}
     with pytest.raises(ConfigError, match="image_size"):
-        mono_config({**config, "vision_config": vision})
+        mono.parse({**config, "vision_config": vision})
     # A checkpoint whose weights lack the visual experts is refused by the strict loader.
     folder = tmp_path / "checkpoint"
     shutil.copytree(TINY / "checkpoint", folder)

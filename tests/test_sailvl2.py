@@ -32,10 +32,10 @@ def pixels():
 
 def test_family_is_told_apart_by_its_sub_configs():
     config = golden_config(CASE)
-    assert detect_family(config).name == "sailvl2"
-    assert [f.name for f in FAMILIES if f.matches(config)] == ["sailvl2"]
+    assert detect_family(config).NAME == "sailvl2"
+    assert [f.NAME for f in FAMILIES if f.detect(config)] == ["sailvl2"]
     config["vision_config"].pop("architectures")  # model_type sailvit alone is enough
-    assert detect_family(config).name == "sailvl2"
+    assert detect_family(config).NAME == "sailvl2"
     config["llm_config"]["architectures"] = ["Qwen2ForCausalLM"]
     config["llm_config"]["model_type"] = "qwen2"
     with pytest.raises(ConfigError, match="vision sailvit, language model Qwen2ForCausalLM"):
@@ -75,7 +75,7 @@ def test_stored_lm_head_is_used_although_config_says_tied(model):
 
 def test_weight_map_round_trips_the_official_layout(model):
     official = golden_tensors(CASE)
-    written = to_official_state_dict(model, detect_family(golden_config(CASE)).keymap(model))
+    written = to_official_state_dict(model, detect_family(golden_config(CASE)).weight_map(model.config))
     assert sorted(written) == sorted(official)
     assert all(torch.equal(written[name], official[name]) for name in official)
 

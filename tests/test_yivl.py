@@ -18,8 +18,9 @@ from minisail.errors import CheckpointError, ConfigError, ImageError, PromptErro
 from minisail.generate import greedy_generate
 from minisail.image import yivl_pixel_values
 from minisail.llm.decoder import positions_from_mask
+from minisail.models import yivl
 from minisail.models.registry import detect_family
-from minisail.models.yivl import splice_images, yivl_config
+from minisail.models.yivl import splice_images
 from minisail.parity import read_tensors
 from minisail.text.prompt import YIVL_IMAGE_TOKEN_INDEX
 
@@ -204,14 +205,13 @@ def test_bin_views_are_zero_copy():
 
 
 def full_config(case: Path = TINY) -> dict:
-    from minisail.models.yivl import with_vision_config
 
     config = json.loads((case / "checkpoint" / "config.json").read_text())
-    return with_vision_config(case / "checkpoint", config)
+    return yivl.complete_config(case / "checkpoint", config)
 
 
 def test_config_reading():
-    config = yivl_config(full_config())
+    config = yivl.parse(full_config())
     assert (config.select_layer, config.select_feature, config.projector_depth) == (-2, "patch", 2)
     assert config.tokens_per_image == IMG_TOKENS and config.image_size == 56
     assert config.vision.hidden_act == "gelu" and config.llm.rope_theta == 5e6 and config.llm.num_kv_heads == 2
@@ -229,12 +229,12 @@ def test_config_reading():
 )
 def test_config_errors(change, message):
     with pytest.raises(ConfigError, match=message):
-        yivl_config({**full_config(), **change})
+        yivl.parse({**full_config(), **change})
 
 
 def test_only_yi_vl_llava_configs_match():
     config = json.loads((TINY / "checkpoint" / "config.json").read_text())
-    assert detect_family(config).name == "yi-vl"
+    assert detect_family(config).NAME == "yi-vl"
     hf_port = {"model_type": "llava", "text_config": {}, "vision_config": {}}  # LLaMA-Factory's -hf conversions
     with pytest.raises(ConfigError, match="does not support"):
         detect_family(hf_port)

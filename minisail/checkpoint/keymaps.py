@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minisail.llm.decoder_config import DecoderConfig
+
 
 @dataclass(frozen=True)
 class Join:
@@ -114,7 +116,7 @@ def mlp1_projector(dst: str = "projector.", src: str = "mlp1.") -> KeyMap:
     return KeyMap(rules)
 
 
-def hf_decoder(config, *, src: str, head: str, dst: str) -> KeyMap:
+def hf_decoder(config: DecoderConfig, *, src: str, head: str, dst: str) -> KeyMap:
     """transformers' Qwen2 / Qwen3 / Llama names (`src` = "...model.", `head` = the lm_head key)."""
     q, kv, inter = (
         config.num_heads * config.head_dim,
@@ -160,7 +162,7 @@ def hf_decoder(config, *, src: str, head: str, dst: str) -> KeyMap:
     )
 
 
-def internlm2_wqkv(config) -> Join:
+def internlm2_wqkv(config: DecoderConfig) -> Join:
     """InternLM2's fused `attention.wqkv`, grouped per key/value head, <-> minisail's [q; k; v] rows.
 
     Official rows: for each kv head h, its g = heads/kv_heads query heads, then its key head, then its value
@@ -188,7 +190,7 @@ def internlm2_wqkv(config) -> Join:
     return Join(join, split)
 
 
-def internlm2_decoder(config, *, src: str, head: str, dst: str) -> KeyMap:
+def internlm2_decoder(config: DecoderConfig, *, src: str, head: str, dst: str) -> KeyMap:
     """InternLM2 names (InternVL's modeling_internlm2.py): tok_embeddings, attention.wqkv/wo, feed_forward.w1/w3/w2."""
     inter = config.intermediate_size
     layer, official = f"{dst}layers.{{i}}.", f"{src}layers.{{i}}."
@@ -217,7 +219,7 @@ def internlm2_decoder(config, *, src: str, head: str, dst: str) -> KeyMap:
     )
 
 
-def internlm2_visual_experts(config, *, src: str, dst: str) -> KeyMap:
+def internlm2_visual_experts(config: DecoderConfig, *, src: str, dst: str) -> KeyMap:
     """Mono-InternVL's two FFNs per layer: `feed_forward` (text) and `feed_forward_ve` (visual), each w1/w3/w2.
 
     Put these rules before `internlm2_decoder`'s: they fill `mlp.text.*` and `mlp.visual.*` of a

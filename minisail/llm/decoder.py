@@ -3,7 +3,7 @@ InternLM2 (InternVL-Chat-V1-5, Mono-InternVL) and Llama (Yi-VL).
 
 They are the same pre-norm transformer: token embedding -> L x [RMSNorm -> GQA attention with RoPE -> residual,
 RMSNorm -> SwiGLU MLP (or Mono's visual experts) -> residual] -> RMSNorm -> lm_head. The differences are fields
-of `DecoderConfig` (read from each family's config by `minisail/config.py`) and the weight maps in
+of `DecoderConfig` (llm/decoder_config.py, with its reader of the official LLM configs) and the weight maps in
 `minisail/checkpoint/keymaps.py`.
 
 Mirrors transformers' Qwen2ForCausalLM / Qwen3ForCausalLM / LlamaForCausalLM and InternVL's InternLM2ForCausalLM.
@@ -32,7 +32,6 @@ one. Logits are returned in float32, as the upstream heads upcast them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -40,29 +39,10 @@ from torch import nn
 
 from minisail.layers import RMSNorm
 from minisail.llm.cache import KVCache
+from minisail.llm.decoder_config import DecoderConfig
 from minisail.llm.layers import Attention, SwiGLU
 from minisail.llm.moe import VisualExpertMLP
 from minisail.llm.rotary import Rotary
-
-
-@dataclass(frozen=True)
-class DecoderConfig:
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    rope_dynamic_factor: float | None = None  # InternLM2 rope_scaling {type: dynamic, factor}
-    qkv_bias: bool = False  # Qwen2
-    qk_norm: bool = False  # Qwen3
-    visual_experts: bool = False  # Mono-InternVL: a second FFN for <IMG_CONTEXT> tokens (minisail/llm/moe.py)
-    tie_word_embeddings: bool = False  # only used when the checkpoint stores no lm_head
-    architecture: str = ""  # the official class name, for messages
 
 
 class Step(NamedTuple):

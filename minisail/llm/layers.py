@@ -21,6 +21,7 @@ from torch import nn
 
 from minisail.layers import RMSNorm
 from minisail.llm.cache import KVCache
+from minisail.llm.decoder_config import DecoderConfig
 from minisail.llm.rotary import apply_rope
 
 # ----------------------------------------------------------------------------------------------------------
@@ -31,7 +32,7 @@ from minisail.llm.rotary import apply_rope
 class Attention(nn.Module):
     """Causal grouped-query self-attention: `num_heads` query heads share `num_kv_heads` key/value heads."""
 
-    def __init__(self, config, layer_index: int):
+    def __init__(self, config: DecoderConfig, layer_index: int):
         super().__init__()
         self.config = config
         self.layer_index = layer_index

@@ -1,1 +1,1 @@
-"""Model families, each composing the shared parts; `registry.py` picks one from a config.json."""
+"""Model families, one module each (`registry.FAMILIES`), exporting the same names; `registry.py` picks one."""

@@ -6,6 +6,9 @@ InternVL-Chat-V1-5 (InternViT-6B + InternLM2). Mirrors `InternVLChatModel` in In
 SAIL-VL2 is this model with SAIL-ViT passed in as the vision tower (models/sailvl2.py): its chat-level config,
 pixel shuffle, mlp1 and image placement are the same code upstream.
 
+This is also the InternVL family module (the names every family exports: models/registry.py); its chat side,
+shared with SAIL-VL2 and Mono-InternVL, is models/internvl_chat.py.
+
 One image, pixels to logits:
     pixel_values [N tiles, 3, S, S]
       -> ViT hidden state at select_layer (InternViT: CLS dropped) [N, (S/14)^2, C]       (1024 tokens at 448 px)
@@ -22,26 +25,29 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minisail.config import (
-    MAX_IMAGE_SIZE,
-    choice,
-    decoder_config,
-    epsilon,
-    flag,
-    image_and_patch,
-    optional,
-    positive,
-    real,
-    require,
-    width_and_heads,
-)
+from minisail.chat import ChatMixin
+from minisail.checkpoint import keymaps
+from minisail.config import MAX_IMAGE_SIZE, choice, flag, optional, positive, real, require
 from minisail.errors import ConfigError, PromptError
 from minisail.layers import hidden_state_depth
-from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
+from minisail.llm.decoder import Decoder, positions_from_mask
+from minisail.llm.decoder_config import DecoderConfig
 from minisail.merge import pixel_shuffle, tokens_per_tile
+from minisail.models import internvl_chat
+from minisail.models.family_parts import (
+    LayerCount,
+    config_as_read,
+    decoder_layers,
+    decoder_weight_map,
+    open_safetensors,
+    sub_config_kinds,
+)
 from minisail.projector import MLPProjector
+from minisail.text.templates import Template
 from minisail.vision.intern_vit import InternViT, InternViTConfig
 from minisail.vision.sail_vit import SailViTConfig
+
+NAME = "internvl"
 
 
 @dataclass(frozen=True)
@@ -62,81 +68,45 @@ class InternVLConfig:
     def tokens_per_tile(self) -> int:
         return tokens_per_tile(self.image_size, self.vision.patch_size, self.downsample_ratio)
 
-
-def intern_vit_config(vision: dict) -> InternViTConfig:
-    """InternViT's `vision_config` (InternVisionConfig). Defaults are the upstream class defaults, used only where
-    a released config omits the key (InternViT-6B-V1-5 has no norm_type). Ignored on purpose: num_channels (the
-    upstream patch conv hard-codes 3 input channels), use_flash_attn (the same math), dropout, attention_dropout
-    and drop_path_rate (off at eval), initializer_factor (initialisation only)."""
-    where = "vision_config"
-    norm_type = choice(vision, "norm_type", where, ("rms_norm", "layer_norm"), "rms_norm")
-    # upstream applies ACT2FN[hidden_act] in the MLP; minisail implements exact (erf) GELU, the class default
-    choice(vision, "hidden_act", where, ("gelu",), "gelu", why=": InternViT's MLP is exact (erf) GELU")
-    hidden, heads = width_and_heads(vision, where)
-    image_size, patch_size = image_and_patch(vision, where)
-    return InternViTConfig(
-        hidden_size=hidden,
-        num_heads=heads,
-        num_layers=positive(vision, "num_hidden_layers", where),
-        intermediate_size=positive(vision, "intermediate_size", where),
-        image_size=image_size,
-        patch_size=patch_size,
-        norm_type=norm_type,
-        norm_eps=epsilon(vision, "layer_norm_eps", where, 1e-6),
-        qkv_bias=flag(vision, "qkv_bias", where, False),
-        qk_normalization=flag(vision, "qk_normalization", where, False),
-    )
-
-
-def internvl_config(config: dict, vision=None) -> InternVLConfig:
-    """The chat-level keys of config.json. `vision` is the tower config when the caller read it (SAIL-ViT, Mono's
-    patch model): any dataclass with `image_size`, `patch_size` and `hidden_size`; by default InternViT's is read
-    here. mlp1's GELU and LayerNorm are fixed in upstream's code (no config key), as here."""
-    top = "the top level"
-    select_layer = optional(config, "select_layer", top, int, -4)  # upstream class default
-    if vision is None:
-        vision = intern_vit_config(require(config, "vision_config", top, dict))
-        # hidden_states = [embeddings, layer 1, ..., layer L]: L + 1 entries to pick from
-        hidden_state_depth(
-            select_layer,
-            vision.num_layers,
-            embeddings_first=True,
-            tower="InternViT",
-            source="config.json: select_layer",
+    @classmethod
+    def from_config(cls, config: dict, vision, where: str = "the top level") -> InternVLConfig:
+        """The chat-level keys of config.json, with `vision` the tower's config as the family read it
+        (InternViT, SAIL-ViT, Mono's patch model: any dataclass with `image_size`, `patch_size` and
+        `hidden_size`). mlp1's GELU and LayerNorm are fixed in upstream's code (no config key), as here."""
+        select_layer = optional(config, "select_layer", where, int, -4)  # upstream class default
+        llm = DecoderConfig.from_config(require(config, "llm_config", where, dict))
+        ps_version = choice(config, "ps_version", where, ("v1", "v2"), "v1")  # upstream class default
+        downsample_ratio = real(config, "downsample_ratio", where, 0.5, above=0.0, at_most=1.0)  # class default
+        image_size = vision.image_size
+        if optional(config, "force_image_size", where, int, 0):  # 0 or null mean the ViT's own, as upstream's `or`
+            image_size = positive(config, "force_image_size", where, limit=MAX_IMAGE_SIZE)
+        grid = image_size // vision.patch_size
+        if grid == 0:
+            raise ConfigError(
+                f"config.json: force_image_size {image_size} is smaller than one {vision.patch_size}-pixel patch"
+            )
+        merge = 1 / downsample_ratio  # pixel shuffle merges merge x merge neighbouring tokens into one
+        if not merge.is_integer() or grid % int(merge):
+            raise ConfigError(
+                f"config.json: downsample_ratio = {downsample_ratio!r} is not supported for a {grid}x{grid} patch "
+                f"grid: accepted 1/k for a whole k that divides the grid (0.5 in every release)"
+            )
+        min_tiles = positive(config, "min_dynamic_patch", where, 1)
+        return cls(
+            vision=vision,
+            llm=llm,
+            select_layer=select_layer,
+            ps_version=ps_version,
+            downsample_ratio=downsample_ratio,
+            image_size=image_size,
+            template=optional(config, "template", where, str, None),
+            system_message=optional(config, "system_message", where, str, None),
+            # Not the upstream class defaults (6 tiles, no thumbnail): every release's config and model card's
+            # load_image use dynamic tiling with a thumbnail and up to 12 tiles.
+            min_dynamic_patch=min_tiles,
+            max_dynamic_patch=positive(config, "max_dynamic_patch", where, 12),
+            use_thumbnail=flag(config, "use_thumbnail", where, True),
         )
-    llm = decoder_config(require(config, "llm_config", top, dict))
-    ps_version = choice(config, "ps_version", top, ("v1", "v2"), "v1")  # upstream class default
-    downsample_ratio = real(config, "downsample_ratio", top, 0.5, above=0.0, at_most=1.0)  # upstream class default
-    image_size = vision.image_size
-    if optional(config, "force_image_size", top, int, 0):  # 0 or null mean the ViT's own, as upstream's `or`
-        image_size = positive(config, "force_image_size", top, limit=MAX_IMAGE_SIZE)
-    grid = image_size // vision.patch_size
-    if grid == 0:
-        raise ConfigError(
-            f"config.json: force_image_size {image_size} is smaller than one {vision.patch_size}-pixel patch"
-        )
-    merge = 1 / downsample_ratio  # pixel shuffle merges merge x merge neighbouring tokens into one
-    if not merge.is_integer() or grid % int(merge):
-        raise ConfigError(
-            f"config.json: downsample_ratio = {downsample_ratio!r} is not supported for a {grid}x{grid} patch grid: "
-            f"accepted 1/k for a whole k that divides the grid (0.5 in every release)"
-        )
-    min_tiles = positive(config, "min_dynamic_patch", top, 1)
-    return InternVLConfig(
-        vision=vision,
-        llm=llm,
-        select_layer=select_layer,
-        ps_version=ps_version,
-        downsample_ratio=downsample_ratio,
-        image_size=image_size,
-        template=optional(config, "template", top, str, None),
-        system_message=optional(config, "system_message", top, str, None),
-        # Not the upstream class defaults (6 tiles, no thumbnail): every release's config and model card's
-        # load_image use dynamic tiling with a thumbnail and up to 12 tiles.
-        min_dynamic_patch=min_tiles,
-        max_dynamic_patch=positive(config, "max_dynamic_patch", top, 12),
-        use_thumbnail=flag(config, "use_thumbnail", top, True),
-    )
 
 
 def check_vocabulary(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -155,8 +125,10 @@ class PreparedInputs:
     visual_mask: torch.Tensor | None = None  # [B, T] bool, Mono-InternVL's FFN routing; None: no experts
 
 
-class InternVLChatModel(nn.Module):
+class InternVLChatModel(ChatMixin, nn.Module):
     """`vision_model`: any tower with `forward(pixel_values, select_layer) -> [N, (S/p)^2, C]` (default InternViT)."""
+
+    family = NAME
 
     def __init__(self, config: InternVLConfig, vision_model: nn.Module | None = None):
         super().__init__()
@@ -213,3 +185,56 @@ class InternVLChatModel(nn.Module):
         return self.language_model(
             inputs.embeds, positions, attention_mask=inputs.attention_mask, visual_mask=inputs.visual_mask
         )
+
+
+# --- the family: InternViT + Qwen2 / InternLM2 (SAIL-VL-2B, InternVL2-style checkpoints, InternVL-Chat-V1-5) -----
+
+
+def detect(config: dict) -> bool:
+    vision, llm = sub_config_kinds(config)
+    return vision in ("InternVisionModel", "intern_vit_6b") and llm in ("Qwen2ForCausalLM", "InternLM2ForCausalLM")
+
+
+def parse(config: dict) -> InternVLConfig:
+    top = "the top level"
+    chat = InternVLConfig.from_config(config, InternViTConfig.from_config(require(config, "vision_config", top, dict)))
+    # hidden_states = [embeddings, layer 1, ..., layer L]: L + 1 entries to pick from
+    depth = chat.select_layer, chat.vision.num_layers
+    hidden_state_depth(*depth, embeddings_first=True, tower="InternViT", source="config.json: select_layer")
+    return chat
+
+
+def layer_counts(parsed: InternVLConfig) -> list[LayerCount]:
+    return [
+        LayerCount("vision_config.num_hidden_layers", parsed.vision.num_layers, "vision_model.encoder.layers.{i}."),
+        decoder_layers("llm_config.num_hidden_layers", parsed.llm),
+    ]
+
+
+complete_config = config_as_read
+open_tensors = open_safetensors
+
+
+def build(parsed: InternVLConfig) -> InternVLChatModel:
+    return InternVLChatModel(parsed)
+
+
+def weight_map(parsed: InternVLConfig) -> keymaps.KeyMap:
+    llm = decoder_weight_map(parsed.llm, root="language_model.", dst="language_model.")
+    return keymaps.passthrough("vision_model.") + keymaps.mlp1_projector() + llm
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    """Every float dtype runs."""
+
+
+pixel_values = internvl_chat.pixel_values
+
+
+def chat_template(parsed: InternVLConfig) -> Template:
+    # InternViT-6B's qk-norm with InternLM2 is what tells InternVL-Chat-V1-5's template apart
+    return internvl_chat.chat_template(parsed, qk_normalization=parsed.vision.qk_normalization)
+
+
+encode_prompt = internvl_chat.encode_prompt
+add_image_placeholders = internvl_chat.add_image_placeholders

@@ -29,34 +29,23 @@ from dataclasses import replace
 
 import torch
 
-from minisail.config import image_and_patch, positive, require
+from minisail.checkpoint import keymaps
+from minisail.config import require
 from minisail.errors import ConfigError
-from minisail.models.internvl import InternVLChatModel, InternVLConfig, internvl_config
+from minisail.models import internvl_chat
+from minisail.models.family_parts import (
+    LayerCount,
+    config_as_read,
+    decoder_layers,
+    decoder_weight_map,
+    open_safetensors,
+    sub_config_kinds,
+)
+from minisail.models.internvl import InternVLChatModel, InternVLConfig
+from minisail.text.templates import Template
 from minisail.vision.patch_embed import InternVisionPatchModel, PatchEmbedConfig
 
-
-def patch_embed_config(vision: dict) -> PatchEmbedConfig:
-    """Only what the patch model computes with: it has no layers, MLP or norm, so num_hidden_layers, hidden_act,
-    layer_norm_eps and the other InternViT fields a Mono config carries are ignored, as upstream ignores them."""
-    where = "vision_config"
-    image_size, patch_size = image_and_patch(vision, where)
-    return PatchEmbedConfig(
-        hidden_size=positive(vision, "hidden_size", where),
-        image_size=image_size,
-        patch_size=patch_size,
-    )
-
-
-def mono_config(config: dict) -> InternVLConfig:
-    """The InternVL chat-level fields, a patch-embedding vision config and an InternLM2 with visual experts."""
-    vision = patch_embed_config(require(config, "vision_config", "the top level", dict))
-    chat = internvl_config(config, vision)
-    if chat.select_layer != -1:  # upstream reads the last hidden state only; any other value fails there
-        raise ConfigError(
-            f"config.json: select_layer {chat.select_layer} is not -1: Mono-InternVL's vision model has no layers, "
-            "only the patch embedding (select_layer -1)"
-        )
-    return replace(chat, llm=replace(chat.llm, visual_experts=True))
+NAME = "mono-internvl"
 
 
 def refuse_float16(dtype: torch.dtype) -> None:
@@ -69,6 +58,8 @@ def refuse_float16(dtype: torch.dtype) -> None:
 
 
 class MonoInternVLChatModel(InternVLChatModel):
+    family = NAME
+
     def __init__(self, config: InternVLConfig):
         # config.llm.visual_experts makes the decoder's layers hold VisualExpertMLP FFNs (llm/moe.py).
         super().__init__(config, vision_model=InternVisionPatchModel(config.vision))
@@ -83,6 +74,59 @@ class MonoInternVLChatModel(InternVLChatModel):
             return None
         return input_ids == self.image_token_id
 
-    def check_dtype(self, dtype: torch.dtype) -> None:
-        """Called by minisail.load before any tensor is read: refuse float16 up front."""
-        refuse_float16(dtype)
+
+# --- the family: patch embedding (no ViT layers) + InternLM2 with FFN visual experts --------------------------------
+
+
+def detect(config: dict) -> bool:
+    vision, llm = sub_config_kinds(config)
+    return vision in ("InternVisionPatchModel", "intern_vit_patch") and llm == "InternLM2VEForCausalLM"
+
+
+def parse(config: dict) -> InternVLConfig:
+    """The InternVL chat-level fields, a patch-embedding vision config and an InternLM2 with visual experts."""
+    vision = PatchEmbedConfig.from_config(require(config, "vision_config", "the top level", dict))
+    chat = InternVLConfig.from_config(config, vision)
+    if chat.select_layer != -1:  # upstream reads the last hidden state only; any other value fails there
+        raise ConfigError(
+            f"config.json: select_layer {chat.select_layer} is not -1: Mono-InternVL's vision model has no layers, "
+            "only the patch embedding (select_layer -1)"
+        )
+    return replace(chat, llm=replace(chat.llm, visual_experts=True))
+
+
+def layer_counts(parsed: InternVLConfig) -> list[LayerCount]:
+    # the patch model has no layers: its config's num_hidden_layers (InternViT's class default 48) means nothing
+    return [decoder_layers("llm_config.num_hidden_layers", parsed.llm)]
+
+
+complete_config = config_as_read
+open_tensors = open_safetensors
+
+
+def build(parsed: InternVLConfig) -> MonoInternVLChatModel:
+    return MonoInternVLChatModel(parsed)
+
+
+def weight_map(parsed: InternVLConfig) -> keymaps.KeyMap:
+    # The visual-expert rules come first: they claim feed_forward{,_ve}.*; the rest is InternLM2 as in V1-5.
+    root = "language_model."
+    experts = keymaps.internlm2_visual_experts(parsed.llm, src=f"{root}model.", dst=root)
+    llm = decoder_weight_map(parsed.llm, root=root, dst=root)
+    return keymaps.passthrough("vision_model.") + keymaps.mlp1_projector() + experts + llm
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    """Called by minisail.load before any tensor is read: refuse float16 up front."""
+    refuse_float16(dtype)
+
+
+pixel_values = internvl_chat.pixel_values
+
+
+def chat_template(parsed: InternVLConfig) -> Template:
+    return internvl_chat.chat_template(parsed)
+
+
+encode_prompt = internvl_chat.encode_prompt
+add_image_placeholders = internvl_chat.add_image_placeholders

@@ -13,10 +13,10 @@ One image, pixels to logits:
          tokens, so every image grows the sequence by g*g - 1 (1023)
       -> Llama decoder, positions attention_mask.cumsum(-1) - 1 over the spliced sequence -> logits [B, T', V]
 
-The checkpoint is two folders: config.json is a Llama config plus `mm_*` keys, and `mm_vision_tower` names the
-vision tower's own folder relative to the checkpoint (`./vit/clip-vit-H-14-laion2B-s32B-b79K-yi-vl-6B-448`),
-with a CLIPVisionModel config.json and float32 weights. Upstream builds the tower from that folder
-(delay_load=True), so the bf16 copy of the tower in the main shards is never used: minisail ignores it too.
+This is the Yi-VL family module (models/registry.py). Its checkpoint side (two folders: config.json and the
+vision tower's `vit/<name>/`, the config, the weight map) is models/yivl_checkpoint.py; its chat side is below:
+no chat() upstream, so it follows Yi's `VL/single_inference.py` (one untiled image per conversation, spliced in
+as id -200, the `mm_default` template).
 
 Batches: upstream splices every row, then right-pads the rows to one length, and at inference (labels=None)
 that branch fails (it reads `_new_labels`, defined only for training); rows of equal spliced length get the
@@ -28,141 +28,22 @@ placeholders in order, row 0 first; unlike upstream, a row without a placeholder
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from minisail.checkpoint.files import NamespacedTensors, open_checkpoint_folder
-from minisail.checkpoint.paths import inside
-from minisail.config import (
-    MAX_CHANNELS,
-    MAX_SIZE,
-    choice,
-    decoder_config,
-    epsilon,
-    flag,
-    image_and_patch,
-    optional,
-    positive,
-    read_config,
-    require,
-    width_and_heads,
-)
-from minisail.errors import CheckpointError, ConfigError, PromptError
-from minisail.layers import hidden_state_depth
-from minisail.llm.decoder import Decoder, DecoderConfig, positions_from_mask
+from minisail.chat import ChatMixin
+from minisail.errors import PromptError
+from minisail.image.preprocess import yivl_pixel_values
+from minisail.llm.decoder import Decoder, positions_from_mask
+from minisail.models import yivl_checkpoint
 from minisail.models.internvl import PreparedInputs, check_vocabulary
+from minisail.models.yivl_checkpoint import YiVLConfig
 from minisail.projector import LayerNormMLPProjector
-from minisail.text.prompt import YIVL_IMAGE_TOKEN_INDEX
-from minisail.vision.clip_vit import ACTIVATIONS, CLIPVisionConfig, CLIPVisionTower
+from minisail.text.prompt import YIVL_IMAGE_TOKEN_INDEX, Query, build_yivl_query, encode_yivl_query
+from minisail.text.templates import Template, template_for_config
+from minisail.vision.clip_vit import CLIPVisionTower
 
-VIT_PREFIX = "vit."  # the vision folder's tensors, as the weight map sees them
-
-
-@dataclass(frozen=True)
-class YiVLConfig:
-    vision: CLIPVisionConfig
-    llm: DecoderConfig
-    vision_tower: str  # mm_vision_tower as config.json writes it: the vision folder, relative to the checkpoint
-    select_layer: int  # mm_vision_select_layer: which CLIP hidden state feeds the projector
-    select_feature: str  # "patch" (CLS dropped) or "cls_patch"
-    projector_depth: int  # N of mlpNx_gelu_Norm
-    template: str = "mm_default"  # llava configs carry no template key; Yi's single_inference.py uses this one
-
-    @property
-    def image_size(self) -> int:
-        return self.vision.image_size
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.vision.grid**2 + (self.select_feature == "cls_patch")
-
-
-# --- config.json + vit/<name>/config.json -----------------------------------------------------------------------
-
-
-def vision_folder(folder: Path, config: dict) -> Path:
-    """The vision tower's folder: mm_vision_tower joined to the checkpoint folder, as upstream joins it, and
-    refused (paths.inside) if it leads outside the checkpoint folder (an absolute path, '..', a link out)."""
-    name = require(config, "mm_vision_tower", "the top level", str)
-    path = inside(folder, name, "config.json's mm_vision_tower")
-    if not path.is_dir():
-        raise CheckpointError(
-            f"{folder}: config.json's mm_vision_tower {name!r} is not a folder ({path} is missing). Yi-VL checkpoints "
-            "ship their CLIP vision tower (config.json + weights) in that folder: download it too"
-        )
-    return path
-
-
-def with_vision_config(folder: Path, config: dict) -> dict:
-    """config.json plus the vision folder's CLIP config as `vision_config` (what `yivl_config` reads)."""
-    vit = read_config(vision_folder(folder, config))
-    if isinstance(vit.get("vision_config"), dict):  # a full CLIPConfig: its vision half, as CLIPVisionConfig reads it
-        vit = vit["vision_config"]
-    return {**config, "vision_config": vit}
-
-
-def clip_vision_config(vision: dict, where: str = "the vision tower's config.json") -> CLIPVisionConfig:
-    """CLIPVisionConfig's keys (class defaults where absent); dropout / attention_dropout are off at eval."""
-    hidden, heads = width_and_heads(vision, where)
-    act = choice(vision, "hidden_act", where, tuple(ACTIVATIONS), "quick_gelu")  # class default; Yi-VL's is gelu
-    image_size, patch_size = image_and_patch(vision, where)
-    return CLIPVisionConfig(
-        hidden_size=hidden,
-        num_heads=heads,
-        num_layers=positive(vision, "num_hidden_layers", where),
-        intermediate_size=positive(vision, "intermediate_size", where),
-        image_size=image_size,
-        patch_size=patch_size,
-        layer_norm_eps=epsilon(vision, "layer_norm_eps", where, 1e-5),  # the class default
-        hidden_act=act,
-        num_channels=positive(vision, "num_channels", where, 3, limit=MAX_CHANNELS),
-    )
-
-
-def yivl_config(config: dict) -> YiVLConfig:
-    """config.json (a Llama config plus LLaVA's mm_* keys, with the vision folder's config as vision_config).
-
-    The projector's GELU and LayerNorm eps are fixed in upstream's builder (no config key), as here."""
-    top = "the top level"
-    vision = clip_vision_config(require(config, "vision_config", "the top level (see with_vision_config)", dict))
-    llm = decoder_config(config, where=top)
-    projector = optional(config, "mm_projector_type", top, str, "linear")  # upstream's default
-    match = re.fullmatch(r"mlp([0-9]+)x_gelu_Norm", projector)
-    if not match or not 1 <= int(match.group(1)) <= MAX_SIZE:
-        raise ConfigError(
-            f"config.json: mm_projector_type {projector!r} is not supported: minisail runs Yi-VL's mlp2x_gelu_Norm "
-            "(any mlpNx_gelu_Norm), not other LLaVA projectors"
-        )
-    if flag(config, "mm_use_im_start_end", top, False):
-        raise ConfigError("config.json: mm_use_im_start_end = true is not supported (Yi-VL has no image start/end)")
-    select_feature = choice(config, "mm_vision_select_feature", top, ("patch", "cls_patch"), "patch")  # upstream's
-    select_layer = require(config, "mm_vision_select_layer", top, int)
-    source = "config.json: mm_vision_select_layer"
-    hidden_state_depth(select_layer, vision.num_layers, embeddings_first=True, tower="CLIP ViT", source=source)
-    mm_hidden = positive(config, "mm_hidden_size", top)
-    if mm_hidden != vision.hidden_size:
-        raise ConfigError(
-            f"config.json: mm_hidden_size {mm_hidden} != the vision tower's hidden_size {vision.hidden_size}"
-        )
-    return YiVLConfig(
-        vision=vision,
-        llm=llm,
-        vision_tower=require(config, "mm_vision_tower", top, str),
-        select_layer=select_layer,
-        select_feature=select_feature,
-        projector_depth=int(match.group(1)),
-    )
-
-
-def open_yivl_tensors(folder: Path, config: dict) -> NamespacedTensors:
-    """The main checkpoint's tensors as named, plus the vision folder's under VIT_PREFIX (safetensors or .bin)."""
-    vit = vision_folder(folder, config)
-    main = open_checkpoint_folder(folder)
-    return NamespacedTensors({"": main, VIT_PREFIX: open_checkpoint_folder(vit)}, f"{folder} (+ {vit} as vit.*)")
+NAME = "yi-vl"
 
 
 # --- splicing ---------------------------------------------------------------------------------------------------
@@ -208,14 +89,13 @@ def splice_images(input_ids, attention_mask, text_embeds, image_embeds, image_to
 # --- the model --------------------------------------------------------------------------------------------------
 
 
-class YiVLModel(nn.Module):
+class YiVLModel(ChatMixin, nn.Module):
+    family = NAME
+
     def __init__(self, config: YiVLConfig):
         super().__init__()
         self.config = config
-        depth = hidden_state_depth(
-            config.select_layer, config.vision.num_layers, embeddings_first=True, tower="CLIP ViT"
-        )
-        self.vision_tower = CLIPVisionTower(config.vision, depth)
+        self.vision_tower = CLIPVisionTower(config.vision, config.vision_depth)
         self.projector = LayerNormMLPProjector(
             config.vision.hidden_size, config.llm.hidden_size, config.projector_depth
         )
@@ -258,3 +138,64 @@ class YiVLModel(nn.Module):
         inputs = self.prepare_inputs(input_ids, attention_mask, pixel_values)
         positions = positions_from_mask(inputs.attention_mask)
         return self.language_model(inputs.embeds, positions, attention_mask=inputs.attention_mask)
+
+
+# --- the family: CLIP ViT-H + mlp2x_gelu_Norm + Yi (Llama), a LLaVA checkpoint with its tower in vit/<name>/ -------
+
+
+def detect(config: dict) -> bool:
+    # transformers' own llava configs (the "-hf" conversions) nest a text_config instead of the mm_* keys
+    return config.get("model_type") == "llava" and "mm_vision_tower" in config and "text_config" not in config
+
+
+parse = yivl_checkpoint.parse
+layer_counts = yivl_checkpoint.layer_counts
+complete_config = yivl_checkpoint.complete_config
+open_tensors = yivl_checkpoint.open_tensors
+
+
+def build(parsed: YiVLConfig) -> YiVLModel:
+    return YiVLModel(parsed)
+
+
+weight_map = yivl_checkpoint.weight_map
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    """Every float dtype runs."""
+
+
+def pixel_values(image, parsed: YiVLConfig, min_tiles: int, max_tiles: int) -> torch.Tensor:
+    """One image as Yi's single_inference.py feeds it: padded to a square, resized, [1, 3, S, S] (no tiles)."""
+    return yivl_pixel_values(image, image_size=parsed.image_size)
+
+
+def chat_template(parsed: YiVLConfig) -> Template:
+    return template_for_config({"template": parsed.template})
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return input_ids, attention_mask
+
+
+def encode_prompt(model, tokenizer, pixel_values, questions: list[str], *, history, num_patches_list,
+                  template: Template, batch: bool) -> tuple[list[Query], torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(queries, input_ids [B, T], attention_mask [B, T]): `<image_placeholder>\\n` on the first user turn, the
+    chunks around it tokenized apart and joined with -200, rows left-padded. One image per question or none."""
+    images = 0 if pixel_values is None else pixel_values.shape[0]
+    if images not in (0, len(questions)):
+        raise PromptError(f"Yi-VL takes one image per conversation (per question in a batch), not {images}")
+    queries = [build_yivl_query(q, history=history, image=images > 0, template=template) for q in questions]
+    rows = [encode_yivl_query(tokenizer, query.text) for query in queries]
+    input_ids, attention_mask = _left_pad(rows, tokenizer.pad_token_id or 0)
+    return queries, input_ids, attention_mask
+
+
+def add_image_placeholders(question: str, images_before: int, new_images: int) -> str:
+    """The question unchanged (build_yivl_query places the image); a second image in a conversation is refused."""
+    if images_before + new_images > 1:
+        raise PromptError("Yi-VL takes one image per conversation: start a new one (/reset) for another")
+    return question

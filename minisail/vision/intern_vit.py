@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisail.config import choice, epsilon, flag, image_and_patch, positive, width_and_heads
 from minisail.layers import RMSNorm, hidden_state_depth, vit_attention
 
 
@@ -38,6 +39,30 @@ class InternViTConfig:
     norm_eps: float
     qkv_bias: bool
     qk_normalization: bool
+
+    @classmethod
+    def from_config(cls, vision: dict, where: str = "vision_config") -> InternViTConfig:
+        """InternViT's `vision_config` (InternVisionConfig). Defaults are the upstream class defaults, used only
+        where a released config omits the key (InternViT-6B-V1-5 has no norm_type). Ignored on purpose:
+        num_channels (the upstream patch conv hard-codes 3 input channels), use_flash_attn (the same math),
+        dropout, attention_dropout and drop_path_rate (off at eval), initializer_factor (initialisation only)."""
+        norm_type = choice(vision, "norm_type", where, ("rms_norm", "layer_norm"), "rms_norm")
+        # upstream applies ACT2FN[hidden_act] in the MLP; minisail implements exact (erf) GELU, the class default
+        choice(vision, "hidden_act", where, ("gelu",), "gelu", why=": InternViT's MLP is exact (erf) GELU")
+        hidden, heads = width_and_heads(vision, where)
+        image_size, patch_size = image_and_patch(vision, where)
+        return cls(
+            hidden_size=hidden,
+            num_heads=heads,
+            num_layers=positive(vision, "num_hidden_layers", where),
+            intermediate_size=positive(vision, "intermediate_size", where),
+            image_size=image_size,
+            patch_size=patch_size,
+            norm_type=norm_type,
+            norm_eps=epsilon(vision, "layer_norm_eps", where, 1e-6),
+            qkv_bias=flag(vision, "qkv_bias", where, False),
+            qk_normalization=flag(vision, "qk_normalization", where, False),
+        )
 
 
 def make_norm(config: InternViTConfig, dim: int) -> nn.Module:

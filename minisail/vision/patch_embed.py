@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minisail.config import image_and_patch, positive
 from minisail.layers import hidden_state_depth
 from minisail.vision.intern_vit import InternVisionEmbeddings
 
@@ -38,6 +39,14 @@ class PatchEmbedConfig:
     hidden_size: int  # C: 1024 for Mono-InternVL-2B (INFERRED)
     image_size: int  # the size the position table was trained at: its grid is image_size // patch_size
     patch_size: int  # 14
+
+    @classmethod
+    def from_config(cls, vision: dict, where: str = "vision_config") -> PatchEmbedConfig:
+        """Only what the patch model computes with: it has no layers, MLP or norm, so num_hidden_layers,
+        hidden_act, layer_norm_eps and the other InternViT fields a Mono config carries are ignored, as upstream
+        ignores them."""
+        image_size, patch_size = image_and_patch(vision, where)
+        return cls(hidden_size=positive(vision, "hidden_size", where), image_size=image_size, patch_size=patch_size)
 
 
 class InternVisionPatchModel(nn.Module):

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisail.errors import ImageError
+from minisail.config import MAX_CHANNELS, choice, epsilon, flag, image_and_patch, positive, width_and_heads
+from minisail.errors import ConfigError, ImageError
 from minisail.layers import RMSNorm, hidden_state_depth, vit_attention
 
 
@@ -53,6 +54,33 @@ class SailViTConfig:
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+    @classmethod
+    def from_config(cls, vision: dict, where: str = "vision_config") -> SailViTConfig:
+        """The SAIL-ViT part of config.json (`vision_config`, SAILViTConfig; class defaults where a key may be
+        absent). SAILViTConfig has no hidden_act: upstream's SwiGLU calls F.silu. A config that names another
+        activation describes another model, so it is refused; attention_dropout / projection_dropout are off
+        at eval."""
+        why = ": SAIL-ViT's SwiGLU is SiLU, fixed in upstream's code"
+        choice(vision, "hidden_act", where, ("silu",), "silu", why=why)
+        hidden, heads = width_and_heads(vision, where)
+        image_size, patch_size = image_and_patch(vision, where)
+        if image_size % patch_size:
+            raise ConfigError(
+                f"config.json: {where}.image_size {image_size} is not a multiple of patch_size {patch_size}"
+            )
+        return cls(
+            hidden_size=hidden,
+            num_heads=heads,
+            num_layers=positive(vision, "num_hidden_layers", where),
+            intermediate_size=positive(vision, "intermediate_size", where),
+            image_size=image_size,
+            patch_size=patch_size,
+            num_channels=positive(vision, "num_channels", where, 3, limit=MAX_CHANNELS),
+            norm_eps=epsilon(vision, "rms_norm_eps", where, 1e-5),
+            qkv_bias=flag(vision, "qkv_bias", where, False),
+            use_bias=flag(vision, "use_bias", where, False),
+        )
 
 
 def select_depth(select_layer: int, num_layers: int, source: str = "select_layer") -> tuple[int, bool]:
