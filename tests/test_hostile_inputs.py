@@ -460,6 +460,9 @@ STREAM_TEXTS = ["小熊猫🐼 sits", " in a tree 🌳🎋", "naïve café", " �
                 "日本語。", "don't .", " , ok", "<|im_end|>", "<think>", "x", " ", "👩‍👩‍👧"]  # fmt: skip
 
 
+CLEANED_UP = {"don't .", " , ok"}  # texts transformers' clean_up_tokenization rewrites
+
+
 @pytest.fixture(scope="module", params=["qwen25", "sailvl2", "internlm2"])
 def real_tokenizer(request):
     return request.getfixturevalue(f"{request.param}_tokenizer")
@@ -468,7 +471,11 @@ def real_tokenizer(request):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_stream_text_matches_decoding_everything(real_tokenizer, data):
-    texts = data.draw(st.lists(st.sampled_from(STREAM_TEXTS), min_size=1, max_size=6))
+    # InternLM2's slow decode always runs clean_up_tokenization (" ," -> ","), which rewrites text already
+    # decoded once the next token arrives; a window and a whole decode then cut the pieces differently (the
+    # same rewrite makes any stream retract nothing it sent). Its texts leave out what the clean-up rewrites.
+    pool = [t for t in STREAM_TEXTS if not (real_tokenizer.clean_up_runs and t in CLEANED_UP)]
+    texts = data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=6))
     ids = real_tokenizer.encode("".join(texts), add_special_tokens=False)
     # also ids that are not a clean encoding: cut anywhere (inside a character), shuffled a little, random ids
     cut = data.draw(st.integers(0, len(ids)))

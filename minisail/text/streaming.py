@@ -26,8 +26,9 @@ def stream_text(tokenizer, token_ids: Iterable[int], *, skip_special_tokens: boo
     2 * STREAM_WINDOW times.
     Should a tokenizer ever rewrite text it already produced, the last piece resumes after the longest common
     prefix of what was emitted and the decode of all ids. (One does: with skip_special_tokens=False, InternLM2's
-    slow decode puts a space in front of the text before a special token; a window cannot see that, so the
-    pieces then differ from decoding everything at each step. Chat streams with special tokens skipped.)
+    slow decode puts a space in front of the text before a special token, and always cleans up " ," / " ." /
+    " n't" across what it decodes; a window cannot see that, so the pieces then differ from decoding everything at
+    each step. Chat streams with special tokens skipped; the clean-up can still rewrite a streamed " ,".)
     """
     ids: list[int] = []
     prefix = read = 0
