@@ -264,7 +264,7 @@ class Session:
                 f"{weight.device}, in {seconds:.1f}s"
             )
             if pack and weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
-                from minisail.llm.fast import pack_linears, packing_support
+                from minisail.fast.packing import pack_linears, packing_support
 
                 start = time.perf_counter()
                 support = packing_support()  # decided by trying oneDNN's bf16 kernel on this CPU
