@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from bench.models import build_on_meta
 from bench.presets import PRESETS, Preset
-from minisail.checkpoint.loader import to_official_state_dict
+from minisail.checkpoint.export import to_official_state_dict
 from minisail.errors import MinisailError
 
 FORMAT = 2  # bump when the written checkpoints change: older entries are then deleted

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from minisail.llm.fast import packing_support
+from minisail.fast.packing import packing_support
 
 # The instruction-set extensions that decide which kernels run (and how fast), as /proc/cpuinfo names them.
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",

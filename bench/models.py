@@ -19,6 +19,7 @@ from minisail.checkpoint import keymaps
 from minisail.checkpoint.files import open_safetensors_folder
 from minisail.checkpoint.loader import fill_from_checkpoint
 from minisail.errors import ConfigError
+from minisail.fast.hooks import load_hooks
 from minisail.merge import pixel_shuffle
 from minisail.models.registry import detect_family
 from minisail.projector import MLPProjector
@@ -74,7 +75,7 @@ def load_minisail(preset: Preset, folder: Path, dtype_name: str) -> nn.Module:
     if not preset.has_llm:
         with torch.device("meta"):
             model = VisionOnlyModel(preset.config)
-        fill_from_checkpoint(model, open_safetensors_folder(folder), vision_only_keymap(), dtype)
+        fill_from_checkpoint(model, open_safetensors_folder(folder), vision_only_keymap(), load_hooks(dtype))
         return model.eval()
     from minisail.loading import load
 

@@ -22,7 +22,7 @@ from bench.machine import machine_info, memory_available_bytes, streaming_bandwi
 from bench.models import int8_available
 from bench.presets import Preset
 from minisail.errors import MinisailError
-from minisail.llm.fast import packing_support
+from minisail.fast.packing import packing_support
 
 METRICS = ["load_s", "peak_rss_gb", "vision_1tile_s", "vision_7tiles_s", "prefill_s", "ttft_s", "decode_tok_s"]
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.1}  # int8: about one byte, plus scales and bf16 norms

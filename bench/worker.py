@@ -63,7 +63,7 @@ def touch(module: torch.nn.Module) -> int:
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
         nbytes = t.numel() * t.element_size()
-        if t.is_mkldnn:  # a packed weight (minisail/llm/fast.py): written when packed, so resident already
+        if t.is_mkldnn:  # a packed weight (minisail/fast/packing.py): written when packed, so resident already
             total += nbytes
             continue
         key = (t.data_ptr(), nbytes)
@@ -105,11 +105,11 @@ def decode_bytes(called: list[torch.nn.Module]) -> int:
 
 class MinisailRunner:
     """minisail as the benchmark runs it on a CPU: `minisail.load`, then bf16 Linears packed for oneDNN
-    (minisail/llm/fast.py). With `compile`, the decode step is compiled instead (see `compile_decode_step`)."""
+    (minisail/fast/packing.py). With `compile`, the decode step is compiled instead (see `compile_decode_step`)."""
 
     def __init__(self, preset: Preset, folder: Path, dtype: str, compile: bool = False):
         from bench.models import load_minisail
-        from minisail.llm.fast import pack_linears, packing_support
+        from minisail.fast.packing import pack_linears, packing_support
 
         self.preset, self.compile = preset, compile and preset.has_llm
         start = time.perf_counter()
@@ -192,7 +192,7 @@ class MinisailRunner:
             try:
                 return self._generate(tokens)
             except Exception as error:  # inductor / dynamo failures have no common base class
-                from minisail.llm.fast import first_line
+                from minisail.fast.packing import first_line
 
                 del self.model.language_model.decode_step  # the class's eager method again
                 self.compile, self.compile_failed = False, f"{type(error).__name__}: {first_line(error)}"

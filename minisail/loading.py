@@ -5,10 +5,11 @@
    on (`read_model_config`, which `python -m minisail prompt --model` runs too: both refuse the same configs);
 2. open the checkpoint's tensor table (headers only) and check that it numbers as many layers as the config
    says, then build the model on the meta device: no memory, no random init;
-3. turn into `Int8Linear` (minisail/quant.py) every Linear the checkpoint stores as bitsandbytes int8, and with
+3. turn into `Int8Linear` (minisail/fast/int8.py) every Linear the checkpoint stores as bitsandbytes int8, and with
    `quantize="int8"` every Linear of the decoder layers;
 4. fill every parameter from the memory-mapped checkpoint through the family's weight map, strictly
-   (checkpoint/loader.py), casting floats to `dtype` (default: the checkpoint's own, bf16 for the releases);
+   (checkpoint/loader.py), each value on its way through the hooks of fast/hooks.py: int8, floats cast to `dtype`
+   (default: the checkpoint's own, bf16 for the releases), mapped pages given back, files read ahead;
 5. move to `device`, switch to eval mode, and read the image-token id from the tokenizer files if present.
 
 Int8 (weight-only; activations stay in `dtype`):
@@ -32,15 +33,16 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from torch import nn
 
-from minisail.checkpoint.keymaps import KeyMap, bnb_scale_key
-from minisail.checkpoint.loader import checkpoint_dtype, fill_from_checkpoint
+from minisail.checkpoint.loader import fill_from_checkpoint
 from minisail.checkpoint.paths import inside
+from minisail.checkpoint.source import checkpoint_dtype
 from minisail.config import read_config
-from minisail.errors import CheckpointError, ConfigError, MinisailError
+from minisail.errors import ConfigError, MinisailError
+from minisail.fast.hooks import load_hooks
+from minisail.fast.int8 import swap_in_int8_linears
+from minisail.fast.int8_checkpoint import int8_linear_names
 from minisail.models.registry import check_layer_counts, detect_family
-from minisail.quant import swap_in_int8_linears
 from minisail.text.image_tokens import IMG_CONTEXT
 from minisail.text.tokenizer_reader import MAX_VOCAB_BYTES, TOKENIZER_FILES
 
@@ -111,7 +113,7 @@ def load(path, *, dtype=None, device=None, quantize=None):
     swap_in_int8_linears(model, int8_names)
     dtype = resolve_dtype(dtype) or checkpoint_dtype(tensors)
     family.check_dtype(dtype)  # a family that cannot run in some dtype says so before any tensor is read
-    fill_from_checkpoint(model, tensors, keymap, dtype, device)
+    fill_from_checkpoint(model, tensors, keymap, load_hooks(dtype, device))
     model.eval()
     model.checkpoint_folder = folder
     model.image_token_id = image_token_id_from_tokenizer(folder, model.image_token_id)
@@ -131,40 +133,6 @@ def check_quantization_config(config: dict) -> None:
             f"config.json: quantization_config {quantization!r} is not bitsandbytes 8-bit; minisail reads float "
             "checkpoints and bitsandbytes LLM.int8 ones (InternVL-Chat-V1-5-Int8) only"
         )
-
-
-def int8_linear_names(model: nn.Module, keymap: KeyMap, tensors, quantize, *, bnb: bool) -> list[str]:
-    """The nn.Linear modules to build as Int8Linear: those whose official weights are all stored as bitsandbytes
-    int8 (`.SCB` present), plus with quantize="int8" every Linear inside the decoder layers.
-
-    `bnb`: config.json has a quantization_config, so the checkpoint must hold int8 weights."""
-    to_quantize = set()
-    if quantize == "int8":
-        to_quantize = {id(m) for m in model.language_model.layers.modules() if isinstance(m, nn.Linear)}
-    names, any_stored = [], False
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        try:
-            _rule, sources, _tied = keymap.resolve(f"{name}.weight")
-        except KeyError:
-            continue  # the loader reports it
-        stored = [bnb_scale_key(source) in tensors for source in sources]
-        any_stored = any_stored or any(stored)
-        if all(stored) or id(module) in to_quantize:
-            names.append(name)
-        elif any(stored):
-            kinds = ", ".join(f"{s!r} {'int8' if k else 'float'}" for s, k in zip(sources, stored, strict=True))
-            raise CheckpointError(
-                f"{tensors.description}: {name} fuses official weights stored partly as bitsandbytes int8 and partly "
-                f"as float ({kinds}); load with quantize='int8' to quantise the float ones as well"
-            )
-    if bnb and not any_stored:
-        raise CheckpointError(
-            f"{tensors.description}: config.json has a bitsandbytes quantization_config, but no weight has the "
-            "`.SCB` scale an int8 weight needs: the files are not the quantised checkpoint the config describes"
-        )
-    return names
 
 
 def image_token_id_from_tokenizer(folder: Path, default):
@@ -207,11 +175,11 @@ def image_token_id_from_tokenizer(folder: Path, default):
 def default_dtype(path, device=None) -> tuple[torch.dtype, str]:
     """What `Session` and `python -m minisail chat` run a checkpoint in when no dtype is given, and why.
 
-    On a GPU or MPS: the checkpoint's own dtype. On the CPU: `fast.cpu_default_dtype`'s rule (float32 where the
+    On a GPU or MPS: the checkpoint's own dtype. On the CPU: `fast.packing.cpu_default_dtype`'s rule (float32 where the
     CPU has no native bf16 and the float32 weights fit in memory). Reads config.json and the weight files'
     headers only."""
-    from minisail.checkpoint.readahead import available_memory_bytes
-    from minisail.llm.fast import cpu_default_dtype
+    from minisail.fast.packing import cpu_default_dtype
+    from minisail.system import available_memory_bytes
 
     folder = Path(path)
     config = read_config(folder)

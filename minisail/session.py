@@ -80,7 +80,7 @@ class Session:
     `system` replaces the template's system message; `generation` holds the default sampling settings.
     A checkpoint loaded here without a `dtype` runs in `loading.default_dtype`'s choice for the device (on a CPU
     without native bf16: float32 when it fits in memory), said in the log. Loaded in bf16 on a CPU whose oneDNN
-    runs bf16, its Linears are packed (`pack=False`: not): the same numbers, decoded faster (minisail/llm/fast.py);
+    runs bf16, its Linears are packed (`pack=False`: not): the same numbers, decoded faster (minisail/fast/packing.py);
     elsewhere they stay plain, and the log says why. A model passed in is used as it is.
     """
 
@@ -127,7 +127,7 @@ class Session:
                 f"{weight.device}, in {seconds:.1f}s"
             )
             if pack and weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
-                from minisail.llm.fast import pack_linears, packing_support
+                from minisail.fast.packing import pack_linears, packing_support
 
                 start = time.perf_counter()
                 support = packing_support()  # decided by trying oneDNN's bf16 kernel on this CPU

@@ -46,12 +46,12 @@ def internlm2_tokenizer(internlm2_tokenizer_dir):
 
 
 def _reset_fast_path_decisions():
-    from minisail import quant
-    from minisail.llm import fast
+    from minisail.fast import int8 as int8_kernels
+    from minisail.fast import packing
 
-    fast.packing_support.cache_clear()
-    fast._checked.clear()
-    quant._int8pack_checked.clear()
+    packing.packing_support.cache_clear()
+    packing._checked.clear()
+    int8_kernels._int8pack_checked.clear()
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ from bench import checkpoints
 from bench.__main__ import main
 from bench.hf_names import internvl, to_official, to_transformers
 from bench.presets import PRESETS, get_preset
+from minisail.checkpoint.export import to_official_state_dict
 from minisail.checkpoint.files import open_safetensors_folder
-from minisail.checkpoint.loader import to_official_state_dict
 from minisail.models.registry import detect_family
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -53,7 +53,7 @@ def test_quick_bench_prints_one_json_object_of_the_documented_form(tmp_path, cap
         assert report["ratios"]["bf16"]["decode_tok_s"] > 0
     notes = report["notes"]["bf16"]  # what bounds the figures: packing's share of the load, the matmuls alone
     assert notes["minisail_load_call_s"] > 0 and notes["minisail_pack_s"] >= 0
-    from minisail.llm.fast import packing_support
+    from minisail.fast.packing import packing_support
 
     assert ("minisail_unpacked_because" in notes) != packing_support().available  # the reason, where not packed
     assert notes["minisail_load_call_s"] + notes["minisail_pack_s"] <= report["results"]["bf16"]["minisail"]["load_s"]

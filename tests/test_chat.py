@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import minisail
 from minisail.chat import batch_chat, chat, prepare_chat
-from minisail.checkpoint.loader import to_official_state_dict
+from minisail.checkpoint.export import to_official_state_dict
 from minisail.errors import PromptError
 from minisail.generate import greedy_generate
 from minisail.image.preprocess import internvl_pixel_values

@@ -19,7 +19,7 @@ from checkpoints import golden_config, randomize_, write_checkpoint
 from test_chat import IMAGE
 
 import minisail
-from minisail.checkpoint.loader import to_official_state_dict
+from minisail.checkpoint.export import to_official_state_dict
 from minisail.cli import main
 from minisail.generate import greedy_generate
 from minisail.image.preprocess import internvl_pixel_values

@@ -114,37 +114,37 @@ def test_quantize_int8_flag_loads_int8_linears(checkpoint, capsys):
     code, out, err = run(capsys, "--model", checkpoint, "--quantize", "int8", "--max-new-tokens", 4, "Hi")
     assert code == 0, err
     session = Session(checkpoint, quantize="int8")
-    from minisail.quant import Int8Linear
+    from minisail.fast.int8 import Int8Linear
 
     assert any(isinstance(m, Int8Linear) for m in session.model.modules())
 
 
 @pytest.mark.parametrize("kernel", ["this CPU's oneDNN", "a stand-in"])
 def test_bf16_on_cpu_is_packed_and_replies_the_same(checkpoint, kernel, request):
-    from minisail.llm import fast
+    from minisail.fast import packing
 
     if kernel == "a stand-in":
         request.getfixturevalue("onednn_packs_bf16")
-    elif not fast.packing_available():
-        pytest.skip(fast.packing_support().reason)
+    elif not packing.packing_available():
+        pytest.skip(packing.packing_support().reason)
     packed = Session(checkpoint, dtype="bfloat16", generation=minisail.generate.GenerationConfig(max_new_tokens=8))
     plain = Session(checkpoint, dtype="bfloat16", pack=False,
                     generation=minisail.generate.GenerationConfig(max_new_tokens=8))  # fmt: skip
-    assert any(isinstance(m, fast.PackedLinear) for m in packed.model.modules())
-    assert not any(isinstance(m, fast.PackedLinear) for m in plain.model.modules())
+    assert any(isinstance(m, packing.PackedLinear) for m in packed.model.modules())
+    assert not any(isinstance(m, packing.PackedLinear) for m in plain.model.modules())
     question = "What animal is in the picture?"
     assert packed.ask(question, images=[IMAGE]) == plain.ask(question, images=[IMAGE])
 
 
 def test_where_onednn_refuses_bf16_a_session_runs_plain_and_says_why(checkpoint, onednn_refuses_bf16):
     """The AVX2-only CPU: no crash, no packing, the same reply as an unpacked session, and the reason logged."""
-    from minisail.llm import fast
+    from minisail.fast import packing
 
     lines = []
     config = minisail.generate.GenerationConfig(max_new_tokens=8)
     session = Session(checkpoint, dtype="bfloat16", generation=config, log=lines.append)
     plain = Session(checkpoint, dtype="bfloat16", pack=False, generation=config)
-    assert not any(isinstance(m, fast.PackedLinear) for m in session.model.modules())
+    assert not any(isinstance(m, packing.PackedLinear) for m in session.model.modules())
     assert any("plain F.linear" in line and "avx512bw" in line for line in lines)
     question = "What animal is in the picture?"
     assert session.ask(question, images=[IMAGE]) == plain.ask(question, images=[IMAGE])

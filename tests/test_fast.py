@@ -1,4 +1,4 @@
-"""The bf16 CPU fast path (minisail/llm/fast.py): packed Linears compute exactly what the plain ones compute."""
+"""The bf16 CPU fast path (minisail/fast/packing.py): packed Linears compute exactly what the plain ones compute."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from checkpoints import GOLDEN
 from safetensors.torch import load_file
 
 import minisail
+from minisail.fast import memory, packing
+from minisail.fast.packing import PackedLinear, pack_linears, unpack_linears
 from minisail.generate import greedy_generate
-from minisail.llm import fast
-from minisail.llm.fast import PackedLinear, pack_linears, unpack_linears
 
-needs_onednn_bf16 = pytest.mark.skipif(not fast.packing_available(), reason=fast.packing_support().reason)
+needs_onednn_bf16 = pytest.mark.skipif(not packing.packing_available(), reason=packing.packing_support().reason)
 
 
 def bf16_case(case: str):
@@ -55,11 +55,11 @@ def test_fp32_linears_are_left_alone():
 def test_mapped_weights_are_found_and_given_back_without_changing_values():
     model = minisail.load(GOLDEN / "internvl-qwen2-tiny" / "checkpoint", dtype=torch.float32)  # the file's dtype
     linear = model.language_model.layers[0].attn.o  # a plain rename: a zero-copy view into the checkpoint
-    path, _offset = fast._file_backing(linear.weight.data_ptr())
+    path, _offset = memory.file_backing(linear.weight.data_ptr())
     assert path.endswith(".safetensors")
-    assert fast._file_backing(torch.zeros(4096).data_ptr()) is None  # ordinary memory is never touched
+    assert memory.file_backing(torch.zeros(4096).data_ptr()) is None  # ordinary memory is never touched
     before = linear.weight.detach().clone()
-    fast._release_mapped_pages(linear.weight)
+    memory.release_mapped_pages(linear.weight)
     assert torch.equal(linear.weight, before)  # pages come back from the file, unchanged
 
 
@@ -69,7 +69,7 @@ def _outputs(model, ids, mask, pixels):
 
 
 def test_where_onednn_refuses_bf16_nothing_is_packed_and_the_numbers_stay(onednn_refuses_bf16):
-    support = fast.packing_support()
+    support = packing.packing_support()
     assert not support.available and "avx512bw" in support.reason  # the CPU's own words reach the log line
     model, inputs = bf16_case("internvl-qwen2-tiny")
     logits, tokens = _outputs(model, *inputs)
@@ -101,7 +101,7 @@ def test_a_shape_the_kernel_refuses_stays_plain(onednn_packs_bf16, monkeypatch):
 
 def test_packed_plumbing_on_every_machine(onednn_packs_bf16):
     """With the kernel stood in for, the packed modules, their state dict and unpacking run wherever tests run."""
-    assert fast.packing_support().available
+    assert packing.packing_support().available
     model, inputs = bf16_case("mono-internvl-tiny")
     logits, tokens = _outputs(model, *inputs)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -115,12 +115,12 @@ def test_packed_plumbing_on_every_machine(onednn_packs_bf16):
 
 def test_the_default_dtype_follows_the_cpu(onednn_refuses_bf16):
     gb = 1e9
-    assert fast.cpu_default_dtype(torch.bfloat16, 8 * gb, 24 * gb)[0] == torch.float32  # fits: float32
-    dtype, why = fast.cpu_default_dtype(torch.bfloat16, 100 * gb, 24 * gb)  # does not fit: stay bf16, say why
+    assert packing.cpu_default_dtype(torch.bfloat16, 8 * gb, 24 * gb)[0] == torch.float32  # fits: float32
+    dtype, why = packing.cpu_default_dtype(torch.bfloat16, 100 * gb, 24 * gb)  # does not fit: stay bf16, say why
     assert dtype == torch.bfloat16 and "would not fit" in why
-    assert fast.cpu_default_dtype(torch.float32, 8 * gb, 24 * gb)[0] == torch.float32
-    assert fast.cpu_default_dtype(torch.float16, 8 * gb, 24 * gb)[0] == torch.float16
+    assert packing.cpu_default_dtype(torch.float32, 8 * gb, 24 * gb)[0] == torch.float32
+    assert packing.cpu_default_dtype(torch.float16, 8 * gb, 24 * gb)[0] == torch.float16
 
 
 def test_where_bf16_is_native_the_stored_dtype_is_kept(onednn_packs_bf16):
-    assert fast.cpu_default_dtype(torch.bfloat16, 8e9, 24e9)[0] == torch.bfloat16
+    assert packing.cpu_default_dtype(torch.bfloat16, 8e9, 24e9)[0] == torch.bfloat16

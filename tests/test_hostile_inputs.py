@@ -523,7 +523,7 @@ def test_kv_cache_that_does_not_fit_is_refused():
 
 def test_generate_refuses_a_huge_cache_before_allocating(textonly_case, monkeypatch):
     model, input_ids, attention_mask = textonly_case
-    monkeypatch.setattr("minisail.checkpoint.readahead.available_memory_bytes", lambda: 10 << 20)
+    monkeypatch.setattr("minisail.system.available_memory_bytes", lambda: 10 << 20)
     with pytest.raises(PromptError, match="lower max_new_tokens"):
         greedy_generate(model, input_ids, attention_mask, max_new_tokens=10**7)
     assert greedy_generate(model, input_ids, attention_mask, max_new_tokens=3).shape == (1, 3)

@@ -1,7 +1,7 @@
 """Int8 weights: the Int8Linear kernels, bitsandbytes LLM.int8 checkpoints, and quantize="int8" at load.
 
 The int8 checkpoints are made here from golden cases' float weights: every decoder-layer Linear weight is quantised
-with bitsandbytes' row-wise absmax rule (written out below, independently of minisail.quant) into `X.weight` int8 +
+with bitsandbytes' row-wise absmax rule (written out below, independently of minisail.fast.int8) into `X.weight` int8 +
 `X.SCB` float32, next to a bnb-like `quantization_config` (InternVL-Chat-V1-5-Int8 layout). The float reference is
 the same checkpoint with the dequantised weights `weight * SCB / 127` written as ordinary float tensors.
 """
@@ -19,13 +19,13 @@ from checkpoints import GOLDEN, golden_config, golden_tensors, write_checkpoint
 from torch import nn
 
 import minisail
-from minisail import quant
-from minisail.checkpoint.loader import to_official_state_dict
+from minisail.checkpoint.export import to_official_state_dict
 from minisail.errors import CheckpointError, ConfigError
+from minisail.fast import int8 as int8_kernels
+from minisail.fast.int8 import Int8Linear, int8_linear, quantize_rows, reference_int8_linear
 from minisail.generate import greedy_generate
 from minisail.models.registry import detect_family
 from minisail.parity import image_token_id, read_tensors
-from minisail.quant import Int8Linear, int8_linear, quantize_rows, reference_int8_linear
 
 INTERNLM2, QWEN2 = "internvl-internlm2-tiny", "internvl-qwen2-tiny"
 BNB_CONFIG = {
@@ -200,8 +200,8 @@ def test_an_int8_model_writes_the_bitsandbytes_layout_and_reloads(tmp_path):
 
 def test_bf16_activations_run_the_int8_decode_kernel(int8_case, monkeypatch):
     _, logits32, _ = run(int8_case.int8, int8_case.case, dtype=torch.float32)
-    fits, real_fits = [], quant._int8pack_fits
-    monkeypatch.setattr(quant, "_int8pack_fits", lambda x, w: fits.append(real_fits(x, w)) or fits[-1])
+    fits, real_fits = [], int8_kernels._int8pack_fits
+    monkeypatch.setattr(int8_kernels, "_int8pack_fits", lambda x, w: fits.append(real_fits(x, w)) or fits[-1])
     model, logits16, tokens = run(int8_case.int8, int8_case.case, new_tokens=3, dtype=torch.bfloat16)
     assert model.language_model.embed.weight.dtype == torch.bfloat16
     assert tokens.shape[1] == 3
@@ -342,7 +342,7 @@ def test_int8_linear_kernels_match_the_reference(monkeypatch, dtype, rows, in_fe
     expected = reference_int8_linear(x, weight, scale, b).float()
     # bf16 / fp16: the output (and int8pack's or fp16's scaled weights) are rounded to 8 / 11 bits
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
-    monkeypatch.setattr(quant, "BLOCK_BYTES", 7 * in_features * x.element_size())  # several blocks, a short last
+    monkeypatch.setattr(int8_kernels, "BLOCK_BYTES", 7 * in_features * x.element_size())  # several blocks, a short last
     for y in (int8_linear(x, weight, scale, b), int8_linear(x[:1, :1], weight, scale, b)):
         assert y.dtype == dtype
         reference = expected[: y.shape[0], : y.shape[1]]
@@ -361,26 +361,27 @@ def test_float16_activations_do_not_overflow():
 
 def test_the_int8pack_kernel_is_used_exactly_where_it_was_measured_correct(monkeypatch):
     calls = []
-    real = quant.blocked_int8_matmul
-    monkeypatch.setattr(quant, "blocked_int8_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = int8_kernels.blocked_int8_matmul
+    monkeypatch.setattr(int8_kernels, "blocked_int8_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
     weight, scale = torch.zeros(8, 64, dtype=torch.int8), torch.ones(8)
     int8_linear(torch.ones(1, 64, dtype=torch.bfloat16), weight, scale)  # int8pack
     int8_linear(torch.ones(1, 64), weight, scale)  # fp32: blocked
-    int8_linear(torch.ones(quant.INT8PACK_MAX_ROWS, 64, dtype=torch.bfloat16), weight, scale)  # int8pack
-    int8_linear(torch.ones(quant.INT8PACK_MAX_ROWS + 1, 64, dtype=torch.bfloat16), weight, scale)  # too many rows
+    int8_linear(torch.ones(int8_kernels.INT8PACK_MAX_ROWS, 64, dtype=torch.bfloat16), weight, scale)  # int8pack
+    too_many = int8_kernels.INT8PACK_MAX_ROWS + 1
+    int8_linear(torch.ones(too_many, 64, dtype=torch.bfloat16), weight, scale)  # too many rows
     int8_linear(torch.ones(1, 8, dtype=torch.bfloat16), weight[:, :8], scale)  # in_features % 16 != 0
-    assert calls == [(1, 64), (quant.INT8PACK_MAX_ROWS + 1, 64), (1, 8)]
+    assert calls == [(1, 64), (int8_kernels.INT8PACK_MAX_ROWS + 1, 64), (1, 8)]
 
 
 def test_where_int8pack_fails_the_blocked_path_gives_the_numbers(int8pack_fails, monkeypatch):
     """Decided by trying: a kernel that raises on this machine is never used, and the answer is the same."""
     calls = []
-    real = quant.blocked_int8_matmul
-    monkeypatch.setattr(quant, "blocked_int8_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = int8_kernels.blocked_int8_matmul
+    monkeypatch.setattr(int8_kernels, "blocked_int8_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
     weight, absmax = quantize_rows(torch.randn(32, 64, generator=torch.Generator().manual_seed(1)))
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     y = int8_linear(x, weight, absmax / 127)
-    assert calls == [(1, 64)] and quant._int8pack_checked == {(32, 64): False}
+    assert calls == [(1, 64)] and int8_kernels._int8pack_checked == {(32, 64): False}
     expected = reference_int8_linear(x, weight, absmax / 127).float()
     assert (y.float() - expected).abs().max().item() <= 2e-2 * expected.abs().max().item()
 
@@ -392,5 +393,5 @@ def test_an_int8pack_that_gives_wrong_numbers_is_not_used(monkeypatch):
     monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", lambda x, w, s: torch.zeros(x.shape[0], w.shape[0]))
     weight, absmax = quantize_rows(torch.randn(32, 64, generator=torch.Generator().manual_seed(1)))
     y = int8_linear(torch.ones(1, 64, dtype=torch.bfloat16), weight, absmax / 127)
-    assert quant._int8pack_checked == {(32, 64): False} and bool((y != 0).any())
+    assert int8_kernels._int8pack_checked == {(32, 64): False} and bool((y != 0).any())
     _reset_fast_path_decisions()

@@ -31,7 +31,7 @@ import torch
 from checkpoints import GOLDEN, golden_config
 from safetensors.torch import save_file
 
-from minisail.checkpoint.loader import to_official_state_dict
+from minisail.checkpoint.export import to_official_state_dict
 from minisail.models.registry import detect_family
 
 if not Path("/proc/self/status").is_file():

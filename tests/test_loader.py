@@ -10,8 +10,8 @@ import torch
 from checkpoints import GOLDEN, golden_config, golden_tensors, write_checkpoint
 
 import minisail
+from minisail.checkpoint.export import to_official_state_dict
 from minisail.checkpoint.keymaps import internlm2_wqkv
-from minisail.checkpoint.loader import to_official_state_dict
 from minisail.errors import CheckpointError, ConfigError
 from minisail.llm.decoder import DecoderConfig
 from minisail.models.registry import FAMILIES, FAMILY_API, detect_family, family_of

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import minisail
-from minisail.checkpoint.loader import to_official_state_dict
+from minisail.checkpoint.export import to_official_state_dict
 from minisail.checkpoint.safetensors_mmap import SafetensorsFile
 from minisail.config import read_config
 from minisail.errors import ConfigError

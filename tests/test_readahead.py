@@ -1,4 +1,4 @@
-"""The loader's background read-ahead (minisail/checkpoint/readahead.py): it reads the files, stops when asked,
+"""The loader's background read-ahead (minisail/fast/readahead.py): it reads the files, stops when asked,
 stays off when the files would not fit, and a load with it gives the same model as one without."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from checkpoints import GOLDEN
 
 import minisail
-from minisail.checkpoint import loader, readahead
-from minisail.checkpoint.readahead import ReadAhead
+from minisail.fast import readahead
+from minisail.fast.readahead import ReadAhead
 
 
 def test_reads_every_file_to_the_end(tmp_path, monkeypatch):
@@ -92,7 +92,7 @@ def started(monkeypatch) -> list[ReadAhead]:
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(loader, "ReadAhead", Recorded)
+    monkeypatch.setattr(readahead, "ReadAhead", Recorded)
     return made
 
 

@@ -11,7 +11,7 @@ import torch
 from checkpoints import GOLDEN, golden_config, golden_tensors, write_checkpoint
 
 import minisail
-from minisail.checkpoint.loader import to_official_state_dict
+from minisail.checkpoint.export import to_official_state_dict
 from minisail.errors import CheckpointError, ConfigError, ImageError
 from minisail.models.registry import FAMILIES, detect_family
 from minisail.parity import read_tensors

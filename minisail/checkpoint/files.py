@@ -13,7 +13,7 @@ or a tensor stored twice is a `CheckpointError` that names it. Every file is ope
 `open_checkpoint_folder` also takes the PyTorch `.bin` layouts (checkpoint/torch_bin.py), preferring
 safetensors when a folder has both. `NamespacedTensors` joins several folders into one set of names (Yi-VL:
 the main checkpoint plus the vision tower's `vit/<name>/` folder under "vit."), so a weight map can say
-which folder each tensor comes from.
+which folder each tensor comes from. All three are `TensorSource`s (checkpoint/source.py).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from minisail.checkpoint.paths import inside, read_index
+from minisail.checkpoint.paths import check_weight_map, inside, read_shards
 from minisail.checkpoint.safetensors_mmap import SafetensorsFile
-from minisail.checkpoint.torch_bin import BinTensors, open_bin_folder
+from minisail.checkpoint.source import TensorSource
+from minisail.checkpoint.torch_bin import open_bin_folder
 from minisail.errors import CheckpointError
 
 SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")
@@ -32,6 +33,8 @@ BIN_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class CheckpointTensors:
+    """The tensors of one or more .safetensors files, by name: a `TensorSource` (checkpoint/source.py)."""
+
     def __init__(self, files: list[SafetensorsFile], description: str):
         self.description = description
         self.location: dict[str, SafetensorsFile] = {}
@@ -77,18 +80,9 @@ def open_safetensors_folder(folder: Path, prefix: str = "model") -> CheckpointTe
     single = inside(folder, f"{prefix}.safetensors", "the weights file")
     index = inside(folder, f"{prefix}.safetensors.index.json", "the index file")
     if index.is_file():
-        weight_map = read_index(folder, index.name)  # every shard name already checked by inside()
-        shard_names = sorted(set(weight_map.values()))
-        missing = [name for name in shard_names if not (folder / name).is_file()]
-        if missing:
-            raise CheckpointError(
-                f"{folder}: the index lists {len(shard_names)} shards but {len(missing)} are missing: "
-                f"{', '.join(missing)}. Download every shard into {folder}"
-            )
+        weight_map, shard_names = read_shards(folder, index.name)
         tensors = CheckpointTensors([SafetensorsFile(folder / name) for name in shard_names], str(folder))
-        for name, shard in weight_map.items():
-            if name not in tensors or tensors.location[name].path != folder / shard:
-                raise CheckpointError(f"{index} says {name!r} is in {shard}, but that shard does not hold it")
+        check_weight_map(folder, index.name, weight_map, lambda name: getattr(tensors.location.get(name), "path", None))
         return tensors
     if single.is_file():
         return CheckpointTensors([SafetensorsFile(single)], str(single))
@@ -98,7 +92,7 @@ def open_safetensors_folder(folder: Path, prefix: str = "model") -> CheckpointTe
     )
 
 
-def open_checkpoint_folder(folder: Path) -> CheckpointTensors | BinTensors:
+def open_checkpoint_folder(folder: Path) -> TensorSource:
     """The tensors of `folder`: safetensors (model.safetensors[.index.json]) if present, else PyTorch .bin
     (pytorch_model.bin[.index.json]); each with its index followed exactly."""
     folder = Path(folder)
@@ -115,12 +109,12 @@ def open_checkpoint_folder(folder: Path) -> CheckpointTensors | BinTensors:
 class NamespacedTensors:
     """Several tensor sets seen as one: the tensor `n` of the set registered under prefix `p` is named `p + n`.
 
-    Same interface as `CheckpointTensors`; views and copies come from the underlying set unchanged.
+    A `TensorSource` (checkpoint/source.py); views and copies come from the underlying set unchanged.
     """
 
-    def __init__(self, parts: dict[str, CheckpointTensors | BinTensors], description: str):
+    def __init__(self, parts: dict[str, TensorSource], description: str):
         self.description = description
-        self.location: dict[str, tuple[CheckpointTensors | BinTensors, str]] = {}
+        self.location: dict[str, tuple[TensorSource, str]] = {}
         for prefix, tensors in parts.items():
             for name in tensors.keys():
                 if prefix + name in self.location:

@@ -115,6 +115,28 @@ def read_index(folder: Path, index_name: str) -> dict[str, str]:
     return weight_map
 
 
+def read_shards(folder: Path, index_name: str) -> tuple[dict[str, str], list[str]]:
+    """The index's weight_map and the shard names it lists, sorted, every one present in `folder`.
+
+    The one shard-index reader: safetensors and .bin shards are both found through it."""
+    weight_map = read_index(folder, index_name)  # every shard name already checked by inside()
+    shard_names = sorted(set(weight_map.values()))
+    missing = [name for name in shard_names if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{folder}: the index lists {len(shard_names)} shards but {len(missing)} are missing: "
+            f"{', '.join(missing)}. Download every shard into {folder}"
+        )
+    return weight_map, shard_names
+
+
+def check_weight_map(folder: Path, index_name: str, weight_map: dict[str, str], file_of) -> None:
+    """Every tensor the index names is in the shard it names: `file_of(name)` is the file holding it, or None."""
+    for name, shard in weight_map.items():
+        if file_of(name) != folder / shard:
+            raise CheckpointError(f"{folder / index_name} says {name!r} is in {shard}, but that shard does not hold it")
+
+
 MAX_JSON_FILE_BYTES = 16 * 1024 * 1024  # config.json, tokenizer_config.json, ...: real ones are a few KB
 MAX_JSON_FILE_DEPTH = 32
 

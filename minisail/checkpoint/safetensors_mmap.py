@@ -14,17 +14,14 @@ the tensor, so a truncated download is reported as one.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import mmap
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from minisail.checkpoint.safetensors_header import parse_header
 from minisail.errors import CheckpointError
+from minisail.fast.memory import release_pages
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -38,28 +35,6 @@ def read_header(path: Path) -> tuple[dict, int]:
             return parse_header(path, f.read(8), size, f.read)
     except OSError as error:
         raise CheckpointError(f"cannot read {path}: {error}") from error
-
-
-PAGE = mmap.PAGESIZE
-MADV_DONTNEED = 4  # Linux
-
-
-@functools.cache
-def _madvise():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise
-
-
-def release_pages(address: int, nbytes: int) -> None:
-    """madvise(MADV_DONTNEED) the whole pages inside [address, address + nbytes) of a private, never written
-    file mapping: they leave this process's resident set (they stay in the OS page cache). Linux only; a no-op
-    elsewhere. Never call it on memory that was written: for anonymous or written pages it discards data."""
-    if not sys.platform.startswith("linux"):
-        return
-    start, end = -(-address // PAGE) * PAGE, (address + nbytes) // PAGE * PAGE
-    if end > start:
-        _madvise()(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
 class SafetensorsFile:

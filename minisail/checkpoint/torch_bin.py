@@ -22,8 +22,8 @@ MAX_PICKLE_BYTES (so a hostile pickle cannot make the unpickler allocate gigabyt
 `check_tensor` refuses a tensor whose view is not non-overlapping and dense (a stride-0 view of one element
 that a copy would expand to gigabytes) or does not lie inside its storage, or a storage larger than the file.
 
-`BinTensors` offers the interface of `files.CheckpointTensors` (keys, dtype, shape, view, read, __contains__,
-description), so the strict loader works on either.
+`BinTensors` is a `TensorSource` (checkpoint/source.py), like `files.CheckpointTensors`, so the strict loader
+works on either; sharded folders are found through the same index reader (`paths.read_shards`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from minisail.checkpoint.paths import inside, read_index, shown
+from minisail.checkpoint.paths import check_weight_map, inside, read_shards, shown
 from minisail.errors import CheckpointError
 
 ZIP_MAGIC = b"PK\x03\x04"  # a zip local-file header: every torch.save file since PyTorch 1.6 starts with it
@@ -149,7 +149,7 @@ def load_bin(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 class BinTensors:
-    """The tensors of one or more .bin files, by name (the interface of `CheckpointTensors`)."""
+    """The tensors of one or more .bin files, by name: a `TensorSource` (checkpoint/source.py)."""
 
     def __init__(self, files: dict[Path, dict[str, torch.Tensor]], description: str):
         self.description = description
@@ -194,18 +194,9 @@ def open_bin_folder(folder: Path, prefix: str = "pytorch_model") -> BinTensors:
     single = inside(folder, f"{prefix}.bin", "the weights file")
     index = inside(folder, f"{prefix}.bin.index.json", "the index file")
     if index.is_file():
-        weight_map = read_index(folder, index.name)  # every shard name already checked by inside()
-        shard_names = sorted(set(weight_map.values()))
-        missing = [name for name in shard_names if not (folder / name).is_file()]
-        if missing:
-            raise CheckpointError(
-                f"{folder}: the index lists {len(shard_names)} shards but {len(missing)} are missing: "
-                f"{', '.join(missing)}. Download every shard into {folder}"
-            )
+        weight_map, shard_names = read_shards(folder, index.name)
         tensors = BinTensors({folder / name: load_bin(folder / name) for name in shard_names}, str(folder))
-        for name, shard in weight_map.items():
-            if name not in tensors or tensors.location[name] != folder / shard:
-                raise CheckpointError(f"{index} says {name!r} is in {shard}, but that shard does not hold it")
+        check_weight_map(folder, index.name, weight_map, tensors.location.get)
         return tensors
     if single.is_file():
         return BinTensors({single: load_bin(single)}, str(single))

@@ -65,7 +65,7 @@ def check_cache_fits(decoder, batch: int, prompt_tokens: int, max_new: int, avai
     per_token = 2 * c.num_layers * batch * c.num_kv_heads * c.head_dim * weight.element_size()
     need = per_token * (prompt_tokens + max_new)
     if available is None:
-        from minisail.checkpoint.readahead import available_memory_bytes
+        from minisail.system import available_memory_bytes
 
         available = available_memory_bytes()
     if available is not None and need > available:

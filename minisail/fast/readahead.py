@@ -11,6 +11,10 @@ It only warms the page cache (the OS may drop those pages again; nothing is adde
 memory but one 16 MiB buffer) and runs only when the files fit comfortably in the memory the OS reports as
 available, so a checkpoint larger than RAM is never read twice. The thread stops at the end of the files, on
 `stop()`, or on the first read error (the loader reports errors itself).
+
+`BackgroundReadAhead` is the loader hook: it starts the reader before the first tensor is read, stops it if the
+fill fails or the model keeps no zero-copy view into the files (nothing left to read ahead for), and otherwise
+lets it run on, so the views' pages are in memory when first used.
 """
 
 from __future__ import annotations
@@ -19,19 +23,12 @@ import os
 import threading
 from pathlib import Path
 
+import torch
+
+from minisail.checkpoint.hooks import LoadHook, Parts, shares_memory
+from minisail.system import available_memory_bytes
+
 CHUNK = 16 << 20
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 class ReadAhead:
@@ -73,3 +70,19 @@ class ReadAhead:
     def wait(self) -> None:
         if self.thread is not None:
             self.thread.join()
+
+
+class BackgroundReadAhead(LoadHook):
+    """Loader hook: a `ReadAhead` over the checkpoint's files for as long as it helps (see the module docstring)."""
+
+    def prepare(self, model, tensors) -> None:
+        self.reader = ReadAhead(tensors.paths())
+        self.views = 0  # parameters that stay zero-copy views into the files
+
+    def convert(self, parts: Parts, value: torch.Tensor) -> torch.Tensor:
+        self.views += parts.views and shares_memory(value, parts.tensors)
+        return value
+
+    def after(self, ok: bool) -> None:
+        if not ok or not self.views:
+            self.reader.stop()

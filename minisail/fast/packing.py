@@ -18,9 +18,8 @@ Only bf16 CPU weights are packed (fp32 packing changes the accumulation order).
 
 Memory: `minisail.load` keeps bf16 weights as views into the memory-mapped checkpoint. Reordering one faults
 its pages in, and they would stay resident (and counted) next to the packed copy for as long as the file is
-mapped, so once a weight is packed its whole pages are given back (`madvise(MADV_DONTNEED)`, Linux, only for a
-private file mapping: the file's own contents come back if anything reads them again). Packing holds at most
-one extra matrix per thread, so loading + packing peaks at about the model's size.
+mapped, so once a weight is packed its whole pages are given back (fast/memory.py's `release_mapped_pages`).
+Packing holds at most one extra matrix per thread, so loading + packing peaks at about the model's size.
 
 A packed weight is an opaque oneDNN tensor: no storage, not traced by `torch.compile`. So packing is opt-in, for
 eager CPU inference (`pack_linears(model)`); `state_dict()` still gives the plain weights, and `unpack_linears`
@@ -30,7 +29,6 @@ restores plain Linears (e.g. to compile the model).
 from __future__ import annotations
 
 import functools
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -38,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisail.checkpoint.safetensors_mmap import release_pages
+from minisail.fast.memory import release_mapped_pages
 
 
 @dataclass(frozen=True)
@@ -86,31 +84,6 @@ def first_line(error: BaseException) -> str:
     return (lines[0] if lines else type(error).__name__)[:200]
 
 
-def _file_backing(address: int) -> tuple[str, int] | None:
-    """(path, offset in the file) of the private file mapping holding `address`, from /proc/self/maps (Linux)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                start, end = (int(a, 16) for a in fields[0].split("-"))
-                if start <= address < end:
-                    path = fields[5].strip() if len(fields) == 6 else ""
-                    private = fields[1].endswith("p")
-                    return (path, int(fields[2], 16) + address - start) if path.startswith("/") and private else None
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _release_mapped_pages(weight: torch.Tensor) -> None:
-    """Drop the pages of a weight that is a view into a privately mapped checkpoint file from this process's
-    resident set (MADV_DONTNEED: the pages stay in the OS page cache; a later access would map them again, with
-    the file's contents). Only whole pages inside the weight's own bytes, and only for a private file mapping
-    (/proc/self/maps), whose pages minisail never writes: no other memory is ever affected."""
-    if sys.platform.startswith("linux") and _file_backing(weight.data_ptr()) is not None:
-        release_pages(weight.data_ptr(), weight.numel() * weight.element_size())
-
-
 _checked: dict[tuple, bool] = {}  # (out, in, dtype, bias?) -> does the packed kernel give F.linear's bits?
 
 
@@ -152,7 +125,7 @@ class PackedLinear(nn.Module):
             return None
         if not _same_numbers(weight, packed, bias):
             return None
-        _release_mapped_pages(weight)
+        release_mapped_pages(weight)
         return cls(packed, bias, weight.shape[1], weight.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

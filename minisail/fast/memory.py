@@ -1,0 +1,82 @@
+"""Giving back the pages of a memory-mapped checkpoint once the process no longer needs them.
+
+`minisail.load` reads weights through zero-copy views into privately mapped files (checkpoint/safetensors_mmap.py).
+A view that is converted (cast, joined, quantised, packed) faults its pages in, and they would stay resident, and
+counted against the process, next to the converted copy for as long as the file is mapped. So once a value is
+made from them, their whole pages are dropped from the resident set with `madvise(MADV_DONTNEED)`: for a private
+file mapping that was never written, the pages stay in the OS page cache and the file's own contents come back if
+anything reads them again. Never for written or anonymous memory, where it would discard data.
+
+Two callers: `SafetensorsFile.release` (a tensor's byte range in its mapping, after the loader converted it:
+`ReleasePages` below decides when) and `release_mapped_pages` (a weight that is itself a view, after packing it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import sys
+
+import torch
+
+from minisail.checkpoint.hooks import LoadHook, Parts, shares_memory
+
+PAGE = mmap.PAGESIZE
+MADV_DONTNEED = 4  # Linux
+
+
+@functools.cache
+def _madvise():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
+def release_pages(address: int, nbytes: int) -> None:
+    """madvise(MADV_DONTNEED) the whole pages inside [address, address + nbytes) of a private, never written
+    file mapping: they leave this process's resident set (they stay in the OS page cache). Linux only; a no-op
+    elsewhere. Never call it on memory that was written: for anonymous or written pages it discards data."""
+    if not sys.platform.startswith("linux"):
+        return
+    start, end = -(-address // PAGE) * PAGE, (address + nbytes) // PAGE * PAGE
+    if end > start:
+        _madvise()(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
+def file_backing(address: int) -> tuple[str, int] | None:
+    """(path, offset in the file) of the private file mapping holding `address`, from /proc/self/maps (Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                if start <= address < end:
+                    path = fields[5].strip() if len(fields) == 6 else ""
+                    private = fields[1].endswith("p")
+                    return (path, int(fields[2], 16) + address - start) if path.startswith("/") and private else None
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def release_mapped_pages(weight: torch.Tensor) -> None:
+    """Drop the pages of a weight that is a view into a privately mapped checkpoint file from this process's
+    resident set. Only whole pages inside the weight's own bytes, and only for a private file mapping
+    (/proc/self/maps), whose pages minisail never writes: no other memory is ever affected."""
+    if sys.platform.startswith("linux") and file_backing(weight.data_ptr()) is not None:
+        release_pages(weight.data_ptr(), weight.numel() * weight.element_size())
+
+
+class ReleasePages(LoadHook):
+    """Loader hook: once a value is made from views into the files and no longer shares them, give their pages
+    back, so converting a model costs one tensor's worth of extra memory, not a second model."""
+
+    def prepare(self, model, tensors) -> None:
+        self.tensors = tensors
+
+    def convert(self, parts: Parts, value: torch.Tensor) -> torch.Tensor:
+        if parts.views and not shares_memory(value, parts.tensors):
+            for key in parts.keys:
+                self.tensors.release(key)
+        return value
