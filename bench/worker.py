@@ -169,20 +169,12 @@ class MinisailRunner:
         return self.model.encode_images(self.pixels[:tiles])
 
     def prefill(self):
-        decoder, inputs = self.model.language_model, self.prepared
+        from minisail.generate import prefill
         from minisail.llm.decoder import positions_from_mask
 
+        decoder, inputs = self.model.language_model, self.prepared
         cache = decoder.new_cache(1, inputs.embeds.shape[1] + 1)
-        positions = positions_from_mask(inputs.attention_mask)
-        logits = decoder(
-            inputs.embeds,
-            positions,
-            cache,
-            attention_mask=inputs.attention_mask,
-            visual_mask=inputs.visual_mask,
-            last_only=True,
-        )
-        return logits[:, -1].argmax(-1)
+        return prefill(decoder, inputs, positions_from_mask(inputs.attention_mask), cache).argmax(-1)
 
     def generate(self, tokens: int) -> list[float]:
         """Seconds from the call to each new token. A compiled decode step is compiled by the first call; where

@@ -4,13 +4,10 @@ Prefill runs the whole prompt once (image rows in place) and fills the cache; ea
 new token per row. Positions continue from the mask-derived prompt positions, so left-padded rows decode as
 if unpadded.
 
-Choosing the next token mirrors transformers' `generate()` (the `chat()` of every family calls it):
-    float32 logits [B, V]
-      -> repetition penalty on tokens already seen (RepetitionPenaltyLogitsProcessor: positive / p, negative * p)
-      -> if do_sample: / temperature -> top-k -> top-p (TemperatureLogitsWarper, TopK..., TopP...) -> softmax
-         -> one multinomial draw from a torch.Generator (a seed makes it reproducible); else argmax
-A row stops after it emits one of the stop ids (eos; the id itself is kept, as transformers keeps it) or a
-stop string; finished rows then emit the pad id, and generation ends when every row has finished.
+Choosing the next token (repetition penalty, temperature, top-k, top-p, a seeded draw or argmax) is
+`minisail/sampling.py`, as transformers' `generate()` does it. A row stops after it emits one of the stop ids
+(eos; the id itself is kept, as transformers keeps it) or a stop string; finished rows then emit the pad id,
+and generation ends when every row has finished.
 
 "Already seen" for the repetition penalty: transformers penalises every id in its `input_ids`, which is the
 prompt for a model called with input_ids (`penalize_prompt=True`, the default here). Every upstream chat()
@@ -25,7 +22,6 @@ The text of a reply is streamed by `minisail/text/streaming.py`.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -33,118 +29,32 @@ from minisail.errors import ConfigError, NumericsError, PromptError
 from minisail.llm.cache import check_cache_fits
 from minisail.llm.decoder import positions_from_mask
 from minisail.llm.decoder_config import DecoderConfig
+from minisail.sampling import (  # noqa: F401  (re-exported: the loop's settings and sampling live there)
+    GenerationConfig,
+    apply_repetition_penalty,
+    next_tokens,
+    top_k_filter,
+    top_p_filter,
+)
 from minisail.text.streaming import stream_text
-
-# Keys of transformers' GenerationConfig that chat() users pass and that change nothing here, with the only
-# value minisail supports (None: any value).
-INERT_KEYS = {"num_beams": 1, "num_return_sequences": 1, "use_cache": None}
-
-
-@dataclass
-class GenerationConfig:
-    """Sampling settings with transformers' names and defaults (top_k 50 applies only when sampling)."""
-
-    max_new_tokens: int = 512
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    repetition_penalty: float = 1.0
-    eos_token_id: int | list[int] | None = None  # stop ids; chat() sets the template's
-    pad_token_id: int | None = None  # what finished rows emit (default: the first stop id, as transformers)
-    stop_strings: list[str] = field(default_factory=list)  # stop once the new text contains one (needs a tokenizer)
-    seed: int | None = None  # minisail's addition: seeds the sampling generator
-
-    def __post_init__(self):
-        def bad(key, value, rule):
-            raise ConfigError(f"generation config: {key} = {value!r} {rule}")
-
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            bad("max_new_tokens", self.max_new_tokens, "must be a whole number >= 1")
-        if self.do_sample and not self.temperature > 0:
-            bad("temperature", self.temperature, "must be > 0 when sampling (use do_sample=False for greedy)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", self.top_p, "must be in (0, 1]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            bad("top_k", self.top_k, "must be a whole number >= 0 (0 = no top-k)")
-        if not self.repetition_penalty > 0:
-            bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1.0 = no penalty)")
-        if isinstance(self.stop_strings, str):
-            self.stop_strings = [self.stop_strings]
-
-    @classmethod
-    def from_dict(cls, options: Mapping | GenerationConfig | None) -> GenerationConfig:
-        """The dict users pass to upstream `chat()`, e.g. `dict(max_new_tokens=1024, do_sample=True)`."""
-        if isinstance(options, GenerationConfig):
-            return options
-        options = {key: value for key, value in dict(options or {}).items() if value is not None}  # None: unset
-        known = {f.name for f in fields(cls)}
-        for key, required in INERT_KEYS.items():
-            if key in options and required is not None and options[key] != required:
-                raise ConfigError(f"generation config: {key} = {options[key]!r} is not supported (only {required})")
-            options.pop(key, None)
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(
-                f"generation config: unsupported option(s) {', '.join(unknown)}; minisail supports "
-                f"{', '.join(sorted(known))} (and {', '.join(INERT_KEYS)} at their defaults)"
-            )
-        return cls(**options)
-
-    @property
-    def stop_token_ids(self) -> tuple[int, ...]:
-        eos = self.eos_token_id
-        return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
-
-    def with_options(self, **options) -> GenerationConfig:
-        return replace(self, **options)
-
-
-# --- choosing the next token --------------------------------------------------------------------------------------
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """logits [B, V], seen [B, V] bool: seen tokens' positive logits / penalty, negative ones * penalty."""
-    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the logits >= the k-th largest (ties at the boundary survive, as in transformers)."""
-    kth = torch.topk(logits, min(k, logits.shape[-1])).values[..., -1:]  # [B, 1]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus: drop the least likely tokens whose total probability is <= 1 - p; the most likely always stays."""
-    sorted_logits, order = torch.sort(logits, descending=False)  # ascending, [B, V]
-    cumulative = sorted_logits.softmax(-1).cumsum(-1)
-    remove = cumulative <= (1 - p)
-    remove[..., -1:] = False
-    return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-
-
-def next_tokens(logits, config: GenerationConfig, seen=None, generator=None) -> torch.Tensor:
-    """logits [B, V] float32 -> token ids [B]."""
-    if seen is not None and config.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
-    if not config.do_sample:
-        return logits.argmax(-1)
-    logits = logits / config.temperature
-    if config.top_k:
-        logits = top_k_filter(logits, config.top_k)
-    if config.top_p < 1.0:
-        logits = top_p_filter(logits, config.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
-# --- the loop ---------------------------------------------------------------------------------------------------
 
 
 def decode_step(model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One new token per row through the cached decoder: tokens, positions [B, 1] -> float32 logits [B, V]."""
     decoder = model.language_model
     return decoder(decoder.embed(tokens), positions, cache, visual_mask=model.visual_mask(tokens))[:, -1]
+
+
+def prefill(decoder, inputs, positions: torch.Tensor, cache) -> torch.Tensor:
+    """The prompt through the cached decoder (prepared inputs, positions [B, T]) -> last-position logits [B, V]."""
+    return decoder(
+        inputs.embeds,
+        positions,
+        cache,
+        attention_mask=inputs.attention_mask,
+        visual_mask=inputs.visual_mask,
+        last_only=True,
+    )[:, -1]
 
 
 def context_length(decoder_config: DecoderConfig) -> int:
@@ -203,14 +113,7 @@ def generate_steps(
     check_cache_fits(decoder, B, T, max_new)
     cache = decoder.new_cache(B, T + max_new)
     positions = positions_from_mask(inputs.attention_mask)
-    logits = decoder(
-        inputs.embeds,
-        positions,
-        cache,
-        attention_mask=inputs.attention_mask,
-        visual_mask=inputs.visual_mask,
-        last_only=True,
-    )[:, -1]  # [B, V]
+    logits = prefill(decoder, inputs, positions, cache)  # [B, V]
     if generator is None and config.do_sample and config.seed is not None:
         generator = torch.Generator(logits.device).manual_seed(config.seed)
     stop_ids = torch.tensor(config.stop_token_ids, dtype=torch.long, device=logits.device)
