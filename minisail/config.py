@@ -158,6 +158,21 @@ def width_and_heads(config: dict, where: str) -> tuple[int, int]:
     return hidden, heads
 
 
+def vit_sizes(config: dict, where: str) -> dict[str, int]:
+    """The six sizes every ViT config states, checked: hidden_size, num_heads (dividing it), num_layers,
+    intermediate_size, image_size, patch_size (as keyword arguments of a tower's config dataclass)."""
+    hidden, heads = width_and_heads(config, where)
+    image_size, patch_size = image_and_patch(config, where)
+    return dict(
+        hidden_size=hidden,
+        num_heads=heads,
+        num_layers=positive(config, "num_hidden_layers", where),
+        intermediate_size=positive(config, "intermediate_size", where),
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+
+
 def image_and_patch(config: dict, where: str, default_image_size=REQUIRED) -> tuple[int, int]:
     """(image_size, patch_size) of a vision config: bounded, and a patch no larger than the image."""
     image_size = positive(config, "image_size", where, default_image_size, limit=MAX_IMAGE_SIZE)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisail.config import MAX_CHANNELS, choice, epsilon, image_and_patch, positive, width_and_heads
+from minisail.config import MAX_CHANNELS, choice, epsilon, positive, vit_sizes
 from minisail.errors import ImageError
 from minisail.layers import vit_attention
 
@@ -62,16 +62,9 @@ class CLIPVisionConfig:
     @classmethod
     def from_config(cls, vision: dict, where: str = "the vision tower's config.json") -> CLIPVisionConfig:
         """CLIPVisionConfig's keys (class defaults where absent); dropout / attention_dropout are off at eval."""
-        hidden, heads = width_and_heads(vision, where)
         act = choice(vision, "hidden_act", where, tuple(ACTIVATIONS), "quick_gelu")  # class default; Yi-VL's is gelu
-        image_size, patch_size = image_and_patch(vision, where)
         return cls(
-            hidden_size=hidden,
-            num_heads=heads,
-            num_layers=positive(vision, "num_hidden_layers", where),
-            intermediate_size=positive(vision, "intermediate_size", where),
-            image_size=image_size,
-            patch_size=patch_size,
+            **vit_sizes(vision, where),
             layer_norm_eps=epsilon(vision, "layer_norm_eps", where, 1e-5),  # the class default
             hidden_act=act,
             num_channels=positive(vision, "num_channels", where, 3, limit=MAX_CHANNELS),

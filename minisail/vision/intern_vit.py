@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisail.config import choice, epsilon, flag, image_and_patch, positive, width_and_heads
+from minisail.config import choice, epsilon, flag, vit_sizes
 from minisail.layers import RMSNorm, hidden_state_depth, vit_attention
 
 
@@ -49,15 +49,8 @@ class InternViTConfig:
         norm_type = choice(vision, "norm_type", where, ("rms_norm", "layer_norm"), "rms_norm")
         # upstream applies ACT2FN[hidden_act] in the MLP; minisail implements exact (erf) GELU, the class default
         choice(vision, "hidden_act", where, ("gelu",), "gelu", why=": InternViT's MLP is exact (erf) GELU")
-        hidden, heads = width_and_heads(vision, where)
-        image_size, patch_size = image_and_patch(vision, where)
         return cls(
-            hidden_size=hidden,
-            num_heads=heads,
-            num_layers=positive(vision, "num_hidden_layers", where),
-            intermediate_size=positive(vision, "intermediate_size", where),
-            image_size=image_size,
-            patch_size=patch_size,
+            **vit_sizes(vision, where),
             norm_type=norm_type,
             norm_eps=epsilon(vision, "layer_norm_eps", where, 1e-6),
             qkv_bias=flag(vision, "qkv_bias", where, False),

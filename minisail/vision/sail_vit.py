@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisail.config import MAX_CHANNELS, choice, epsilon, flag, image_and_patch, positive, width_and_heads
+from minisail.config import MAX_CHANNELS, choice, epsilon, flag, positive, vit_sizes
 from minisail.errors import ConfigError, ImageError
 from minisail.layers import RMSNorm, hidden_state_depth, vit_attention
 
@@ -63,19 +63,14 @@ class SailViTConfig:
         at eval."""
         why = ": SAIL-ViT's SwiGLU is SiLU, fixed in upstream's code"
         choice(vision, "hidden_act", where, ("silu",), "silu", why=why)
-        hidden, heads = width_and_heads(vision, where)
-        image_size, patch_size = image_and_patch(vision, where)
-        if image_size % patch_size:
+        sizes = vit_sizes(vision, where)
+        if sizes["image_size"] % sizes["patch_size"]:
             raise ConfigError(
-                f"config.json: {where}.image_size {image_size} is not a multiple of patch_size {patch_size}"
+                f"config.json: {where}.image_size {sizes['image_size']} is not a multiple of patch_size "
+                f"{sizes['patch_size']}"
             )
         return cls(
-            hidden_size=hidden,
-            num_heads=heads,
-            num_layers=positive(vision, "num_hidden_layers", where),
-            intermediate_size=positive(vision, "intermediate_size", where),
-            image_size=image_size,
-            patch_size=patch_size,
+            **sizes,
             num_channels=positive(vision, "num_channels", where, 3, limit=MAX_CHANNELS),
             norm_eps=epsilon(vision, "rms_norm_eps", where, 1e-5),
             qkv_bias=flag(vision, "qkv_bias", where, False),
