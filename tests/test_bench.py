@@ -11,10 +11,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import paths
 
 import minisail
 from bench import checkpoints
@@ -106,7 +106,7 @@ def test_transformers_names_round_trip(tmp_path):
 def test_bench_runs_from_the_repository_root_in_a_fresh_process(tmp_path):
     """`python -m bench` as CI starts it: from the root of a checkout, the package not installed, its workers
     (`python -m bench.worker`) found through the repository root; the last line of the output is the JSON."""
-    root = Path(__file__).resolve().parent.parent
+    root = paths.ROOT
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     argv = ["--preset", "tiny", "--quick", "--dtype", "bf16", "--no-transformers", "--repeats", "1"]
     run = subprocess.run(

@@ -53,7 +53,7 @@ def test_rmsnorm_rope_and_mlp_round_where_transformers_rounds():
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_bf16_logits_stay_within_the_references_own_bf16_error(tmp_path, implementation):
-    from test_hf_parity_internvl import qwen2_checkpoint
+    from helpers.hf_checkpoints import qwen2_checkpoint
 
     hf, folder = qwen2_checkpoint(tmp_path, tie=False)
     hf.config._attn_implementation = implementation

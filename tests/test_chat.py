@@ -7,57 +7,25 @@ vocab_size = len(tokenizer) = 151674, so the real tokenizer, template and image 
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import tokenizer_files
 import torch
-from checkpoints import GOLDEN, golden_config, randomize_, write_checkpoint
+from helpers.chat_checkpoint import CONTEXT, IMAGE, build_chat_checkpoint
+from helpers.checkpoints import GOLDEN
 from safetensors.torch import load_file
 
 import minisail
 from minisail.chat import batch_chat, chat, prepare_chat
-from minisail.checkpoint.export import to_official_state_dict
 from minisail.errors import PromptError
 from minisail.generate import greedy_generate
 from minisail.image.preprocess import internvl_pixel_values
-from minisail.models.registry import detect_family
 from minisail.session import Session, tile_limits
 from minisail.text.prompt import build_query, decode_reply, encode_queries
 from minisail.text.replies import THINK_INSTRUCTION, ReplyStream, ThoughtReply, boxed_content, split_thinking
 from minisail.text.templates import get_template
 
-IMAGE = Path(__file__).parent / "data" / "internvl" / "images" / "red_panda.jpg"
 IM_END = 151645  # <|im_end|>, the eos chat() uses with a chatml template
-CONTEXT = 4096
-
-
-def build_chat_checkpoint(folder: Path) -> Path:
-    """A ~10 MB InternVL-layout checkpoint (Qwen2.5 vocabulary, tied head) with the tokenizer files beside it."""
-    config = copy.deepcopy(golden_config("internvl-qwen2-tiny"))  # template internvl2_5, ps v1, select_layer -4
-    config.update(force_image_size=56, hidden_size=16)
-    config["vision_config"].update(
-        hidden_size=16, num_attention_heads=2, num_hidden_layers=4, intermediate_size=32, image_size=56
-    )
-    config["llm_config"].update(
-        hidden_size=16,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        vocab_size=151674,
-        tie_word_embeddings=True,
-        max_position_embeddings=CONTEXT,
-    )
-    family = detect_family(config)
-    model = randomize_(family.build(family.parse(config)), seed=3)
-    tensors = to_official_state_dict(model, family.weight_map(model.config))
-    del tensors["language_model.lm_head.weight"]  # tied: the loader falls back to embed_tokens
-    write_checkpoint(folder, config, tensors)
-    tokenizer_files.build_tokenizer_dir("internvl-qwen2.5", folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import copy
 import json
 
 import pytest
-import tokenizer_files
-from checkpoints import golden_config, randomize_, write_checkpoint
-from test_chat import IMAGE
+from helpers import tokenizer_files
+from helpers.chat_checkpoint import IMAGE
+from helpers.checkpoints import golden_config, randomize_, write_checkpoint
 
 import minisail
 from minisail.checkpoint.export import to_official_state_dict

@@ -8,7 +8,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from test_chat import IMAGE, build_chat_checkpoint
+from helpers.chat_checkpoint import IMAGE, build_chat_checkpoint
 
 import minisail
 from minisail.chat import chat

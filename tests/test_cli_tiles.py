@@ -3,16 +3,16 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
+from helpers import paths
 from PIL import Image
 
 from minisail.cli import main
 from minisail.image import internvl_tiles
 from minisail.image.render import render_tiles
 
-RED_PANDA = str(Path(__file__).parent / "data" / "internvl" / "images" / "red_panda.jpg")  # 1000 x 747
+RED_PANDA = str(paths.DATA / "internvl" / "images" / "red_panda.jpg")  # 1000 x 747
 FAMILIES = ["SAIL-VL-2B", "SAIL-VL2", "InternVL-Chat-V1-5", "Mono-InternVL-2B"]
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from test_no_transformers import _imported_modules
+from helpers import paths
+from helpers.imports import imported_modules
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = paths.ROOT
 PACKAGE = ROOT / "minisail"
 MODEL_CODE = [PACKAGE / "layers.py", PACKAGE / "vision", PACKAGE / "llm", PACKAGE / "models"]
 
@@ -40,7 +41,7 @@ def test_model_code_does_not_import_the_fast_paths():
         f"{path.relative_to(ROOT)}:{line}: {name}"
         for path in modules
         for tree in [ast.parse(path.read_text(), filename=str(path))]
-        for line, name in _imported_modules(tree) + _from_imports(tree, path)
+        for line, name in imported_modules(tree) + _from_imports(tree, path)
         if _is_fast(name)
     ]
     assert not offenders, "layers/vision/llm/models must not import minisail.fast:\n" + "\n".join(offenders)
@@ -55,6 +56,6 @@ def test_the_check_sees_every_way_of_importing_the_fast_paths():
         "from ..fast import memory\n",
     ):
         tree = ast.parse(source)
-        assert any(_is_fast(name) for _, name in _imported_modules(tree) + _from_imports(tree, path)), source
+        assert any(_is_fast(name) for _, name in imported_modules(tree) + _from_imports(tree, path)), source
     tree = ast.parse("from minisail import layers\nfrom .cache import KVCache\n")
-    assert not any(_is_fast(name) for _, name in _imported_modules(tree) + _from_imports(tree, path))
+    assert not any(_is_fast(name) for _, name in imported_modules(tree) + _from_imports(tree, path))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import GOLDEN
+from helpers.checkpoints import GOLDEN
 from safetensors.torch import load_file
 
 import minisail

@@ -7,14 +7,14 @@ float32 logits and vision embeddings within 1e-4 (the cases reach ~1e-5 or bette
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from helpers import paths
 
 from minisail.cli import main
 from minisail.parity import run_case
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = paths.GOLDEN
 CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "expected.safetensors").is_file())
 
 

@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from checkpoints import golden_config, randomize_, write_checkpoint  # noqa: E402
+from helpers.checkpoints import golden_config, randomize_, write_checkpoint  # noqa: E402
 
 import minisail  # noqa: E402
 from bench.hf_names import sail_vit, to_official  # noqa: E402

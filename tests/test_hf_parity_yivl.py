@@ -18,7 +18,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from checkpoints import golden_config, randomize_  # noqa: E402
+from helpers.checkpoints import golden_config, randomize_  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import minisail  # noqa: E402

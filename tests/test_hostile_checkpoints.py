@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import paths
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +34,7 @@ from minisail.errors import CheckpointError
 
 safetensors = pytest.importorskip("safetensors")
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = paths.GOLDEN
 
 
 # --- safetensors: the reference's rules, differentially ---------------------------------------------------------

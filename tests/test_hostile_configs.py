@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import GOLDEN, golden_config, golden_tensors, write_checkpoint
+from helpers.checkpoints import GOLDEN, golden_config, golden_tensors, write_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

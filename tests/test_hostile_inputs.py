@@ -18,13 +18,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import tokenizer_files
 import torch
+from helpers import paths, tokenizer_files
+from helpers.sentencepiece_proto import field, toy_model, varint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
-from test_tokenizer import _field, _varint, toy_model
 from tokenizers import normalizers
 
 from minisail.errors import CheckpointError, ImageError, PromptError, TokenizerError
@@ -44,7 +44,7 @@ from minisail.text.streaming import stream_text
 from minisail.text.templates import get_template
 from minisail.text.tokenizer import load_tokenizer
 
-ROOT = Path(__file__).parent.parent
+ROOT = paths.ROOT
 GOLDEN = ROOT / "tests" / "golden"
 
 # --- images -------------------------------------------------------------------------------------------------------
@@ -174,12 +174,12 @@ def test_a_rust_panic_becomes_a_tokenizer_error():
 
 def model_with(pieces: list[bytes], normalizer: bytes = b"") -> bytes:
     """A BPE ModelProto with these raw piece messages, the toy trainer spec and a normalizer spec."""
-    trainer = _field(3, 2) + _field(40, 0) + _field(41, 1) + _field(42, 2)
-    return b"".join(_field(1, p) for p in pieces) + _field(2, trainer) + _field(3, normalizer + _field(1, b"x"))
+    trainer = field(3, 2) + field(40, 0) + field(41, 1) + field(42, 2)
+    return b"".join(field(1, p) for p in pieces) + field(2, trainer) + field(3, normalizer + field(1, b"x"))
 
 
 def piece(text: bytes, kind: int = 1) -> bytes:
-    return _field(1, text) + _field(2, 0.0) + _field(3, kind)
+    return field(1, text) + field(2, 0.0) + field(3, kind)
 
 
 UNK = piece(b"<unk>", 2)
@@ -188,9 +188,9 @@ UNK = piece(b"<unk>", 2)
 @pytest.mark.parametrize(
     "data, message",
     [
-        (_varint(1 << 3 | 2) + _varint(10**15) + b"abc", "claims 1000000000000000 bytes but only 3 are left"),
+        (varint(1 << 3 | 2) + varint(10**15) + b"abc", "claims 1000000000000000 bytes but only 3 are left"),
         (model_with([UNK, piece(b"a" * 1_000_000)]), "a piece is 1000000 bytes long, more than the 512"),
-        (model_with([UNK, _field(1, b"a") + _varint(2 << 3 | 2) + _varint(2**40)]), "claims 1099511627776 bytes"),
+        (model_with([UNK, field(1, b"a") + varint(2 << 3 | 2) + varint(2**40)]), "claims 1099511627776 bytes"),
         (b"\xff" * 11, "varint longer than 10 bytes"),
     ],
     ids=["length-10**15", "1MB-piece", "nested-length-2**40", "endless-varint"],
@@ -250,7 +250,7 @@ def test_hand_built_charsmap_is_accepted_and_normalizes():
 def test_malformed_charsmaps_are_refused(tmp_path, blob, message):
     with pytest.raises(ValueError, match=message):
         check_charsmap(blob)
-    (tmp_path / "tokenizer.model").write_bytes(model_with([UNK, piece(b"a")], _field(2, blob)))
+    (tmp_path / "tokenizer.model").write_bytes(model_with([UNK, piece(b"a")], field(2, blob)))
     with pytest.raises(TokenizerError, match="precompiled_charsmap"):
         load_tokenizer(tmp_path)
 
@@ -611,6 +611,6 @@ def test_closed_stdout_ends_quietly(command, qwen25_tokenizer_dir, tmp_path):
 
 
 def chat_checkpoint(tmp_path):
-    from test_chat import build_chat_checkpoint
+    from helpers.chat_checkpoint import build_chat_checkpoint
 
     return build_chat_checkpoint(tmp_path / "ckpt")

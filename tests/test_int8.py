@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import GOLDEN, golden_config, golden_tensors, write_checkpoint
+from helpers.checkpoints import GOLDEN, golden_config, golden_tensors, write_checkpoint
 from torch import nn
 
 import minisail

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import GOLDEN, golden_config
+from helpers.checkpoints import GOLDEN, golden_config
 from safetensors.torch import save_file
 
 from minisail.checkpoint.export import to_official_state_dict

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import paths
 
 import minisail
 from minisail.checkpoint.export import to_official_state_dict
@@ -26,7 +27,7 @@ from minisail.llm.decoder import positions_from_mask
 from minisail.models import mono
 from minisail.models.registry import detect_family
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = paths.GOLDEN
 TINY = GOLDEN / "mono-internvl-tiny"
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import paths
+from helpers.imports import imported_modules
+
+ROOT = paths.ROOT
 PACKAGE = ROOT / "minisail"
 
 # A fresh interpreter in which transformers (and every submodule) cannot be imported, then `python -m minisail`.
@@ -31,30 +33,13 @@ runpy.run_module("minisail", run_name="__main__", alter_sys=True)
 """
 
 
-def _imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
-    """(line, module) of every import statement and every `importlib.import_module("...")` / `__import__("...")`
-    with a literal name, wherever it sits in the module."""
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append((node.lineno, node.module))
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
-            function = node.func
-            name = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", None)
-            if name in ("import_module", "__import__", "find_spec") and isinstance(node.args[0].value, str):
-                found.append((node.lineno, node.args[0].value))
-    return found
-
-
 def test_nothing_under_minisail_imports_transformers():
     modules = sorted(PACKAGE.rglob("*.py"))
     assert len(modules) > 30  # the walk really saw the package
     offenders = [
         f"{path.relative_to(ROOT)}:{line}: {name}"
         for path in modules
-        for line, name in _imported_modules(ast.parse(path.read_text(), filename=str(path)))
+        for line, name in imported_modules(ast.parse(path.read_text(), filename=str(path)))
         if name == "transformers" or name.startswith("transformers.")
     ]
     assert not offenders, "minisail/ must not import transformers (a test-only oracle):\n" + "\n".join(offenders)
@@ -62,7 +47,7 @@ def test_nothing_under_minisail_imports_transformers():
 
 def test_the_import_check_sees_lazy_imports():
     source = "def f():\n    import transformers.models\n\ndef g():\n    importlib.import_module('transformers')\n"
-    assert [name for _, name in _imported_modules(ast.parse(source))] == ["transformers.models", "transformers"]
+    assert [name for _, name in imported_modules(ast.parse(source))] == ["transformers.models", "transformers"]
 
 
 def _run_blocked(*argv: str, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -14,15 +14,15 @@ The committed files must also show a clean run: execution counts 1, 2, 3, ... an
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
+from helpers import paths
 
 nbformat = pytest.importorskip("nbformat", reason="the notebook runner is in the test extra: pip install -e '.[test]'")
 pytest.importorskip("nbclient", reason="the notebook runner is in the test extra: pip install -e '.[test]'")
 pytest.importorskip("ipykernel", reason="the notebook kernel is in the test extra: pip install -e '.[test]'")
 
-_TOOL = Path(__file__).parent / "tools" / "refresh_notebooks.py"
+_TOOL = paths.TOOLS / "refresh_notebooks.py"
 _spec = importlib.util.spec_from_file_location("refresh_notebooks", _TOOL)
 refresh = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(refresh)

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import paths
 from PIL import Image
 
 from minisail.errors import ImageError
 from minisail.image import internvl_pixel_values, internvl_tiles, open_image, yivl_pixel_values, yivl_tile
 from minisail.image.preprocess import IMAGENET_MEAN, IMAGENET_STD, YIVL_BACKGROUND, yivl_padded
 
-DATA = Path(__file__).parent / "data"
+DATA = paths.DATA
 GOLDEN = json.loads((DATA / "preprocess" / "preprocess_cases.json").read_text())
 CASES = GOLDEN["cases"]
 SAMPLE_CYX = GOLDEN["sample_cyx"]

@@ -11,10 +11,10 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from checkpoints import GOLDEN
+from helpers import paths
+from helpers.checkpoints import GOLDEN
 
 from minisail.cli import main
 from minisail.errors import PromptError, TokenizerError
@@ -35,7 +35,7 @@ from minisail.text.prompt import (
 )
 from minisail.text.templates import get_template
 
-DATA = json.loads((Path(__file__).parent / "data" / "prompt_cases.json").read_text(encoding="utf-8"))
+DATA = json.loads((paths.DATA / "prompt_cases.json").read_text(encoding="utf-8"))
 CASES = {case["id"]: case for case in DATA["cases"]}
 
 # golden variant -> (minisail template, image_style)
@@ -563,6 +563,6 @@ def test_cli_errors(capsys, tmp_path, qwen25_tokenizer_dir, argv, message):
 
 def test_cli_runs_as_a_module_and_exits_2_on_user_errors():
     command = [sys.executable, "-m", "minisail", "prompt", "--template", "nope", "--tokenizer", ".", "q"]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=paths.ROOT)
     assert done.returncode == 2 and "unknown conversation template 'nope'" in done.stderr
     assert "Traceback" not in done.stderr

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from checkpoints import GOLDEN
+from helpers.checkpoints import GOLDEN
 
 import minisail
 from minisail.fast import readahead

@@ -8,15 +8,15 @@ golden checkpoint) passes the parity runner, and a tampered one fails.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
-from checkpoints import GOLDEN
+from helpers import paths
+from helpers.checkpoints import GOLDEN
 from safetensors.torch import load_file
 
 from minisail.cli import main
 
-sys.path.insert(0, str(Path(__file__).parent / "tools"))
+sys.path.insert(0, str(paths.TOOLS))
 from record_golden import write_case  # noqa: E402
 
 import minisail  # noqa: E402

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import GOLDEN, golden_config, golden_tensors, write_checkpoint
+from helpers.checkpoints import GOLDEN, golden_config, golden_tensors, write_checkpoint
 
 import minisail
 from minisail.checkpoint.export import to_official_state_dict

@@ -1,9 +1,9 @@
 """Conversation templates: data against the golden prompt cases, rendering rules, name resolution."""
 
 import json
-from pathlib import Path
 
 import pytest
+from helpers import paths
 
 from minisail.errors import PromptError
 from minisail.text.templates import (
@@ -15,7 +15,7 @@ from minisail.text.templates import (
     template_for_config,
 )
 
-CASES = json.loads((Path(__file__).parent / "data" / "prompt_cases.json").read_text(encoding="utf-8"))
+CASES = json.loads((paths.DATA / "prompt_cases.json").read_text(encoding="utf-8"))
 
 # golden variant -> the minisail template that reproduces it
 VARIANT_TEMPLATES = {
@@ -154,7 +154,7 @@ def test_sailvl2_chat_template_agrees_with_jinja(messages, add_generation_prompt
     assert render_sailvl2_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
 
 
-GOLDEN_CONFIGS = sorted((Path(__file__).parent / "golden").glob("*/checkpoint/config.json"))
+GOLDEN_CONFIGS = sorted((paths.GOLDEN).glob("*/checkpoint/config.json"))
 EXPECTED_BY_PREFIX = {
     "internvl-internlm2": "internlm2-chat-v1-5",  # the V1-5 layout
     "internvl-qwen2": "internvl2_5",

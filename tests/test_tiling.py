@@ -9,9 +9,9 @@ hash-table layout, the same on every supported interpreter, not an accident of t
 import csv
 import platform
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import paths
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -25,7 +25,7 @@ from minisail.tiling import (
     tile_boxes,
 )
 
-GRID_CSV = Path(__file__).parent / "data" / "tiling" / "grid_cases.csv"
+GRID_CSV = paths.DATA / "tiling" / "grid_cases.csv"
 
 sides = st.integers(1, 8192)
 bounds = st.tuples(st.integers(1, 40), st.integers(1, 40))

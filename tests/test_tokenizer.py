@@ -13,12 +13,12 @@ import json
 import lzma
 import random
 import shutil
-import struct
 import unicodedata
 
 import pytest
-import tokenizer_files
 import torch
+from helpers import tokenizer_files
+from helpers.sentencepiece_proto import TOY_CHARS, TOY_MERGES, toy_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -179,41 +179,6 @@ def test_internlm2_matches_sentencepiece_on_random_text(internlm2_tokenizer_dir,
 
 
 # --- SentencePiece models built here ----------------------------------------------------------------------
-
-
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative int32 fields are written as 10-byte varints
-    out = bytearray()
-    while True:
-        out.append((value & 0x7F) | (0x80 if value >> 7 else 0))
-        value >>= 7
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes | int | float) -> bytes:
-    if isinstance(payload, bytes):
-        return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-    if isinstance(payload, float):
-        return _varint(number << 3 | 5) + struct.pack("<f", payload)
-    return _varint(number << 3) + _varint(payload)
-
-
-# NORMAL pieces of a toy BPE model; merges happen best score first: "ll", "▁h", "▁he", "llo", "▁hello", ...
-TOY_MERGES = ["ll", "▁h", "▁he", "llo", "▁hello", "▁w", "or", "▁wor", "ld", "▁world", "▁▁"]
-TOY_CHARS = ["▁", "h", "e", "l", "o", "w", "r", "d", "中"]
-
-
-def toy_model(*, add_dummy_prefix=True, remove_extra_whitespaces=False, model_type=2) -> bytes:
-    """A tiny Yi-like SentencePiece BPE model: <unk> <s> </s>, 256 byte pieces, one user-defined symbol."""
-    pieces = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3), ("<|im_sep|>", 0.0, 4)]
-    pieces += [(f"<0x{byte:02X}>", 0.0, 6) for byte in range(256)]
-    pieces += [(text, -float(i), 1) for i, text in enumerate(TOY_MERGES)]
-    pieces += [(text, -100.0 - i, 1) for i, text in enumerate(TOY_CHARS)]
-    proto = b"".join(_field(1, _field(1, t.encode()) + _field(2, s) + _field(3, k)) for t, s, k in pieces)
-    trainer = _field(3, model_type) + _field(35, 1) + _field(40, 0) + _field(41, 1) + _field(42, 2) + _field(43, -1)
-    normalizer = _field(1, b"identity") + _field(3, int(add_dummy_prefix)) + _field(4, int(remove_extra_whitespaces))
-    return proto + _field(2, trainer) + _field(3, normalizer + _field(5, 1))
 
 
 def toy_backend(**options):

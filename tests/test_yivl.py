@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import paths
 
 import minisail
 from minisail.checkpoint.files import open_checkpoint_folder
@@ -24,7 +25,7 @@ from minisail.models.yivl import splice_images
 from minisail.parity import read_tensors
 from minisail.text.prompt import YIVL_IMAGE_TOKEN_INDEX
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = paths.GOLDEN
 TINY, TINY_BIN, TEXT = GOLDEN / "yi-vl-tiny", GOLDEN / "yi-vl-tiny-bin", GOLDEN / "yi-vl-textonly"
 VIT = "vit/clip-vit-tiny-p14-yi-vl-56"
 IMG_TOKENS = 16  # 56 px / 14 = 4 x 4 patches per image
@@ -244,7 +245,7 @@ def test_only_yi_vl_llava_configs_match():
 
 
 def test_preprocessing_gives_the_golden_pixels(inputs):
-    pixels = yivl_pixel_values(Path(__file__).parent / "data" / "yi-vl" / "images" / "cats.jpg", image_size=56)
+    pixels = yivl_pixel_values(paths.DATA / "yi-vl" / "images" / "cats.jpg", image_size=56)
     assert torch.equal(pixels, inputs["pixel_values"])
 
 

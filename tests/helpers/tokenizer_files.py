@@ -22,8 +22,10 @@ import lzma
 import shutil
 from pathlib import Path
 
-DATA = Path(__file__).parent / "data" / "tokenizers"
-CASES = Path(__file__).parent / "data" / "tokenizer_cases.json"
+from helpers import paths
+
+DATA = paths.DATA / "tokenizers"
+CASES = paths.DATA / "tokenizer_cases.json"
 
 # sha256 of every file of the shared folders (shared/data/tokenizers/<folder>/), which the rebuilt ones must match
 SHA256 = {

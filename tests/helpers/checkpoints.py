@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-GOLDEN = Path(__file__).parent / "golden"
+from helpers.paths import GOLDEN
 
 
 def golden_config(case: str) -> dict:
