@@ -1,8 +1,8 @@
 """Mono-InternVL-2B: patch embedding, visual-expert routing through prefill and decoding, weights, dtypes.
 
 Uses the golden checkpoints in tests/golden/mono-internvl-{tiny,textonly} (produced by the official
-Mono-InternVL code; tests/test_golden.py checks them against its outputs). Here: what those cases cannot show
-on their own, chunked prefill over image tokens, decoded <IMG_CONTEXT>, batches, the float16 refusal, and an
+Mono-InternVL code; tests/golden_cases/test_golden.py checks them against its outputs). Here: what those cases
+cannot show on their own, chunked prefill over image tokens, decoded <IMG_CONTEXT>, batches, the float16 refusal, and an
 independent oracle (transformers' Llama with its MLP swapped for the routed pair).
 """
 

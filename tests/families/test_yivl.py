@@ -1,6 +1,6 @@
 """Yi-VL: loading both official layouts (safetensors / torch .bin + the vit/<name>/ folder), the .bin safety rules,
 and LLaVA's image splice (shapes, batches, generation). The numbers themselves are checked by the golden cases
-yi-vl-tiny, yi-vl-tiny-bin and yi-vl-textonly (tests/test_golden.py)."""
+yi-vl-tiny, yi-vl-tiny-bin and yi-vl-textonly (tests/golden_cases/test_golden.py)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 tests/data/tokenizer_cases.json is shared/golden/tokenizer/cases.json: 65 strings per tokenizer, run through the
 slow classes of transformers 4.44.2 (Qwen2Tokenizer for Qwen2.5 / Qwen3, InternVL's InternLM2Tokenizer).
-The folders come from tests/tokenizer_files.py: "shipped" is the checkpoint folder as published, "relisted"
+The folders come from tests/helpers/tokenizer_files.py: "shipped" is the checkpoint folder as published, "relisted"
 the same with the image tokens' additional_special_tokens listing flipped (it changes only what
 skip_special_tokens drops), "slow-files" the Qwen folders without tokenizer.json (vocab.json + merges.txt).
 """

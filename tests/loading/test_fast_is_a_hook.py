@@ -1,7 +1,7 @@
 """The model code never depends on the fast paths: nothing in layers.py, vision/, llm/ or models/ imports
 minisail.fast (int8, packing, page release, read-ahead are added from outside, as loader hooks or module swaps).
 
-Read from the syntax tree, as tests/test_no_transformers.py does, so a lazy import inside a function counts too.
+Read from the syntax tree, as tests/loading/test_no_transformers.py does, so a lazy import inside a function counts too.
 """
 
 from __future__ import annotations

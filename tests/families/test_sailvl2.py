@@ -1,7 +1,7 @@
 """SAIL-VL2 model side: family detection, SAIL-ViT shapes and select_layer, the lm_head rule, clear errors.
 
 Built from the `sail-vl2-tiny` golden checkpoint (SAIL-ViT 4 layers at 112 px, Qwen3 with head_dim 32 != 64/4,
-tie_word_embeddings true with a separate stored lm_head); logits parity itself is in tests/test_golden.py.
+tie_word_embeddings true with a separate stored lm_head); logits parity itself is in tests/golden_cases/test_golden.py.
 """
 
 from __future__ import annotations
