@@ -3,7 +3,7 @@
 - bench/hf_side.py writes the benchmark's official checkpoint again under the names of transformers'
   `InternVLForConditionalGeneration` (`to_transformers(internvl(), ...)`), as transformers' own converter
   (`convert_internvl_weights_to_hf.py`) lays them out.
-- tests/test_hf_parity_*.py write official-layout checkpoints from random transformers models
+- tests/families/test_hf_parity_*.py write official-layout checkpoints from random transformers models
   (`to_official(intern_vit(...), ...)`, `to_official(sail_vit(), ...)`), which `minisail.load` then reads.
 
 Each table is a minisail `KeyMap` (minisail/checkpoint/keymaps.py) whose targets are the official names and whose

@@ -124,7 +124,7 @@ class MinisailRunner:
             self.load_details["unpacked_because"] = packing_support().reason
 
     def compile_decode_step(self) -> None:
-        """Compile `Decoder.decode_step` (one graph, tests/test_compile.py) with inductor's max-autotune and
+        """Compile `Decoder.decode_step` (one graph, tests/generation/test_compile.py) with inductor's max-autotune and
         freezing: the weights become constants in its own CPU GEMM layout, which streams faster than oneDNN's,
         at the price of a compilation (minutes) and a second copy of the language model's weights."""
         import torch._inductor.config

@@ -14,7 +14,7 @@ Token order, the only difference between the versions:
     v2: row-major over blocks, token bi*16 + bj (InternVL-Chat-V1-5, Mono-InternVL-2B and SAIL-VL2 configs);
     v1: the block grid transposed, token bj*16 + bi (upstream never swaps the axes back; it warns about it).
 Upstream gets there with view/permute/view/permute on [N, h, w, C]; the single 6-d permute below is the same
-map, checked in tests/test_merge.py by filling every token with its coordinates.
+map, checked in tests/unit/test_merge.py by filling every token with its coordinates.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def _candidates(min_tiles: int, max_tiles: int) -> tuple[Grid, ...]:
     when two equal-count grids tie (with min 2, max 2 and w/h = 5/4, (1,2) is visited before (2,1)), so minisail
     builds the same set. Its order comes from CPython's hash table: small ints hash to themselves, and tuple
     hashing and the set's layout are the same on every supported CPython (64-bit, 3.8 and later), so the order is
-    too. tests/test_tiling.py pins it twice: 59,056 golden grids recorded from upstream, and an emulation of
+    too. tests/unit/test_tiling.py pins it twice: 59,056 golden grids recorded from upstream, and an emulation of
     CPython's set (tuple hash, probing, resizes) compared with this set for a range of bounds.
     """
     # Upstream's loops meet grid (i, j) first at n = max(min, i, j), within one n in (i, j) order, and adding a

@@ -1,13 +1,13 @@
 """Shared pytest fixtures.
 
 Tokenizers: checkpoint-form tokenizer folders rebuilt once per session from tests/data/tokenizers/ (see
-tests/tokenizer_files.py), and the tokenizers loaded from them (loading the Qwen tokenizer.json takes ~1 s).
+tests/helpers/tokenizer_files.py), and the tokenizers loaded from them (loading the Qwen tokenizer.json takes ~1 s).
 """
 
 from __future__ import annotations
 
 import pytest
-import tokenizer_files
+from helpers import tokenizer_files
 
 from minisail.text.tokenizer import load_tokenizer
 

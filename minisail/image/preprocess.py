@@ -128,7 +128,7 @@ def yivl_pixel_values(image: ImageSource, *, image_size: int = 448) -> torch.Ten
     """Yi-VL pixel_values, float32 [1, 3, S, S]."""
     u = torch.from_numpy(np.asarray(yivl_tile(image, image_size=image_size)).copy())  # [S, S, 3] uint8
     # transformers' rescale multiplies by 1/255 in float64 and only then casts, unlike InternVL's float32(u)/255
-    # (for uint8 input the two happen to round alike for all 256 values; tests/test_preprocess.py checks it).
+    # (for uint8 input the two happen to round alike for all 256 values; tests/unit/test_preprocess.py checks it).
     x = (u.permute(2, 0, 1).to(torch.float64) * (1 / 255)).to(torch.float32)[None]  # [1, 3, S, S]
     return _normalize(x, CLIP_MEAN, CLIP_STD)
 

@@ -19,7 +19,7 @@ The contract, stated here once:
   which is what InternLM2's dynamic NTK depends on). `forward` calls it, then `run`, the tensor work.
 - A decode step's tensor work goes through `decode_step`, the same `run` under a name of its own: fixed shapes,
   no Python number that changes between steps, so `torch.compile` captures it once, with no graph break, for a
-  whole generation (tests/test_compile.py; `bench --compile` swaps in the compiled one), and prefills of any
+  whole generation (tests/generation/test_compile.py; `bench --compile` swaps in the compiled one), and prefills of any
   length stay eager.
 - `visual_mask` [B, T] bool (True at <IMG_CONTEXT>) routes Mono-InternVL's FFN experts (minisail/llm/moe.py);
   the model computes it from the token ids (`visual_mask(input_ids)` of every family, None where there are no

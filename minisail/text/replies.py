@@ -6,7 +6,7 @@ question, as their model cards do, and reply `<think>reasoning</think> answer wi
 `ReplyStream` does the same to a reply arriving in decoded pieces, as `Session.ask(stream=True)` and
 `python -m minisail chat --think` show it, cut where chat() cuts the reply (`<|im_end|>`, Yi-VL's `###`).
 There is no upstream code for this: it follows the model cards' instruction and chat()'s reply clean-up
-(`minisail.text.prompt.postprocess_reply`). Both are linear in the reply (tests/test_hostile_inputs.py).
+(`minisail.text.prompt.postprocess_reply`). Both are linear in the reply (tests/generation/test_hostile_inputs.py).
 """
 
 from __future__ import annotations

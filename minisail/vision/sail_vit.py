@@ -3,7 +3,7 @@
 Mirrors SAIL-VL2's remote `modeling_sailvit.py` (SAILViTPreprocessor / SAILViTBlock / SAILViTTransformer, itself
 adapted from apple/aimv2-huge-patch14-448). Parameter names are the official ones under `vision_model.`, so the
 weight map (`keymaps.sail_vit`) is a list of plain renames. transformers' native `Aimv2VisionModel` (use_head
-False, is_native False, silu) is the same math and is the test oracle (tests/test_hf_parity_sailvl2.py).
+False, is_native False, silu) is the same math and is the test oracle (tests/families/test_hf_parity_sailvl2.py).
 
     pixel_values [N, 3, S, S]                        S = image_size (448 in SAIL-VL2-2B), nothing else accepted
       -> preprocessor.patchifier.proj: conv 14x14, stride 14, with bias  -> [N, C, g, g] -> tokens [N, g*g, C]

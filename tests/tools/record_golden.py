@@ -13,7 +13,7 @@ tests/golden/README.md, which `python -m minisail parity CASE_DIR` then checks:
 Covers the InternVL-style remote-code models (SAIL-VL-2B, InternVL-Chat-V1-5, Mono-InternVL-2B, SAIL-VL2):
 the prompt is assembled with the checkpoint's own conversation template (get_conv_template from its
 remote-code module) as chat() does; pixel_values come from minisail's preprocessing, which reproduces the
-model cards' load_image bit for bit (tests/test_preprocess.py). `checkpoint` in the case folder is a symlink
+model cards' load_image bit for bit (tests/unit/test_preprocess.py). `checkpoint` in the case folder is a symlink
 to the model folder, so nothing is copied. Run in float32 for a 1e-4 comparison (the default here).
 """
 

@@ -8,8 +8,8 @@ The .ipynb files are the source: edit one in Jupyter (or any editor), then refre
 its outputs come from a clean top-to-bottom run. Each notebook runs in a fresh `python3` kernel (ipykernel) with
 the working directory set to notebooks/, as Jupyter does when you open it there, and PYTHONHASHSEED=0.
 
-tests/test_notebooks.py uses the same functions, so CI fails when a notebook raises, when its committed file
-was not run top to bottom (execution counts 1, 2, 3, ...; no error output), or when its committed outputs
+tests/golden_cases/test_notebooks.py uses the same functions, so CI fails when a notebook raises, when its committed
+file was not run top to bottom (execution counts 1, 2, 3, ...; no error output), or when its committed outputs
 differ from a fresh run. "Differ" ignores what is volatile by nature:
 - execution timing metadata and the notebook's kernel metadata (this script writes a fixed set);
 - memory addresses (`0x7f3a...`), the repository's absolute path, and whitespace;

@@ -1,0 +1,283 @@
+"""chat() / batch_chat() / Session end to end on a tiny random model with the real Qwen2.5 tokenizer and a real image.
+
+The checkpoint is the official InternVL / SAIL-VL-2B layout (InternViT + mlp1 + Qwen2) at toy sizes, but with
+vocab_size = len(tokenizer) = 151674, so the real tokenizer, template and image tokens drive it. Tiles are
+56 px (4 image tokens each), so the 13 tiles of a real photo stay cheap.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers.chat_checkpoint import CONTEXT, IMAGE, build_chat_checkpoint
+from helpers.checkpoints import GOLDEN
+from safetensors.torch import load_file
+
+import minisail
+from minisail.chat import batch_chat, chat, prepare_chat
+from minisail.errors import PromptError
+from minisail.generate import greedy_generate
+from minisail.image.preprocess import internvl_pixel_values
+from minisail.session import Session, tile_limits
+from minisail.text.prompt import build_query, decode_reply, encode_queries
+from minisail.text.replies import THINK_INSTRUCTION, ReplyStream, ThoughtReply, boxed_content, split_thinking
+from minisail.text.templates import get_template
+
+IM_END = 151645  # <|im_end|>, the eos chat() uses with a chatml template
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_chat_checkpoint(tmp_path_factory.mktemp("chat") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    model, tokenizer = minisail.load(checkpoint), minisail.load_tokenizer(checkpoint)
+    assert len(tokenizer) == model.config.llm.vocab_size
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def pixel_values():
+    return internvl_pixel_values(IMAGE, max_tiles=12, image_size=56)
+
+
+def expected_reply(model, tokenizer, question, *, history=None, tiles=(), pixel_values=None, max_new_tokens=8):
+    """The reply computed without minisail.chat: text helpers, greedy ids, cut after eos, decode, strip."""
+    template = get_template("internvl2_5")
+    query = build_query(template, question, history=history, num_patches_list=list(tiles), tokens_per_tile=4)
+    encoded = encode_queries(tokenizer, query.text)
+    model.image_token_id = tokenizer.token_to_id("<IMG_CONTEXT>")
+    ids = greedy_generate(model, encoded.input_ids, encoded.attention_mask, pixel_values, max_new_tokens=max_new_tokens)
+    ids = ids[0].tolist()
+    ids = ids[: ids.index(IM_END) + 1] if IM_END in ids else ids
+    return decode_reply(tokenizer, ids, template)
+
+
+def test_chat_returns_the_greedy_reply_and_history_like_upstream(loaded, pixel_values):
+    model, tokenizer = loaded
+    config = dict(max_new_tokens=8, do_sample=False)
+    question = "What animal is this?"
+    response, history = chat(model, tokenizer, pixel_values, question, config, return_history=True)
+    assert response == expected_reply(model, tokenizer, question, tiles=[len(pixel_values)], pixel_values=pixel_values)
+    assert config == dict(max_new_tokens=8, do_sample=False, eos_token_id=IM_END)  # written into the caller's dict
+    assert history == [("<image>\n" + question, response)]
+
+    # turn 2: history given, so no <image>\n is prepended; the returned list is the caller's, extended
+    follow_up = "And its colour?"
+    response2, history2 = chat(model, tokenizer, pixel_values, follow_up, config, history=history, return_history=True)
+    assert history2 is history and history[1] == (follow_up, response2)
+    assert response2 == expected_reply(
+        model, tokenizer, follow_up, history=history[:1], tiles=[len(pixel_values)], pixel_values=pixel_values
+    )
+    # text only, as a method like upstream's model.chat
+    text_reply = model.chat(tokenizer, None, "Hello, who are you?", dict(max_new_tokens=8))
+    assert text_reply == expected_reply(model, tokenizer, "Hello, who are you?")
+
+
+def test_batch_chat_answers_each_question_like_chat(loaded, pixel_values):
+    model, tokenizer = loaded
+    one = internvl_pixel_values(IMAGE, max_tiles=1, image_size=56)
+    questions = ["Describe the image.", "这是什么动物？请详细说明。"]
+    responses = batch_chat(model, tokenizer, torch.cat([pixel_values, one]), questions, dict(max_new_tokens=8),
+                           num_patches_list=[len(pixel_values), 1])  # fmt: skip
+    assert responses == [
+        chat(model, tokenizer, pixel_values, questions[0], dict(max_new_tokens=8)),
+        chat(model, tokenizer, one, questions[1], dict(max_new_tokens=8)),
+    ]
+    with pytest.raises(PromptError, match="history"):
+        batch_chat(model, tokenizer, None, questions, {}, history=[])
+
+
+def test_chat_checks_tiles_against_pixel_values(loaded, pixel_values):
+    model, tokenizer = loaded
+    with pytest.raises(PromptError, match="adds up to"):
+        chat(model, tokenizer, pixel_values, "Hi", {}, num_patches_list=[1])
+    with pytest.raises(PromptError, match="standard"):
+        chat(model, tokenizer, pixel_values, "Hi", {}, IMG_CONTEXT_TOKEN="<ctx>")
+
+
+def test_session_streams_the_same_reply_and_keeps_the_conversation(loaded, pixel_values):
+    model, tokenizer = loaded
+    session = Session(model, tokenizer, generation=minisail.generate.GenerationConfig(max_new_tokens=8))
+    question = "What animal is this?"
+    pieces = list(session.ask(question, images=[IMAGE], stream=True))
+    assert "".join(pieces) == chat(model, tokenizer, pixel_values, question, dict(max_new_tokens=8))
+    assert session.history == [("<image>\n" + question, "".join(pieces))]
+
+    # a second image later: it gets its own <image> in the new question, and both images go to the model
+    reply = session.ask("And this one?", images=[IMAGE])
+    assert session.history[1] == ("<image>\nAnd this one?", reply)
+    both = torch.cat([pixel_values, pixel_values])
+    assert reply == chat(model, tokenizer, both, "<image>\nAnd this one?", dict(max_new_tokens=8),
+                         history=session.history[:1], num_patches_list=[len(pixel_values)] * 2)  # fmt: skip
+    session.reset()
+    assert session.history == []
+
+
+def test_session_think_appends_the_instruction_and_splits_the_reply(loaded):
+    model, tokenizer = loaded
+    session = Session(model, tokenizer)
+    reply = session.ask("What is 1+1?", think=True, max_new_tokens=6)
+    assert session.history[0][0] == "What is 1+1?" + THINK_INSTRUCTION  # no space between, as the model card
+    assert reply.text == session.history[0][1] and reply == split_thinking(reply.text)
+    events = list(Session(model, tokenizer).ask("What is 1+1?", think=True, stream=True, max_new_tokens=6))
+    assert "".join(text for kind, text in events if kind == "answer") == reply.response
+
+
+def test_session_sampling_is_reproducible(loaded):
+    model, tokenizer = loaded
+    ask = lambda seed: Session(model, tokenizer).ask("Tell a story.", temperature=1.5, seed=seed, max_new_tokens=6)
+    assert ask(7) == ask(7)
+    assert ask(7) != ask(8)
+
+
+def test_session_rejects_a_prompt_longer_than_the_context(loaded):
+    model, tokenizer = loaded
+    with pytest.raises(PromptError, match=f"context holds {CONTEXT}"):
+        Session(model, tokenizer).ask("word " * CONTEXT)
+
+
+# --- thinking replies and the reply stream ------------------------------------------------------------------------
+
+
+REPLY = " <think>\nLet me add: 1 + 1 = 2.\n</think>\n\nThe sum is \\boxed{\\frac{4}{2}} = 2. \n"
+
+
+def test_split_thinking_and_boxed():
+    reply = split_thinking(REPLY)
+    assert reply.reasoning == "Let me add: 1 + 1 = 2."
+    assert reply.response == "The sum is \\boxed{\\frac{4}{2}} = 2."
+    assert reply.answer == "\\frac{4}{2}"
+    assert split_thinking("Just 2.") == ThoughtReply("Just 2.", "", "Just 2.", "Just 2.")
+    assert split_thinking("<think>cut off").reasoning == "cut off"
+    assert boxed_content("\\boxed{a} then \\boxed{b{c}}") == "b{c}"
+    assert boxed_content("\\boxed{a} and \\boxed{unclosed") == "a"
+    assert boxed_content("no box") is None
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 100])
+def test_reply_stream_joins_to_the_split_reply(size):
+    stream = ReplyStream(["<|im_end|>"], think=True)
+    events = []
+    for i in range(0, len(REPLY), size):
+        events += stream.feed(REPLY[i : i + size])
+    events += stream.finish()
+    joined = {kind: "".join(t for k, t in events if k == kind) for kind in ("reasoning", "answer")}
+    reply = split_thinking(REPLY)
+    assert joined == {"reasoning": reply.reasoning, "answer": reply.response}
+    assert [kind for kind, _ in events] == sorted((kind for kind, _ in events), key=["reasoning", "answer"].index)
+    assert not any("<" in text and "think" in text for _, text in events)
+
+
+def test_reply_stream_cuts_at_a_stop_string_split_across_pieces():
+    stream = ReplyStream(["###"])
+    events = []
+    for piece in [" Two cats", " #", "#", "# Human: more"]:
+        events += stream.feed(piece)
+    events += stream.finish()
+    assert "".join(text for _, text in events) == "Two cats"
+
+
+def test_reply_parsing_is_still_importable_from_session():
+    from minisail import session
+    from minisail.text import replies
+
+    for name in ("THINK_INSTRUCTION", "THINK_OPEN", "THINK_CLOSE", "ThoughtReply", "ReplyStream", "split_thinking"):
+        assert getattr(session, name) is getattr(replies, name)
+    assert session.boxed_content is replies.boxed_content
+
+
+# --- family details -----------------------------------------------------------------------------------------------
+
+
+def test_tile_limits_follow_preprocessor_config_then_the_override(tmp_path):
+    model = SimpleNamespace(config=SimpleNamespace(min_dynamic_patch=1, max_dynamic_patch=12), checkpoint_folder=None)
+    assert tile_limits(model) == (1, 12)
+    (tmp_path / "preprocessor_config.json").write_text('{"max_dynamic_patch": 10, "image_size": 448}')
+    model.checkpoint_folder = tmp_path
+    assert tile_limits(model) == (1, 10)  # SAIL-VL2: the processor's 10, not config.json's 12
+    assert tile_limits(model, max_tiles=4) == (1, 4)
+
+
+class CharTokenizer:
+    """A stand-in for Yi's tokenizer (not available here): one id per character, eos 2, no BOS."""
+
+    bos_token_id, pad_token_id, eos_token_id = None, None, 2
+
+    def encode(self, text):
+        return [ord(c) % 300 + 3 for c in text]
+
+    def decode(self, ids, *, skip_special_tokens=False):
+        return "".join(chr(i - 3) for i in ids if i >= 3)
+
+    def token_to_id(self, token):
+        return None
+
+
+def test_yivl_chat_splices_the_image_and_stops_on_its_separator():
+    model = minisail.load(GOLDEN / "yi-vl-tiny" / "checkpoint", dtype=torch.float32)
+    tokenizer = CharTokenizer()
+    pixel_values = load_file(GOLDEN / "yi-vl-tiny" / "inputs.safetensors")["pixel_values"]
+    prompt = prepare_chat(model, tokenizer, pixel_values, "What is it?")
+    assert prompt.input_ids[0].tolist().count(-200) == 1  # <image_placeholder> -> one spliced image
+    assert prompt.queries[0].question == "<image_placeholder>\nWhat is it?"
+    assert prompt.generation_config({}).stop_strings == ["###"] and prompt.eos_token_id == 2
+    response, history = chat(model, tokenizer, pixel_values, "What is it?", dict(max_new_tokens=6), return_history=True)
+    ids = greedy_generate(model, prompt.input_ids, prompt.attention_mask, pixel_values, max_new_tokens=6)[0].tolist()
+    ids = ids[: ids.index(2) + 1] if 2 in ids else ids
+    assert response == tokenizer.decode(ids).strip().removesuffix("###").strip()
+    assert history == [("<image_placeholder>\nWhat is it?", response)]
+    with pytest.raises(PromptError, match="one image"):
+        chat(model, tokenizer, torch.cat([pixel_values] * 2), "Two?", {})
+
+
+@pytest.mark.parametrize(
+    ("case", "template"),
+    [
+        ("internvl-internlm2-tiny", "internlm2-chat-v1-5"),  # V1-5 layout: the English InternLM system message
+        ("mono-internvl-tiny", "internlm2-chat"),
+        ("internvl-qwen2-tiny", "internvl2_5"),
+        ("sail-vl2-tiny", "univl-chat"),
+    ],
+)
+def test_chat_paths_use_the_template_the_config_resolves_to(case, template):
+    import json
+
+    from minisail.chat import chat_template
+    from minisail.text.templates import template_for_config
+
+    folder = GOLDEN / case / "checkpoint"
+    resolved = template_for_config(json.loads((folder / "config.json").read_text()))
+    used = chat_template(minisail.load(folder))
+    assert used.name == resolved.name == template
+    assert used.system_message == resolved.system_message
+
+
+def test_session_encodes_each_image_once_and_matches_chat(loaded, pixel_values, monkeypatch):
+    model, tokenizer = loaded
+    calls = []
+    original = type(model).encode_images
+    monkeypatch.setattr(type(model), "encode_images", lambda self, pv: calls.append(len(pv)) or original(self, pv))
+    session = Session((model, tokenizer), max_tiles=12)
+    first = session.ask("What is it?", images=[IMAGE], max_new_tokens=6)
+    second = session.ask("And the colour?", max_new_tokens=6)
+    assert calls == [len(pixel_values)]  # the second turn reuses the first turn's embeddings
+    calls.clear()
+    response, history = chat(model, tokenizer, pixel_values, "What is it?", dict(max_new_tokens=6), return_history=True)
+    again = chat(model, tokenizer, pixel_values, "And the colour?", dict(max_new_tokens=6), history=history)
+    assert calls == [len(pixel_values)] * 2  # upstream chat() encodes the image again every turn
+    assert (first, second) == (response, again)
+
+
+def test_right_padded_batches_are_refused(loaded):
+    from minisail.generate import generate
+
+    model, _ = loaded
+    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 7, 8]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    with pytest.raises(PromptError, match="left-padded"):
+        generate(model, ids, mask, None, dict(max_new_tokens=2))

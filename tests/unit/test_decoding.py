@@ -1,0 +1,117 @@
+"""The KV cache and dtypes: cached decoding equals the uncached forward; bf16 runs and stays close to fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.checkpoints import GOLDEN
+from safetensors.torch import load_file
+
+import minisail
+from minisail.errors import PromptError
+from minisail.generate import greedy_generate
+from minisail.llm.decoder import positions_from_mask
+
+
+def case_inputs(case):
+    inputs = load_file(GOLDEN / case / "inputs.safetensors")
+    return inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values")
+
+
+@pytest.mark.parametrize("case", ["internvl-qwen2-batch", "internvl-internlm2-tiny", "internvl-internlm2-ntk"])
+def test_cached_decoding_equals_the_full_forward(case):
+    """Every cached step's logits equal a full forward over prompt + tokens so far.
+
+    Except past InternLM2's dynamic-NTK limit, where upstream (and so minisail) keeps cached keys rotated with
+    the base they were written with while a full forward re-rotates every key with the newest base: there only
+    the prefill agrees, and the later steps must differ (the golden case pins the cached behaviour)."""
+    model = minisail.load(GOLDEN / case / "checkpoint", dtype=torch.float32)
+    model.image_token_id = 384 if "qwen2" in case else 393
+    input_ids, attention_mask, pixel_values = case_inputs(case)
+    steps = 6
+    tokens = greedy_generate(model, input_ids, attention_mask, pixel_values, max_new_tokens=steps)
+    with torch.inference_mode():
+        decoder = model.language_model
+        inputs = model.prepare_inputs(input_ids, attention_mask, pixel_values)
+        B, T = attention_mask.shape
+        cache = decoder.new_cache(B, T + steps)
+        positions = positions_from_mask(attention_mask)
+        cached = [decoder(inputs.embeds, positions, cache, attention_mask=attention_mask, last_only=True)[:, -1]]
+        for step in range(steps - 1):
+            cached.append(
+                decoder(decoder.embed(tokens[:, step : step + 1]), positions[:, -1:] + 1 + step, cache)[:, -1]
+            )
+        for step in range(steps):
+            ids = torch.cat([input_ids, tokens[:, :step]], dim=1)
+            mask = torch.cat([attention_mask, torch.ones(B, step, dtype=attention_mask.dtype)], dim=1)
+            full = model(ids, mask, pixel_values)[:, -1]
+            if case.endswith("ntk") and step > 0:
+                assert (cached[step] - full).abs().max() > 1e-3
+            else:
+                torch.testing.assert_close(cached[step], full, atol=2e-5, rtol=0)
+
+
+def test_padded_row_decodes_like_the_unpadded_row():
+    model = minisail.load(GOLDEN / "internvl-qwen2-textonly" / "checkpoint")
+    input_ids, attention_mask, _ = case_inputs("internvl-qwen2-textonly")
+    alone = greedy_generate(model, input_ids, attention_mask, max_new_tokens=8)
+    pad = torch.full((1, 5), 360)
+    batch = torch.cat([torch.cat([pad, input_ids], 1), torch.cat([input_ids[:, :5], input_ids], 1)])
+    mask = torch.ones_like(batch)
+    mask[0, :5] = 0
+    both = greedy_generate(model, batch, mask, max_new_tokens=8)
+    assert both[0].tolist() == alone[0].tolist()
+    with torch.inference_mode():
+        padded = model(batch[:1], mask[:1])[0, 5:]
+        plain = model(input_ids, attention_mask)[0]
+    torch.testing.assert_close(padded, plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["internvl-qwen2-tiny", "internvl-internlm2-tiny"])
+def test_bfloat16_runs_and_stays_close_to_float32(case):
+    input_ids, attention_mask, pixel_values = case_inputs(case)
+    token = 384 if "qwen2" in case else 393
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = minisail.load(GOLDEN / case / "checkpoint", dtype=dtype)
+        model.image_token_id = token
+        with torch.inference_mode():
+            logits[dtype] = model(input_ids, attention_mask, pixel_values)
+        assert logits[dtype].dtype == torch.float32  # heads upcast, as upstream
+        tokens = greedy_generate(model, input_ids, attention_mask, pixel_values, max_new_tokens=4)
+        assert tokens.shape == (1, 4)
+    diff = (logits[torch.bfloat16] - logits[torch.float32]).abs().max().item()
+    scale = logits[torch.float32].abs().max().item()
+    assert torch.isfinite(logits[torch.bfloat16]).all()
+    assert diff < 0.1 * scale, (diff, scale)
+
+
+def test_prompt_longer_than_the_cache_is_a_clear_error():
+    model = minisail.load(GOLDEN / "internvl-qwen2-textonly" / "checkpoint")
+    cache = model.language_model.new_cache(1, 4)
+    embeds = model.language_model.embed(torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(PromptError, match="holds 4 tokens"):
+        model.language_model(embeds, torch.arange(5)[None], cache)
+
+
+def test_image_token_count_mismatch_is_a_clear_error():
+    model = minisail.load(GOLDEN / "internvl-qwen2-tiny" / "checkpoint")
+    model.image_token_id = 384
+    input_ids, attention_mask, pixel_values = case_inputs("internvl-qwen2-tiny")
+    first = int((input_ids[0] == 384).nonzero()[0])
+    input_ids = input_ids.clone()
+    input_ids[0, first] = 0  # one <IMG_CONTEXT> fewer than the 3 tiles x 16 rows
+    with pytest.raises(PromptError, match="47 <IMG_CONTEXT> tokens but the images give 48"):
+        model(input_ids, attention_mask, pixel_values)
+
+
+def test_out_of_vocabulary_ids_and_images_without_pixels_are_clear_errors():
+    model = minisail.load(GOLDEN / "internvl-qwen2-tiny" / "checkpoint")
+    model.image_token_id = 384
+    input_ids, attention_mask, pixel_values = case_inputs("internvl-qwen2-tiny")
+    bad = input_ids.clone()
+    bad[0, 3] = 400  # the tiny vocabulary is 0..399
+    with pytest.raises(PromptError, match="400, outside the vocabulary"):
+        model(bad, attention_mask, pixel_values)
+    with pytest.raises(PromptError, match="no pixel_values"):
+        model(input_ids, attention_mask)
