@@ -15,11 +15,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from helpers.checkpoints import randomize_  # noqa: E402
-from helpers.hf_checkpoints import qwen2_checkpoint  # noqa: E402
+from helpers.hf_checkpoints import assert_padded_batch_matches, qwen2_checkpoint  # noqa: E402
 
 import minisail  # noqa: E402
 from bench.hf_names import intern_vit, to_official  # noqa: E402
-from minisail.generate import greedy_generate  # noqa: E402
 from minisail.vision.intern_vit import InternViT, InternViTConfig  # noqa: E402
 
 
@@ -74,26 +73,4 @@ def test_intern_vit_matches_transformers(variant):
 def test_qwen2_matches_transformers(tmp_path, tie):
     hf, folder = qwen2_checkpoint(tmp_path, tie)
     model = minisail.load(folder, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(4)
-    input_ids = torch.randint(0, 360, (2, 20), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :6] = 0  # row 1 is left-padded
-    input_ids[1, :6] = 360
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        want = hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        got = model(input_ids, attention_mask)
-    real = attention_mask.bool()
-    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
-
-    with torch.no_grad():
-        hf_tokens = hf.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=8,
-            do_sample=False,
-            pad_token_id=360,
-            eos_token_id=None,
-        )[:, input_ids.shape[1] :]
-    ours = greedy_generate(model, input_ids, attention_mask, max_new_tokens=8)
-    assert ours.tolist() == hf_tokens.tolist()
+    assert_padded_batch_matches(model, hf, vocab=360, pad=360, pad_length=6, seed=4)

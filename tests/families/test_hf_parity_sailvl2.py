@@ -17,10 +17,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from helpers.checkpoints import golden_config, randomize_, write_checkpoint  # noqa: E402
+from helpers.hf_checkpoints import assert_padded_batch_matches  # noqa: E402
 
 import minisail  # noqa: E402
 from bench.hf_names import sail_vit, to_official  # noqa: E402
-from minisail.generate import greedy_generate  # noqa: E402
 
 VISION = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96, image_size=56)
 LLM = dict(
@@ -108,25 +108,4 @@ def test_qwen3_matches_transformers(tmp_path, head):
     torch.testing.assert_close(lm_head, llm.lm_head.weight, atol=0, rtol=0)
     assert torch.equal(lm_head, model.language_model.embed.weight) == (head == "tied")
 
-    generator = torch.Generator().manual_seed(15)
-    input_ids = torch.randint(0, 360, (2, 20), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :5] = 0  # row 1 is left-padded
-    input_ids[1, :5] = 360
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        want = llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        got = model(input_ids, attention_mask)
-    real = attention_mask.bool()
-    torch.testing.assert_close(got[real], want[real].float(), atol=1e-5, rtol=0)
-
-    with torch.no_grad():
-        hf_tokens = llm.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=8,
-            do_sample=False,
-            pad_token_id=360,
-            eos_token_id=None,
-        )[:, input_ids.shape[1] :]
-    assert greedy_generate(model, input_ids, attention_mask, max_new_tokens=8).tolist() == hf_tokens.tolist()
+    assert_padded_batch_matches(model, llm, vocab=360, pad=360, pad_length=5, seed=15)

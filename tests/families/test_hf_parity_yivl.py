@@ -19,6 +19,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from helpers.checkpoints import golden_config, randomize_  # noqa: E402
+from helpers.hf_checkpoints import assert_padded_batch_matches  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import minisail  # noqa: E402
@@ -123,25 +124,7 @@ def yivl(tmp_path_factory):
 
 def test_text_only_batch_matches_llama(yivl):
     model, _clip, _projector, llama = yivl
-    generator = torch.Generator().manual_seed(8)
-    input_ids = torch.randint(3, 300, (2, 17), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :5], input_ids[1, :5] = 0, 0  # row 1 left-padded
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        want = llama(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        got = model(input_ids, attention_mask)
-        real = attention_mask.bool()
-        torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
-        hf_tokens = llama.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=8,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-        )[:, input_ids.shape[1] :]
-    assert greedy_generate(model, input_ids, attention_mask, max_new_tokens=8).tolist() == hf_tokens.tolist()
+    assert_padded_batch_matches(model, llama, vocab=300, pad=0, pad_length=5, seed=8)
 
 
 def test_image_path_matches_the_transformers_pipeline(yivl):

@@ -15,7 +15,7 @@ from helpers.checkpoints import GOLDEN
 from safetensors.torch import load_file
 
 import minisail
-from minisail.generate import greedy_generate
+from minisail.generate import greedy_generate, prefill
 from minisail.llm.decoder import positions_from_mask
 
 CASES = {  # case -> <IMG_CONTEXT> id
@@ -40,15 +40,7 @@ def prefilled(case: str, new_tokens: int):
     B, T = prepared.attention_mask.shape
     cache = decoder.new_cache(B, T + new_tokens)
     positions = positions_from_mask(prepared.attention_mask)
-    logits = decoder(
-        prepared.embeds,
-        positions,
-        cache,
-        attention_mask=prepared.attention_mask,
-        visual_mask=prepared.visual_mask,
-        last_only=True,
-    )
-    token = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+    token = prefill(decoder, prepared, positions, cache).argmax(-1, keepdim=True)  # [B, 1]
     return model, (input_ids, attention_mask, inputs.get("pixel_values")), cache, token, positions[:, -1:] + 1
 
 

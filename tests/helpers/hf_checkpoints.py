@@ -34,3 +34,30 @@ def qwen2_checkpoint(tmp_path, tie: bool):
         state.pop("lm_head.weight")  # a tied checkpoint stores only the embedding
     tensors.update({f"language_model.{k}": v for k, v in state.items()})
     return hf, write_checkpoint(tmp_path / "ckpt", config, tensors)
+
+
+def assert_padded_batch_matches(model, hf, *, vocab: int, pad: int, pad_length: int, seed: int) -> None:
+    """minisail's logits and greedy tokens on a 2-row batch (row 1 left-padded by `pad_length` ids `pad`) equal
+    transformers' causal LM `hf` run with mask-derived positions and its own `generate()`."""
+    import torch
+
+    from minisail.generate import greedy_generate
+
+    input_ids = torch.randint(3, vocab, (2, 20), generator=torch.Generator().manual_seed(seed))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :pad_length], input_ids[1, :pad_length] = 0, pad
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        got = model(input_ids, attention_mask)
+        real = attention_mask.bool()
+        torch.testing.assert_close(got[real], want[real].float(), atol=1e-5, rtol=0)
+        hf_tokens = hf.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=None,
+        )[:, input_ids.shape[1] :]
+    assert greedy_generate(model, input_ids, attention_mask, max_new_tokens=8).tolist() == hf_tokens.tolist()
