@@ -27,6 +27,7 @@ Int8 (weight-only; activations stay in `dtype`):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -181,19 +182,12 @@ def default_dtype(path, device=None) -> tuple[torch.dtype, str]:
     from minisail.fast.packing import cpu_default_dtype
     from minisail.system import available_memory_bytes
 
-    folder = Path(path)
-    config = read_config(folder)
-    family = detect_family(config)
-    tensors = family.open_tensors(folder, family.complete_config(folder, config))
+    checked = read_model_config(path)  # the same checks as load: a config load refuses fails here first
+    tensors = checked.family.open_tensors(Path(path), checked.config)
     stored = checkpoint_dtype(tensors)
     device = resolve_device(device)
     if device is not None and device.type != "cpu":
         return stored, f"{str(stored).removeprefix('torch.')}, as the checkpoint stores it"
-    float32_bytes = 0
-    for name in tensors.keys():
-        if tensors.dtype(name).is_floating_point:
-            numel = 1
-            for size in tensors.shape(name):
-                numel *= size
-            float32_bytes += 4 * numel
+    floats = [name for name in tensors.keys() if tensors.dtype(name).is_floating_point]
+    float32_bytes = sum(4 * math.prod(tensors.shape(name)) for name in floats)
     return cpu_default_dtype(stored, float32_bytes, available_memory_bytes())
