@@ -20,9 +20,8 @@ from minisail.checkpoint.files import open_safetensors_folder
 from minisail.checkpoint.loader import fill_from_checkpoint
 from minisail.errors import ConfigError
 from minisail.fast.hooks import load_hooks
-from minisail.merge import pixel_shuffle
+from minisail.merge import MLPProjector, pixel_shuffle
 from minisail.models.registry import detect_family
-from minisail.projector import MLPProjector
 from minisail.vision.intern_vit import InternViT, InternViTConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}  # int8: bf16 activations

@@ -26,8 +26,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from minisail.errors import ConfigError, NumericsError, PromptError
-from minisail.llm.cache import check_cache_fits
-from minisail.llm.decoder import positions_from_mask
+from minisail.llm.decoder import check_cache_fits, positions_from_mask
 from minisail.llm.decoder_config import DecoderConfig
 from minisail.sampling import (  # noqa: F401  (re-exported: the loop's settings and sampling live there)
     GenerationConfig,

@@ -1,4 +1,5 @@
-"""InternVL's pixel shuffle: merge each 2x2 block of ViT patch tokens into one token with 4x the channels.
+"""Vision tokens -> language-model rows: InternVL's pixel shuffle (each 2x2 block of ViT patch tokens becomes one
+token with 4x the channels), then the projector MLP.
 
 Mirrors `InternVLChatModel.pixel_shuffle` (with the reshapes around it in `extract_feature`) in
 OpenGVLab/InternVL `internvl_chat/internvl/model/internvl_chat/modeling_internvl_chat.py`; SAIL-VL, SAIL-VL2
@@ -15,6 +16,16 @@ Token order, the only difference between the versions:
     v1: the block grid transposed, token bj*16 + bi (upstream never swaps the axes back; it warns about it).
 Upstream gets there with view/permute/view/permute on [N, h, w, C]; the single 6-d permute below is the same
 map, checked in tests/unit/test_merge.py by filling every token with its coordinates.
+
+Then the projector maps each merged token to a language-model row:
+`MLPProjector` is InternVL's `mlp1` (InternVL `modeling_internvl_chat.py`): LayerNorm(4C) -> Linear(4C, H)
+-> GELU (exact) -> Linear(H, H), applied to the pixel-shuffled tokens [N, T, 4C] -> [N, T, H].
+The LayerNorm uses PyTorch's default eps 1e-5, not the ViT's 1e-6. Checkpoint keys: mlp1.0 (norm), mlp1.1, mlp1.3.
+
+`LayerNormMLPProjector` is LLaVA's `mlp{depth}x_gelu_Norm` as Yi-VL builds it (Yi `VL/llava/model/
+multimodal_projector/builder.py`): Linear(C, H) -> LayerNorm(H), then (depth - 1) x [GELU -> Linear(H, H) ->
+LayerNorm(H)]. Yi-VL uses depth 2; it ends with a LayerNorm. eps 1e-5, exact GELU. Checkpoint keys:
+model.mm_projector.{3k} (the k-th Linear) and .{3k + 1} (its LayerNorm); the GELUs hold no weights.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from minisail.errors import ConfigError
 
@@ -90,3 +103,26 @@ def _square_side(length: int) -> int:
     if side * side != length or length == 0:
         raise ConfigError(f"pixel shuffle needs a square token grid, got {length} tokens (not a perfect square)")
     return side
+
+
+class MLPProjector(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim, eps=eps)
+        self.fc1 = nn.Linear(in_dim, out_dim)
+        self.fc2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class LayerNormMLPProjector(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, depth: int = 2, eps: float = 1e-5):
+        super().__init__()
+        self.fcs = nn.ModuleList(nn.Linear(in_dim if k == 0 else out_dim, out_dim) for k in range(depth))
+        self.norms = nn.ModuleList(nn.LayerNorm(out_dim, eps=eps) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for k, (fc, norm) in enumerate(zip(self.fcs, self.norms, strict=True)):
+            x = norm(fc(x if k == 0 else F.gelu(x)))  # [N, T, H]
+        return x

@@ -1,6 +1,6 @@
 """What the operating system says about this machine: the memory it reports as available.
 
-Read by the KV-cache check (llm/cache.py), the background read-ahead (fast/readahead.py) and the default dtype
+Read by the KV-cache check (llm/decoder.py), the background read-ahead (fast/readahead.py) and the default dtype
 (fast/packing.py's `cpu_default_dtype`, via loading.py), so that each decides against the same number.
 """
 

@@ -85,7 +85,7 @@ def _chat_turn(session, question: str, images, args) -> None:
 
 
 def _run_chat(args) -> int:
-    from minisail.image.io import open_image
+    from minisail.image.preprocess import open_image
     from minisail.loading import resolve_device, resolve_dtype
     from minisail.session import Session
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minisail.llm.layers import SwiGLU
+from minisail.layers import SwiGLU
 
 
 class VisualExpertMLP(nn.Module):

@@ -32,7 +32,7 @@ from minisail.errors import ConfigError, PromptError
 from minisail.layers import hidden_state_depth
 from minisail.llm.decoder import Decoder, positions_from_mask
 from minisail.llm.decoder_config import DecoderConfig
-from minisail.merge import pixel_shuffle, tokens_per_tile
+from minisail.merge import MLPProjector, pixel_shuffle, tokens_per_tile
 from minisail.models import internvl_chat
 from minisail.models.family_parts import (
     LayerCount,
@@ -42,7 +42,6 @@ from minisail.models.family_parts import (
     open_safetensors,
     sub_config_kinds,
 )
-from minisail.projector import MLPProjector
 from minisail.text.templates import Template
 from minisail.vision.intern_vit import InternViT, InternViTConfig
 from minisail.vision.sail_vit import SailViTConfig

@@ -35,10 +35,10 @@ from minisail.chat import ChatMixin
 from minisail.errors import PromptError
 from minisail.image.preprocess import yivl_pixel_values
 from minisail.llm.decoder import Decoder, positions_from_mask
+from minisail.merge import LayerNormMLPProjector
 from minisail.models import yivl_checkpoint
 from minisail.models.internvl import PreparedInputs, check_vocabulary
 from minisail.models.yivl_checkpoint import YiVLConfig
-from minisail.projector import LayerNormMLPProjector
 from minisail.text.prompt import YIVL_IMAGE_TOKEN_INDEX, Query, build_yivl_query, encode_yivl_query
 from minisail.text.templates import Template, template_for_config
 from minisail.vision.clip_vit import CLIPVisionTower

@@ -31,7 +31,7 @@ from minisail.errors import CheckpointError, ImageError, PromptError, TokenizerE
 from minisail.generate import greedy_generate
 from minisail.image import internvl_pixel_values, internvl_tiles, open_image, yivl_pixel_values
 from minisail.image.preprocess import MAX_PIXEL_VALUES_BYTES, check_pixel_values_bytes
-from minisail.llm.cache import check_cache_fits
+from minisail.llm.decoder import check_cache_fits
 from minisail.text import sentencepiece as spm_backend
 from minisail.text import sentencepiece_model as spm_model
 from minisail.text import tokenizer as tokenizer_module

@@ -20,9 +20,8 @@ from transformers import Qwen2Config  # noqa: E402
 from transformers.models.qwen2 import modeling_qwen2  # noqa: E402
 
 import minisail  # noqa: E402
-from minisail.layers import RMSNorm  # noqa: E402
-from minisail.llm import layers  # noqa: E402
-from minisail.llm.rotary import Rotary  # noqa: E402
+from minisail import layers  # noqa: E402
+from minisail.layers import RMSNorm, Rotary  # noqa: E402
 
 CONFIG = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
 
