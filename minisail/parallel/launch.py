@@ -129,6 +129,15 @@ def read_line(stream=None) -> str:
     return box[0]
 
 
+def same_random_state() -> None:
+    """Seed torch's default generator on every rank with one seed drawn by rank 0, so sampling without an
+    explicit seed picks the same tokens on every rank (their logits are the same after each all-reduce)."""
+    box = [int(torch.randint(0, 2**62, ()).item()) if rank() == 0 else None]
+    if world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    torch.manual_seed(box[0])
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0][:300] if text else type(error).__name__

@@ -15,7 +15,9 @@ so a block costs one all-reduce and holds 1/N of its weights. What is split:
 - InternViT (InternViT-6B: 25 heads): heads split *unevenly* when they must (13 + 12 over 2 ranks), MLP columns
   too. Its qk-norm is one RMSNorm over all heads' channels at once, so each rank sums the squares of its own
   channels and one extra all-reduce (q and k together) gives the full mean before the rank normalises its part.
-Replicated: embeddings, norms, lm_head, the projector and the other (small) vision towers.
+- the vocabulary: rows of the token embedding (a rank looks up the ids it holds, an all-reduce adds zeros to the
+  one real row) and of lm_head (each rank its vocabulary's logits, an all-gather), unevenly if need be.
+Replicated: the norms, the projector and the other (small) vision towers.
 
 `shard_model` swaps the sharded modules into a model built on the meta device from the rank's local config and
 returns the slices of the official tensors the rank must read (plan.py); `minisail.load(..., tp=...)` then fills it
@@ -65,9 +67,22 @@ class TensorParallel:
         raise ConfigError(f"tp={tp!r}: give a number of ranks or a torch.distributed ProcessGroup")
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over the ranks, in place (every rank gets the same result)."""
+        """The sum of `tensor` over the ranks (every rank gets the same result). bf16/fp16 partial sums are added
+        in float32 and rounded once, as one process's matmul accumulates, not rounded at every addition."""
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            wide = tensor.float()
+            dist.all_reduce(wide, group=self.group)
+            return wide.to(tensor.dtype)
         dist.all_reduce(tensor, group=self.group)
         return tensor
+
+    def all_gather_last(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Every rank's `tensor` [..., sizes[rank]] side by side along the last dim: [..., sum(sizes)]."""
+        width = max(sizes)  # all_gather wants equal shapes: pad to the widest, then trim each
+        padded = F.pad(tensor, (0, width - tensor.shape[-1])).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([part[..., :size] for part, size in zip(parts, sizes, strict=True)], dim=-1)
 
 
 class RowParallelLinear(nn.Linear):
@@ -81,6 +96,32 @@ class RowParallelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(F.linear(x, self.weight))  # [..., out]: this rank's partial sum, then the whole
         return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """The token embedding's rows [v0, v1) of the vocabulary: a rank looks up the ids it holds, zeros for the
+    others, and the all-reduce adds the one real row to zeros (exact, in any dtype)."""
+
+    def __init__(self, rows: tuple[int, int], dim: int, tp: TensorParallel):
+        super().__init__(rows[1] - rows[0], dim, _weight=torch.empty(rows[1] - rows[0], dim, device="meta"))
+        self.first, self.tp = rows[0], tp
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.first  # [B, T]
+        held = (local >= 0) & (local < self.num_embeddings)
+        rows = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight)  # [B, T, H]
+        return self.tp.all_reduce(rows.masked_fill(~held[..., None], 0))
+
+
+class VocabParallelHead(nn.Linear):
+    """lm_head's rows [v0, v1): a rank computes its vocabulary's logits, an all-gather puts them side by side."""
+
+    def __init__(self, sizes: list[int], hidden: int, tp: TensorParallel):
+        super().__init__(hidden, sizes[tp.rank], bias=False, device="meta")
+        self.sizes, self.tp = sizes, tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_gather_last(F.linear(x, self.weight), self.sizes)  # [..., V]
 
 
 class ShardedInternAttention(nn.Module):
@@ -138,12 +179,20 @@ def shard_model(model: nn.Module, decoder: DecoderShard, keymap: KeyMap, tensors
         slices.update(zip(sources, parts, strict=True))
 
     with torch.device("meta"):  # the swapped-in modules are filled by the loader, like the rest
-        _shard_modules(model, decoder, keymap, tp, take)
+        _shard_modules(model, decoder, keymap, tensors, tp, take)
     return ShardedTensors(tensors, slices, tp.rank, tp.size)
 
 
-def _shard_modules(model: nn.Module, decoder: DecoderShard, keymap: KeyMap, tp: TensorParallel, take) -> None:
+def _shard_modules(model, decoder: DecoderShard, keymap: KeyMap, tensors, tp: TensorParallel, take) -> None:
     gate_up, down = decoder.mlp_slices()
+    llm = model.language_model
+    vocab, hidden = llm.config.vocab_size, llm.config.hidden_size
+    sizes = [b - a for a, b in (split_range(vocab, tp.size, r) for r in range(tp.size))]
+    rows = split_range(vocab, tp.size, tp.rank)
+    llm.embed, llm.lm_head = VocabParallelEmbedding(rows, hidden, tp), VocabParallelHead(sizes, hidden, tp)
+    take("language_model.embed.weight", [Slice.of(0, [rows])])
+    if keymap.resolve("language_model.lm_head.weight")[1][0] in tensors:  # else tied: it reads the embedding's
+        take("language_model.lm_head.weight", [Slice.of(0, [rows])])
     for name, module in model.language_model.named_modules():
         name = f"language_model.{name}"
         if isinstance(module, Attention):

@@ -148,3 +148,19 @@ def test_a_failing_rank_stops_the_others():
     assert rank1.returncode == 2 and "rank 1 of 2:" in rank1.stderr and "inputs.safetensors is missing" in rank1.stderr
     assert rank0.returncode == 2
     assert "rank 0 of 2: a collective with the other ranks failed" in err and "another rank stopped" in err
+
+
+def test_chat_over_two_ranks_says_what_one_process_says(tmp_path):
+    """`torchrun ... chat --tp 2` on a chat-ready checkpoint (real Qwen2.5 tokenizer, tied lm_head, 1 kv head):
+    the same reply as one process, printed once (by rank 0)."""
+    from helpers.chat_checkpoint import IMAGE, build_chat_checkpoint
+
+    folder = build_chat_checkpoint(tmp_path / "chat")
+    args = ["chat", "--model", str(folder), "--image", str(IMAGE), "What is it?", "--max-new-tokens", "8",
+            "--dtype", "float32"]  # fmt: skip
+    one = subprocess.run([sys.executable, "-m", "minisail", *args], env=env(), capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    two = subprocess.run([*TORCHRUN, "-m", "minisail", *args, "--tp", "2"], env=env(), capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert one.stdout.strip() and two.stdout == one.stdout
