@@ -85,8 +85,15 @@ def run(args) -> None:
         out = greedy_generate(model, ids, torch.ones_like(ids), pixels, max_new_tokens=8)
     report["generate_s"], report["after_generate"] = round(time.perf_counter() - start, 1), memory()
     report["tokens"] = out[0].tolist()
+    with torch.inference_mode():  # the first token's logits: how close its top two are (bf16 ties flip)
+        last = model(ids, torch.ones_like(ids), pixels)[0, -1]
+    report["top2_logits"] = [round(v, 4) for v in last.topk(2).values.tolist()]
+    if args.save:
+        if rank == 0:
+            torch.save(last, args.save)
     launch.stop()
-    print(json.dumps(report), flush=True) if rank == 0 else None
+    if rank == 0:
+        print(json.dumps(report), flush=True)
     if rank != 0:  # rank 0's stdout is the only one shown: the others write theirs to stderr
         import sys
 
@@ -99,6 +106,7 @@ def main() -> None:
     parser.add_argument("--preset", default=V1_5_SLICE.name)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tp", type=int)
+    parser.add_argument("--save", metavar="FILE", help="save the first token's logits here (rank 0)")
     args = parser.parse_args()
     if args.action == "write":
         p = preset(args.preset)
