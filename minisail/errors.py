@@ -32,3 +32,7 @@ class PromptError(MinisailError, ValueError):
 
 class NumericsError(MinisailError, ArithmeticError):
     """A model that computes NaN or infinite logits: NaN/Inf weights in the checkpoint, or a dtype that overflows."""
+
+
+class ParallelError(MinisailError):
+    """A multi-process run that cannot go on: --tp and the launcher disagree, or another rank failed or timed out."""

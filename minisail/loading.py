@@ -26,6 +26,7 @@ Int8 (weight-only; activations stay in `dtype`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -98,24 +99,38 @@ def read_model_config(path) -> ModelConfig:
     return ModelConfig(family, config, family.parse(config))
 
 
-def load(path, *, dtype=None, device=None, quantize=None):
+def load(path, *, dtype=None, device=None, quantize=None, tp=None):
+    """`tp` (optional): tensor parallel over a number of ranks (the default torch.distributed group, which must
+    have that size) or a ProcessGroup: this process loads only its own slices (minisail/parallel/tensor.py)."""
     if quantize not in (None, "int8"):
         raise ConfigError(f"unknown quantize={quantize!r}: use None (as stored) or 'int8' (int8 decoder weights)")
     device = resolve_device(device)  # before anything is read: a bad device should not cost a load
     folder = Path(path)
     checked = read_model_config(folder)
-    family, config = checked.family, checked.config
+    family, config, parsed = checked.family, checked.config, checked.parsed
     tensors = family.open_tensors(folder, config)  # headers only: the data stays on disk until the fill
-    check_layer_counts(family, checked.parsed, tensors)  # before the build, which loops over the layers
+    check_layer_counts(family, parsed, tensors)  # before the build, which loops over the layers
+    if tp is not None:  # this rank's decoder config: its heads and MLP columns
+        from minisail.parallel.tensor import DecoderShard, TensorParallel, shard_model
+
+        tp = TensorParallel.resolve(tp)
+        shard = DecoderShard(parsed.llm, tp.rank, tp.size)
+        parsed = dataclasses.replace(parsed, llm=shard.local_config())
     with torch.device("meta"):
-        model = family.build(checked.parsed)
-    keymap = family.weight_map(checked.parsed)
+        model = family.build(parsed)
+    keymap = family.weight_map(parsed)
+    if tp is not None:  # swap in the sharded modules; read only this rank's slices
+        tensors = shard_model(model, shard, keymap, tensors, tp)
     int8_names = int8_linear_names(model, keymap, tensors, quantize, bnb="quantization_config" in config)
+    if tp is not None and int8_names:
+        raise ConfigError("tensor parallel runs float weights only: int8 (quantize='int8', or an int8 checkpoint) "
+                          "is not supported with tp yet")  # fmt: skip
     swap_in_int8_linears(model, int8_names)
     dtype = resolve_dtype(dtype) or checkpoint_dtype(tensors)
     family.check_dtype(dtype)  # a family that cannot run in some dtype says so before any tensor is read
     fill_from_checkpoint(model, tensors, keymap, load_hooks(dtype, device))
     model.eval()
+    model.tensor_parallel = tp  # None, or this rank's place
     model.checkpoint_folder = folder
     model.image_token_id = image_token_id_from_tokenizer(folder, model.image_token_id)
     return model

@@ -132,7 +132,8 @@ def check_case_shapes(case_dir: Path, inputs: dict, expected: dict, context: int
         raise CheckpointError(f"{expected_path}: logits has shape {list(logits)} but input_ids {batch} rows")
 
 
-def run_case(case_dir: str | Path, *, tolerance: float | None = None) -> CaseResult:
+def run_case(case_dir: str | Path, *, tolerance: float | None = None, tp=None) -> CaseResult:
+    """Run one case; `tp`: tensor parallel over the ranks of torch.distributed (`minisail.load`'s `tp`)."""
     from minisail import load
     from minisail.generate import context_length, greedy_generate
 
@@ -144,7 +145,7 @@ def run_case(case_dir: str | Path, *, tolerance: float | None = None) -> CaseRes
     # Cases are float32 unless their meta.json says they were recorded in bfloat16 (tests/tools/record_golden.py).
     dtype = torch.bfloat16 if str(meta.get("dtype", "")).startswith("bfloat16") else torch.float32
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
-    model = load(case_dir / "checkpoint", dtype=dtype)
+    model = load(case_dir / "checkpoint", dtype=dtype, tp=tp)
     token_id = image_token_id(meta)
     if token_id is not None and model.image_token_id is None:
         model.image_token_id = token_id

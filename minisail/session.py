@@ -81,7 +81,8 @@ class Session:
     A checkpoint loaded here without a `dtype` runs in `loading.default_dtype`'s choice for the device (on a CPU
     without native bf16: float32 when it fits in memory), said in the log. Loaded in bf16 on a CPU whose oneDNN
     runs bf16, its Linears are packed (`pack=False`: not): the same numbers, decoded faster (minisail/fast/packing.py);
-    elsewhere they stay plain, and the log says why. A model passed in is used as it is.
+    elsewhere they stay plain, and the log says why. A model passed in is used as it is. `tp`: tensor parallel
+    over torch.distributed's ranks (`minisail.load`'s; every rank must ask the same questions).
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class Session:
         dtype=None,
         device=None,
         quantize=None,
+        tp=None,
         pack: bool = True,
         system=None,
         template=None,
@@ -117,7 +119,7 @@ class Session:
                 log(f"dtype: {why}")
             log(f"loading the checkpoint {folder}")
             start = time.perf_counter()
-            model = load(folder, dtype=dtype, device=device, quantize=quantize)
+            model = load(folder, dtype=dtype, device=device, quantize=quantize, tp=tp)
             count = sum(p.numel() for p in model.parameters())
             weight = next(model.parameters())
             seconds = time.perf_counter() - start

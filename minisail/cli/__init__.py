@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return BROKEN_PIPE_STATUS
     except MinisailError as error:
-        print(f"minisail: error: {error}", file=sys.stderr)
+        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
+        where = f"rank {rank} of {world}: " if rank is not None and world != "1" else ""  # under torchrun: who
+        print(f"minisail: error: {where}{error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

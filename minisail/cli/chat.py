@@ -31,6 +31,9 @@ def _add_chat(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantize", choices=("int8",), help="int8: load the language model's linear weights as int8 (weight-only)"
     )
+    parser.add_argument(
+        "--tp", type=int, metavar="N", help="tensor parallel over N ranks (launch with torchrun --nproc-per-node N)"
+    )
     parser.add_argument("--system", metavar="TEXT", help="replace the template's system message")
     parser.add_argument("--template", metavar="NAME", help="conversation template (default: the checkpoint config's)")
     parser.add_argument(
@@ -87,24 +90,39 @@ def _chat_turn(session, question: str, images, args) -> None:
 def _run_chat(args) -> int:
     from minisail.image.preprocess import open_image
     from minisail.loading import resolve_device, resolve_dtype
-    from minisail.session import Session
+    from minisail.parallel import launch
 
     resolve_dtype(args.dtype), resolve_device(args.device)  # a bad --dtype / --device fails before any reading
     images = [open_image(path) for path in args.image]  # an unreadable image fails before the model loads
+    launch.start(args.tp, args.device)
+    try:
+        with launch.peers_failing():
+            return _chat(args, images)
+    finally:
+        launch.stop()
+
+
+def _chat(args, images) -> int:
+    from minisail.parallel import launch
+    from minisail.session import Session
 
     def log(message: str) -> None:
-        print(f"minisail: {message}", file=sys.stderr, flush=True)
+        if launch.rank() == 0:
+            print(f"minisail: {message}", file=sys.stderr, flush=True)
 
+    tp = args.tp if args.tp is not None and args.tp > 1 else None
+    if tp is not None:  # every rank must draw the same samples: one seed, chosen by rank 0
+        launch.same_random_state()
     session = Session(args.model, max_tiles=args.max_tiles, dtype=args.dtype, device=args.device,
-                      quantize=args.quantize, system=args.system, template=args.template, log=log)  # fmt: skip
+                      quantize=args.quantize, tp=tp, system=args.system, template=args.template, log=log)  # fmt: skip
     if args.question is not None:
         _chat_turn(session, args.question, images, args)
         return 0
     pending = images  # the images go with the first question (again after /reset)
     while True:
-        if sys.stdin.isatty():
+        if sys.stdin.isatty() and launch.rank() == 0:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line = launch.read_line()  # rank 0 reads; every rank gets the line
         if not line or line.strip() == "/exit":
             return 0
         question = line.rstrip("\r\n")

@@ -1,4 +1,8 @@
-"""`python -m minisail parity`: run golden cases produced by the official upstream code."""
+"""`python -m minisail parity`: run golden cases produced by the official upstream code.
+
+Under `torchrun --nproc-per-node N`: with `--tp N` every case runs tensor parallel over the N ranks (each holds
+1/N of the sharded weights); without `--tp` the cases are split across the ranks (data parallel) and the results
+gathered. Rank 0 prints (minisail/parallel/)."""
 
 from __future__ import annotations
 
@@ -11,18 +15,41 @@ def _add_parity(parser: argparse.ArgumentParser) -> None:
         "--tolerance", type=float, help="max abs difference allowed (default 1e-4; 0.1 for cases recorded in bf16)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object with every result as the last line")
+    parser.add_argument(
+        "--tp",
+        type=int,
+        metavar="N",
+        help="tensor parallel over N ranks (launch with torchrun --nproc-per-node N); without it, torchrun's ranks "
+        "split the cases between them",
+    )
 
 
 def _run_parity(args) -> int:
     import json
 
+    from minisail.parallel import launch
+    from minisail.parallel.data import map_over_ranks
     from minisail.parity import run_case
 
-    results = []
-    for case in args.cases:
-        result = run_case(case, tolerance=args.tolerance)
-        print(result.line(), flush=True)
-        results.append(result)
+    launch.start(args.tp)
+    try:
+        with launch.peers_failing():
+            if args.tp is not None and args.tp > 1:  # every rank runs every case, each with its slices
+                results = []
+                for case in args.cases:
+                    results.append(run_case(case, tolerance=args.tolerance, tp=args.tp))
+                    print(results[-1].line(), flush=True)
+            else:  # data parallel (or one process): each rank its own cases, gathered in order
+                single = launch.world_size() == 1
+                results = map_over_ranks(
+                    lambda case: run_case(case, tolerance=args.tolerance),
+                    args.cases,
+                    on_result=(lambda result: print(result.line(), flush=True)) if single else None,
+                )
+                if not single:
+                    print("\n".join(result.line() for result in results), flush=True)
+    finally:
+        launch.stop()
     failed = [r.case for r in results if not r.passed]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     if args.json:

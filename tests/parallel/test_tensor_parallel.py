@@ -1,0 +1,166 @@
+"""Tensor parallel over 2 local gloo ranks (minisail/parallel/): the same numbers as one process, half the
+sharded bytes per rank, and the failures refused with a message instead of a hang.
+
+The two-rank runs go through `torchrun --standalone` (tests/helpers/tp_worker.py and the CLI), as a user's would.
+Besides every golden case, two random checkpoints cover what the cases do not: fewer key/value heads than ranks
+(1 kv head, replicated on both ranks; InternLM2's grouped wqkv and Qwen2's q/k/v with biases) and an InternViT
+whose heads and MLP columns do not split evenly (5 heads: 3 + 2, like InternViT-6B's 25 = 13 + 12).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers.checkpoints import golden_config, randomize_, write_checkpoint
+from helpers.paths import GOLDEN, ROOT
+
+from minisail.checkpoint.export import to_official_state_dict
+from minisail.models.registry import detect_family
+
+CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "checkpoint").is_dir())
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def env(**extra) -> dict:
+    out = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MINISAIL_DIST_TIMEOUT="60", **extra)
+    return out
+
+
+def random_checkpoint(folder, case: str, llm: dict, vision: dict | None = None, seed: int = 0):
+    """A golden case's config with some sizes changed, random float32 weights, official layout."""
+    config = copy.deepcopy(golden_config(case))
+    config["llm_config"].update(llm)
+    config["vision_config"].update(vision or {})
+    family = detect_family(config)
+    parsed = family.parse(family.complete_config(folder, config))
+    torch.manual_seed(seed)
+    model = randomize_(family.build(parsed), seed)
+    return write_checkpoint(folder, config, to_official_state_dict(model, family.weight_map(parsed)))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """tp_worker.py's results for every golden case and the two random checkpoints, from rank 0 and rank 1."""
+    tmp = tmp_path_factory.mktemp("tp")
+    internlm2 = random_checkpoint(
+        tmp / "internlm2-kv1", "internvl-internlm2-tiny", {"num_key_value_heads": 1}, {"hidden_size": 80,
+        "num_attention_heads": 5, "intermediate_size": 129})  # fmt: skip
+    qwen2 = random_checkpoint(tmp / "qwen2-kv1", "internvl-qwen2-tiny", {"num_key_value_heads": 1})
+    checkpoints = [str(GOLDEN / case / "checkpoint") for case in CASES] + [str(internlm2), str(qwen2)]
+    out = tmp / "results.json"
+    run = subprocess.run(
+        [*TORCHRUN, str(ROOT / "tests/helpers/tp_worker.py"), str(out), *checkpoints],
+        env=env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = json.loads(out.read_text())["ranks"]
+    return [{case_name(r["checkpoint"]): r for r in rank} for rank in ranks]
+
+
+def case_name(checkpoint: str) -> str:  # a case's folder name, or the random checkpoint's
+    parts = checkpoint.rstrip("/").split("/")
+    return parts[-2] if parts[-1] == "checkpoint" else parts[-1]
+
+
+NAMES = [*CASES, "internlm2-kv1", "qwen2-kv1"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_two_ranks_give_one_process_numbers(two_ranks, name):
+    for rank, results in enumerate(two_ranks):
+        result = results[name]
+        assert result["logits_diff"] <= 1e-5, (rank, result)
+        assert result.get("vision_diff", 0.0) <= 1e-5, (rank, result)
+        assert result["tokens_equal"], (rank, result)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_rank_holds_half_the_sharded_bytes(two_ranks, name):
+    for results in two_ranks:
+        whole, split = results[name]["bytes"]["whole"], results[name]["bytes"]["split"]
+        if name.endswith("kv1"):  # the one kv head is on both ranks: a little over half
+            assert 0.5 < split["decoder_layers"] / whole["decoder_layers"] < 0.6
+        else:  # norms are replicated (tiny)
+            assert 0.5 <= split["decoder_layers"] / whole["decoder_layers"] < 0.52
+        assert split["all"] < whole["all"]
+        if results[name]["vit_sharded"]:
+            assert 0.4 < split["vit_layers"] / whole["vit_layers"] < 0.62  # 5 heads: 3 on rank 0, 2 on rank 1
+
+
+def test_internvit_heads_split_unevenly(two_ranks):
+    """Rank 0 holds 3 of the 5 heads and 65 of the 129 MLP columns, rank 1 the rest: more bytes on rank 0."""
+    rank0, rank1 = (results["internlm2-kv1"]["bytes"]["split"]["vit_layers"] for results in two_ranks)
+    assert rank0 > rank1
+
+
+def test_data_parallel_parity_splits_the_cases():
+    cases = [str(GOLDEN / case) for case in CASES[:3]]
+    run = subprocess.run([*TORCHRUN, "-m", "minisail", "parity", *cases, "--json"], env=env(), capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])  # printed once, by rank 0
+    assert [r["case"] for r in report["results"]] == CASES[:3] and not report["failed"]
+    assert run.stdout.count("passed,") == 1
+
+
+def test_tp_must_match_the_world_size():
+    case = str(GOLDEN / CASES[0])
+    run = subprocess.run([*TORCHRUN, "-m", "minisail", "parity", case, "--tp", "3"], env=env(), capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode != 0
+    assert "--tp 3 but torchrun started 2 processes" in run.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_rank_that_never_comes_is_a_timeout_not_a_hang():
+    extra = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    run = subprocess.run(
+        [sys.executable, "-m", "minisail", "parity", str(GOLDEN / CASES[0]), "--tp", "2"],
+        env={**env(**extra), "MINISAIL_DIST_TIMEOUT": "3"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "could not join the process group within 3 s" in run.stderr and "did every rank start?" in run.stderr
+
+
+def test_a_failing_rank_stops_the_others():
+    """Rank 1 fails before the first all-reduce (its case folder is missing); rank 0, already loading and running,
+    stops at its next collective with a message naming the cause, instead of waiting for rank 1 forever."""
+    common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    command = [sys.executable, "-m", "minisail", "parity"]
+    rank0 = subprocess.Popen([*command, str(GOLDEN / CASES[0]), "--tp", "2"], env=env(RANK="0", **common),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    rank1 = subprocess.run([*command, str(GOLDEN / "no-such-case"), "--tp", "2"], env=env(RANK="1", **common),
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    _out, err = rank0.communicate(timeout=120)
+    assert rank1.returncode == 2 and "rank 1 of 2:" in rank1.stderr and "inputs.safetensors is missing" in rank1.stderr
+    assert rank0.returncode == 2
+    assert "rank 0 of 2: a collective with the other ranks failed" in err and "another rank stopped" in err
+
+
+def test_chat_over_two_ranks_says_what_one_process_says(tmp_path):
+    """`torchrun ... chat --tp 2` on a chat-ready checkpoint (real Qwen2.5 tokenizer, tied lm_head, 1 kv head):
+    the same reply as one process, printed once (by rank 0)."""
+    from helpers.chat_checkpoint import IMAGE, build_chat_checkpoint
+
+    folder = build_chat_checkpoint(tmp_path / "chat")
+    args = ["chat", "--model", str(folder), "--image", str(IMAGE), "What is it?", "--max-new-tokens", "8",
+            "--dtype", "float32"]  # fmt: skip
+    one = subprocess.run([sys.executable, "-m", "minisail", *args], env=env(), capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    two = subprocess.run([*TORCHRUN, "-m", "minisail", *args, "--tp", "2"], env=env(), capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert one.stdout.strip() and two.stdout == one.stdout
