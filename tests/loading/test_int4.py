@@ -32,6 +32,7 @@ from minisail.fast.int4 import (
 )
 from minisail.fast.int4_checkpoint import int4_linear_names
 from minisail.generate import greedy_generate
+from minisail.models.registry import detect_family
 from minisail.parity import image_token_id, read_tensors
 
 CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "meta.json").is_file())
@@ -232,3 +233,11 @@ def test_a_linear_whose_width_is_not_a_multiple_of_the_group_stays_float():
             self.language_model = Layers()
 
     assert int4_linear_names(Model()) == ["language_model.layers.0"]
+
+
+def test_an_int4_model_is_not_exported_as_if_it_were_float():
+    from minisail.checkpoint.export import to_official_state_dict
+
+    model = minisail.load(GOLDEN / SAIL / "checkpoint", quantize="int4")
+    with pytest.raises(MinisailError, match="int4 model"):
+        to_official_state_dict(model, detect_family(golden_config(SAIL)).weight_map(model.config))
