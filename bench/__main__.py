@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help="1 load, fewer repeats, 16 tokens: under 3 minutes (CI)")
     parser.add_argument(
-        "--dtype", action="append", choices=("fp32", "bf16", "int8"), help="repeat to pick (default all)"
+        "--dtype", action="append", choices=("fp32", "bf16", "int8", "int4"), help="repeat to pick (default all)"
     )
     parser.add_argument("--new-tokens", type=int, metavar="N", help="tokens to decode per run (default 64, quick 16)")
     parser.add_argument("--repeats", type=int, metavar="N", help="repeats of the short measurements (default 5)")

@@ -24,7 +24,8 @@ from minisail.merge import MLPProjector, pixel_shuffle
 from minisail.models.registry import detect_family
 from minisail.vision.intern_vit import InternViT, InternViTConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}  # int8: bf16 activations
+# int8 / int4: weight-only, bf16 activations
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
 
 
 class VisionOnlyModel(nn.Module):
@@ -69,7 +70,7 @@ def int8_available() -> bool:
 
 
 def load_minisail(preset: Preset, folder: Path, dtype_name: str) -> nn.Module:
-    """Load the official-layout checkpoint in `folder` as a user would: `minisail.load` (+ int8 on load)."""
+    """Load the official-layout checkpoint in `folder` as a user would: `minisail.load` (+ int8 / int4 on load)."""
     dtype = DTYPES[dtype_name]
     if not preset.has_llm:
         with torch.device("meta"):
@@ -78,10 +79,10 @@ def load_minisail(preset: Preset, folder: Path, dtype_name: str) -> nn.Module:
         return model.eval()
     from minisail.loading import load
 
-    if dtype_name == "int8":
+    if dtype_name in ("int8", "int4"):
         if not int8_available():
-            raise ConfigError("this minisail has no int8 weight-only loading (minisail.load(..., quantize='int8'))")
-        model = load(folder, dtype=dtype, quantize="int8")
+            raise ConfigError(f"this minisail has no weight-only loading (minisail.load(..., quantize={dtype_name!r}))")
+        model = load(folder, dtype=dtype, quantize=dtype_name)
     else:
         model = load(folder, dtype=dtype)
     model.image_token_id = preset.image_token_id  # the benchmark folder has no tokenizer to read it from

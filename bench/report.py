@@ -38,7 +38,7 @@ def format_table(report: dict) -> str:
         for framework in rows:
             columns.append((f"{dtype} {framework}", dtype, framework))
         if dtype in report["ratios"]:
-            columns.append((f"{dtype} ratio" if dtype != "int8" else "int8 vs tf bf16", dtype, "ratio"))
+            columns.append((f"{dtype} vs tf bf16" if dtype in ("int8", "int4") else f"{dtype} ratio", dtype, "ratio"))
     width = max(len(h) for h, _, _ in columns) if columns else 10
     header = f"{'':<24}" + "".join(f" | {h:>{width}}" for h, _, _ in columns)
     lines += ["", header, "-" * len(header)]

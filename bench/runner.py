@@ -25,7 +25,7 @@ from minisail.errors import MinisailError
 from minisail.fast.packing import packing_support
 
 METRICS = ["load_s", "peak_rss_gb", "vision_1tile_s", "vision_7tiles_s", "prefill_s", "ttft_s", "decode_tok_s"]
-BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.1}  # int8: about one byte, plus scales and bf16 norms
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.1, "int4": 0.7}  # int8/int4: + scales, bf16 norms, embeddings
 LOAD_PEAK = {"minisail": 1.15, "transformers": 1.6}  # peak RSS while loading / weight bytes (measured)
 
 
@@ -161,7 +161,8 @@ def fitting_frameworks(folders: dict, dtype: str, estimate: float, available: fl
     """The frameworks to run (transformers first: its load peak is the higher one, take it while alone) and
     why any was skipped (not enough memory to load it)."""
     frameworks, skipped = [], {}
-    for fw in ["transformers", "minisail"] if "transformers" in folders and dtype != "int8" else ["minisail"]:
+    quantized = dtype in ("int8", "int4")  # minisail only: they compare with transformers' bf16
+    for fw in ["transformers", "minisail"] if "transformers" in folders and not quantized else ["minisail"]:
         peak = estimate * LOAD_PEAK[fw] + 1e9
         if peak > available:
             skipped[fw] = f"skipped: loading needs about {peak / 1e9:.1f} GB of RAM, {available / 1e9:.1f} GB available"
@@ -277,9 +278,9 @@ def run_bench(preset: Preset, cache: Path, settings: Settings) -> dict:
     params = parameter_count(preset)
     results, notes = {}, {}
     for dtype in settings.dtypes:
-        if dtype == "int8" and not (preset.has_llm and int8_available()):
-            notes[dtype] = {"skipped": "int8 weight-only loading is not available for this preset"}
-            log(f"int8: {notes[dtype]['skipped']}")
+        if dtype in ("int8", "int4") and not (preset.has_llm and int8_available()):
+            notes[dtype] = {"skipped": f"{dtype} weight-only loading is not available for this preset"}
+            log(f"{dtype}: {notes[dtype]['skipped']}")
             continue
         rows, notes[dtype] = run_dtype(preset, dtype, folders, settings, params)
         if rows:
@@ -306,7 +307,8 @@ def ratios(results: dict) -> dict:
     """minisail's speed-up over transformers per dtype and metric (>1: minisail is faster / smaller)."""
     out = {}
     for dtype, rows in results.items():
-        theirs = rows.get("transformers") if dtype != "int8" else results.get("bf16", {}).get("transformers")
+        quantized = dtype in ("int8", "int4")
+        theirs = results.get("bf16", {}).get("transformers") if quantized else rows.get("transformers")
         if not theirs:
             continue
         ours = rows["minisail"]

@@ -6,7 +6,8 @@
 2. open the checkpoint's tensor table (headers only) and check that it numbers as many layers as the config
    says, then build the model on the meta device: no memory, no random init;
 3. turn into `Int8Linear` (minisail/fast/int8.py) every Linear the checkpoint stores as bitsandbytes int8, and with
-   `quantize="int8"` every Linear of the decoder layers;
+   `quantize="int8"` every Linear of the decoder layers; with `quantize="int4"` those into `Int4Linear`
+   (minisail/fast/int4.py, group-wise int4; which Linears and why: fast/int4_checkpoint.py);
 4. fill every parameter from the memory-mapped checkpoint through the family's weight map, strictly
    (checkpoint/loader.py), each value on its way through the hooks of fast/hooks.py: int8, floats cast to `dtype`
    (default: the checkpoint's own, bf16 for the releases), mapped pages given back, files read ahead;
@@ -22,6 +23,11 @@ Int8 (weight-only; activations stay in `dtype`):
   image over hundreds of tokens, where weight-only int8 saves no time (the matmul is compute-bound) and would only
   perturb every image token; the decoder linears are re-read for every generated token, where int8 halves (bf16)
   or quarters (fp32) the bytes streamed, and they hold most of the weights.
+
+Int4 (`quantize="int4"`, weight-only, groups of 64 inputs with a bf16 scale and zero each: 4.5 bits per weight):
+the same Linears as int8, quantised as each tensor is read, so loading peaks near the int4 size. Fast on the CPU
+in bf16 (torch's int4 kernel, proven per shape at load); elsewhere a plain dequantising path with the same numbers.
+Its error against the float model is in the README ("Speed and memory").
 """
 
 from __future__ import annotations
@@ -42,12 +48,15 @@ from minisail.checkpoint.source import checkpoint_dtype
 from minisail.config import read_config
 from minisail.errors import ConfigError, MinisailError
 from minisail.fast.hooks import load_hooks
+from minisail.fast.int4 import swap_in_int4_linears
+from minisail.fast.int4_checkpoint import int4_linear_names
 from minisail.fast.int8 import swap_in_int8_linears
 from minisail.fast.int8_checkpoint import int8_linear_names
 from minisail.models.registry import check_layer_counts, detect_family
 from minisail.text.image_tokens import IMG_CONTEXT
 from minisail.text.tokenizer_reader import MAX_VOCAB_BYTES, TOKENIZER_FILES
 
+QUANTIZE = (None, "int8", "int4")  # what `load(..., quantize=)` accepts
 DTYPE_NAMES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -102,8 +111,8 @@ def read_model_config(path) -> ModelConfig:
 def load(path, *, dtype=None, device=None, quantize=None, tp=None):
     """`tp` (optional): tensor parallel over a number of ranks (the default torch.distributed group, which must
     have that size) or a ProcessGroup: this process loads only its own slices (minisail/parallel/tensor.py)."""
-    if quantize not in (None, "int8"):
-        raise ConfigError(f"unknown quantize={quantize!r}: use None (as stored) or 'int8' (int8 decoder weights)")
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"unknown quantize={quantize!r}: use None (as stored), 'int8' or 'int4' (decoder weights)")
     device = resolve_device(device)  # before anything is read: a bad device should not cost a load
     folder = Path(path)
     checked = read_model_config(folder)
@@ -121,11 +130,19 @@ def load(path, *, dtype=None, device=None, quantize=None, tp=None):
     keymap = family.weight_map(parsed)
     if tp is not None:  # swap in the sharded modules; read only this rank's slices
         tensors = shard_model(model, shard, keymap, tensors, tp)
-    int8_names = int8_linear_names(model, keymap, tensors, quantize, bnb="quantization_config" in config)
-    if tp is not None and int8_names:
-        raise ConfigError("tensor parallel runs float weights only: int8 (quantize='int8', or an int8 checkpoint) "
+    bnb = "quantization_config" in config
+    if quantize == "int4" and bnb:
+        raise ConfigError(
+            f"{folder}: the checkpoint is already quantised (bitsandbytes int8); quantize='int4' reads float "
+            "checkpoints: load it with quantize=None"
+        )
+    int8_names = int8_linear_names(model, keymap, tensors, quantize, bnb=bnb)
+    if tp is not None and (int8_names or quantize == "int4"):
+        raise ConfigError("tensor parallel runs float weights only: int8/int4 (quantize=, or an int8 checkpoint) "
                           "is not supported with tp yet")  # fmt: skip
     swap_in_int8_linears(model, int8_names)
+    if quantize == "int4":
+        swap_in_int4_linears(model, int4_linear_names(model))
     dtype = resolve_dtype(dtype) or checkpoint_dtype(tensors)
     family.check_dtype(dtype)  # a family that cannot run in some dtype says so before any tensor is read
     fill_from_checkpoint(model, tensors, keymap, load_hooks(dtype, device))

@@ -114,7 +114,10 @@ class Session:
             if tokenizer is None:  # first: a missing tokenizer file fails before the long part
                 log(f"loading the tokenizer from {folder}")
                 tokenizer = load_tokenizer(folder)
-            if dtype is None:
+            if dtype is None and quantize == "int4":
+                dtype = torch.bfloat16  # int4's CPU kernel takes bf16 activations (and computes in fp32)
+                log("dtype: bfloat16 activations, as int4's kernel takes them")
+            elif dtype is None:
                 dtype, why = default_dtype(folder, device)
                 log(f"dtype: {why}")
             log(f"loading the checkpoint {folder}")

@@ -11,11 +11,15 @@ import torch
 from torch import nn
 
 from minisail.checkpoint.keymaps import KeyMap, bnb_scale_key
+from minisail.errors import MinisailError
+from minisail.fast.int4 import Int4Linear
 from minisail.fast.int8 import Int8Linear
 
 
 def to_official_state_dict(model: nn.Module, keymap: KeyMap) -> dict[str, torch.Tensor]:
     """{official key: tensor} such that loading it through `keymap` gives back `model`'s weights."""
+    if any(isinstance(module, Int4Linear) for module in model.modules()):
+        raise MinisailError("an int4 model has no official checkpoint layout to write: export the float model")
     int8_modules = {name for name, module in model.named_modules() if isinstance(module, Int8Linear)}
     official: dict[str, torch.Tensor] = {}
     for name, value in model.state_dict().items():

@@ -29,7 +29,10 @@ def _add_chat(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument(
-        "--quantize", choices=("int8",), help="int8: load the language model's linear weights as int8 (weight-only)"
+        "--quantize",
+        choices=("int8", "int4"),
+        help="int8 / int4: load the language model's linear weights as int8 / group-wise int4 (weight-only; int4 runs "
+        "with bf16 activations)",
     )
     parser.add_argument(
         "--tp", type=int, metavar="N", help="tensor parallel over N ranks (launch with torchrun --nproc-per-node N)"

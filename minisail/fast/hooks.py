@@ -1,7 +1,8 @@
 """The hooks `minisail.load` fills a model with, in the order they act on each value.
 
 1. `Int8Weights`: an Int8Linear's weight and scale, stored by bitsandbytes or quantised as read
-   (fast/int8_checkpoint.py);
+   (fast/int8_checkpoint.py); `Int4Weights`: an Int4Linear's codes and scale/zero pairs, quantised as read and
+   repacked for the CPU kernel where it runs (fast/int4_checkpoint.py);
 2. `CastTo`: floats to the load dtype, everything to the device (checkpoint/hooks.py);
 3. `ReleasePages`: a converted value's mapped source pages given back (fast/memory.py);
 4. `BackgroundReadAhead`: the files streamed into the page cache meanwhile (fast/readahead.py), counting the views
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from minisail.checkpoint.hooks import CastTo, LoadHook
+from minisail.fast.int4_checkpoint import Int4Weights
 from minisail.fast.int8_checkpoint import Int8Weights
 from minisail.fast.memory import ReleasePages
 from minisail.fast.readahead import BackgroundReadAhead
@@ -20,4 +22,4 @@ from minisail.fast.readahead import BackgroundReadAhead
 
 def load_hooks(dtype: torch.dtype, device=None) -> list[LoadHook]:
     """Fresh hooks for one `fill_from_checkpoint` (they hold per-load state)."""
-    return [Int8Weights(), CastTo(dtype, device), ReleasePages(), BackgroundReadAhead()]
+    return [Int8Weights(), Int4Weights(dtype, device), CastTo(dtype, device), ReleasePages(), BackgroundReadAhead()]

@@ -30,7 +30,8 @@ KEYS = {"load_s", "peak_rss_gb", "vision_1tile_s", "vision_7tiles_s", "prefill_s
 
 
 def test_quick_bench_prints_one_json_object_of_the_documented_form(tmp_path, capsys):
-    assert main(["--preset", "tiny", "--quick", "--dtype", "bf16", "--dtype", "int8", "--cache", str(tmp_path)]) == 0
+    dtypes = ["--dtype", "bf16", "--dtype", "int8", "--dtype", "int4"]
+    assert main(["--preset", "tiny", "--quick", *dtypes, "--cache", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     report = json.loads(out[-1])
     assert "decode, tok/s" in "\n".join(out[:-1])  # the table for people comes first
@@ -46,9 +47,10 @@ def test_quick_bench_prints_one_json_object_of_the_documented_form(tmp_path, cap
         assert row["vision_7tiles_s"] is None  # --quick skips the 7-tile encode
         assert all(row[k] > 0 for k in KEYS - {"vision_7tiles_s"}), row
     assert report["roofline_decode_tok_s"]["bf16"] > 0
-    if "int8" in report["results"]:  # int8 weight-only loading: minisail only, compared with transformers' bf16
-        assert set(report["results"]["int8"]) == {"minisail"}
-        assert set(report["results"]["int8"]["minisail"]) == KEYS
+    for quantized in ("int8", "int4"):  # weight-only loading: minisail only, compared with transformers' bf16
+        assert set(report["results"][quantized]) == {"minisail"}
+        assert set(report["results"][quantized]["minisail"]) == KEYS
+        assert report["results"][quantized]["minisail"]["decode_tok_s"] > 0
     if HAS_TRANSFORMERS:
         assert report["ratios"]["bf16"]["decode_tok_s"] > 0
     notes = report["notes"]["bf16"]  # what bounds the figures: packing's share of the load, the matmuls alone

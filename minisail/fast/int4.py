@@ -1,0 +1,195 @@
+"""Int4 weight-only linear layers: group-wise 4-bit weights with a scale and a zero per group; activations stay float.
+
+`Int4Linear` holds, for a Linear of `in` inputs and `out` outputs, with G = GROUP_SIZE inputs per group:
+- `weight` uint8 [out, in/2]: two 4-bit codes q in 0..15 per byte;
+- `scale_zeros` bf16 [in/G, out, 2]: for group g of row n, (scale, zero) = scale_zeros[g, n];
+and computes y = x @ W^T + bias with W[n, k] = (q[n, k] - 8) * scale + zero  (the group of k being k // G).
+
+This is torch's asymmetric int4 format (the one `_weight_int4pack_mm_for_cpu` reads; torchao's int4 weight-only).
+`quantize_groups` maps each group's [min, max] onto the 16 codes: scale = (max - min) / 15 and zero = the value of
+code 8 (min + 8 * scale), both rounded to bf16 first and the codes rounded against the rounded values, so the
+stored bf16 scales add no error of their own. GROUP_SIZE = 64: 4 bits + 32 bits per 64 weights = 4.5 bits per
+weight, the size of llama.cpp's Q4_0 (32 weights + one fp16 scale), with about its error: relative error of a
+matmul with random weights, this rule vs Q4_0's, 8.9% vs 8.6% (Gaussian), 13.2% vs 12.9% (Student-t 3, heavy
+tails), 6.3% vs 6.5% (uniform). Groups of 32 would give 7.8% (Gaussian) at 5 bits, 128 10.0% at 4.25 bits; the
+kernel runs all three at about the same speed per byte. A Linear whose `in` is not a multiple of GROUP_SIZE is left
+as it is (int4_checkpoint.py).
+
+Two layouts of `weight`, one per path (the load hook picks one per weight; `kernel_layout` says which):
+- the kernel's: `torch.ops.aten._weight_int4pack_mm_for_cpu` (PyTorch's CPU int4 matmul, the "tinygemm" kernel)
+  reads a layout that depends on the CPU (blocks of 64 rows with AVX-512, 32 with AVX2), written by
+  `_convert_weight_to_int4pack_for_cpu`. It dequantises each weight in fp32 (code * scale + zero, one FMA),
+  multiplies in fp32 and rounds the output once to bf16. It is vectorised for bf16 activations only (fp32/fp16
+  run a scalar loop 30-60x slower), so it is used for CPU models loaded in bf16, where the load hook has checked,
+  once per weight shape on the running machine, that it runs and agrees with the plain definition
+  (`_int4pack_works`). Then the plain layout is not kept (the kernel layout is what this process can read).
+- the plain one: byte j of row n holds q[n, 2j] (low nibble) and q[n, 2j+1] (high nibble). `blocked_int4_matmul`
+  dequantises a block of rows at a time in fp32, rounds it to x's dtype and runs F.linear: `reference_int4_linear`
+  computed blockwise. Every other case runs it (fp32/fp16 models, other devices, a kernel that fails its probe).
+The two differ only by float rounding: the plain path rounds the dequantised weights to bf16, the kernel keeps
+them fp32 (measured: within bf16 output rounding). Inference only: the weights are frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisail.errors import MinisailError
+
+GROUP_SIZE = 64  # inputs per (scale, zero) group; see the module docstring for why 64
+QUANTIZE_BLOCK_ROWS = 1024  # rows quantised (or repacked) at a time: a multiple of the kernel's 64-row blocks
+BLOCK_BYTES = 8 << 20  # dequantised float rows per matmul in the plain path
+PROBE_ROWS = 128  # output rows at each end of a weight that the kernel probe checks against the definition
+
+
+def quantize_groups(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float [out, in] weight -> (codes uint8 [out, in/2] in the plain layout, scale_zeros bf16 [out, in/G, 2]).
+
+    The scale_zeros come row-major here (one entry per row, so a fused Linear's parts join by rows like the
+    weights); `Int4Linear.scale_zeros` is their transpose [in/G, out, 2]. A block of rows at a time goes through
+    fp32: quantising one matrix never holds a float32 copy of all of it."""
+    rows, columns = weight.shape
+    if columns % group_size:
+        raise ValueError(f"in_features {columns} is not a multiple of the int4 group size {group_size}")
+    codes = torch.empty(rows, columns // 2, dtype=torch.uint8, device=weight.device)
+    scale_zeros = torch.empty(rows, columns // group_size, 2, dtype=torch.bfloat16, device=weight.device)
+    for start in range(0, rows, QUANTIZE_BLOCK_ROWS):
+        block = weight[start : start + QUANTIZE_BLOCK_ROWS].to(torch.float32, copy=True)  # the one temporary
+        groups = block.view(block.shape[0], -1, group_size)  # [r, in/G, G]
+        low, high = torch.aminmax(groups, dim=-1)  # [r, in/G]
+        scale = ((high - low) / 15).to(torch.bfloat16).float()
+        zero = (low + 8 * scale).to(torch.bfloat16).float()  # the value code 8 stands for
+        steps = 1 / scale.clamp_min(torch.finfo(torch.float32).tiny)  # a constant group: every code means `zero`
+        q = groups.sub_(zero[..., None]).mul_(steps[..., None]).round_().add_(8).clamp_(0, 15)
+        q = q.to(torch.uint8).view(block.shape[0], columns)
+        codes[start : start + QUANTIZE_BLOCK_ROWS] = q[:, 0::2] | (q[:, 1::2] << 4)
+        scale_zeros[start : start + QUANTIZE_BLOCK_ROWS] = torch.stack([scale, zero], dim=-1).to(torch.bfloat16)
+    return codes, scale_zeros
+
+
+def unpack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Plain-layout bytes [r, in/2] -> the 4-bit codes uint8 [r, in] (0..15)."""
+    return torch.stack([codes & 15, codes >> 4], dim=-1).view(codes.shape[0], -1)
+
+
+def dequantize(codes: torch.Tensor, scale_zeros_rows: torch.Tensor) -> torch.Tensor:
+    """The definition, in fp32: plain codes [r, in/2] and their scale_zeros [r, in/G, 2] -> W float32 [r, in]."""
+    rows, groups = scale_zeros_rows.shape[:2]
+    q = unpack_codes(codes).view(rows, groups, -1).float()  # [r, in/G, G]
+    pairs = scale_zeros_rows.float()
+    return torch.addcmul(pairs[..., 1:], q - 8, pairs[..., :1]).reshape(rows, -1)  # (q - 8) * scale + zero
+
+
+def reference_int4_linear(x: torch.Tensor, codes, scale_zeros, bias=None) -> torch.Tensor:
+    """The plain definition: dequantise in fp32, round once to x's dtype, an ordinary Linear. `scale_zeros` is
+    the module's [in/G, out, 2]; `codes` the plain layout."""
+    return F.linear(x, dequantize(codes, scale_zeros.transpose(0, 1)).to(x.dtype), bias)
+
+
+def blocked_int4_matmul(x: torch.Tensor, codes: torch.Tensor, scale_zeros: torch.Tensor) -> torch.Tensor:
+    """x [M, in] @ W^T -> [M, out], dequantising a block of rows of the plain layout at a time."""
+    out_features, in_features = codes.shape[0], codes.shape[1] * 2
+    rows = max(1, BLOCK_BYTES // (in_features * 4))
+    parts = []
+    for start in range(0, out_features, rows):
+        pairs = scale_zeros[:, start : start + rows].transpose(0, 1)  # [r, in/G, 2]
+        parts.append(F.linear(x, dequantize(codes[start : start + rows], pairs).to(x.dtype)))
+    return torch.cat(parts, dim=-1)
+
+
+def pack_for_kernel(codes: torch.Tensor, scale_zeros: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """Plain-layout codes [out, in/2] -> the CPU kernel's layout [out, in/2], or None where the kernel cannot run
+    this shape here (`_int4pack_works`). Packed a block of rows at a time: the layout is blocked by 64 or 32 rows,
+    so blocks of QUANTIZE_BLOCK_ROWS rows pack independently (the probe checks the result)."""
+    key = (codes.shape[0], codes.shape[1] * 2, group_size)
+    if _int4pack_checked.get(key) is False:
+        return None
+    try:
+        blocks = [
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_codes(block).to(torch.int32), 2)
+            for block in codes.split(QUANTIZE_BLOCK_ROWS)
+        ]
+        packed = torch.cat(blocks).view(codes.shape)
+    except RuntimeError:  # e.g. `out` not a multiple of 16, or an op this build lacks
+        _int4pack_checked[key] = False
+        return None
+    return packed if _int4pack_works(key, codes, packed, scale_zeros) else None
+
+
+_int4pack_checked: dict[tuple[int, int, int], bool] = {}  # (out, in, group) -> does the kernel run and agree here?
+
+
+def _int4pack_works(key, codes: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor) -> bool:
+    """Decided by trying, once per weight shape: does `_weight_int4pack_mm_for_cpu` on `packed` agree with the
+    definition on the plain `codes` (two random bf16 rows; PROBE_ROWS outputs at each end of the weight, so the
+    first and the last, possibly partial, row blocks of the layout; within 1% of the largest output, bf16's
+    output rounding being 0.4%)? Where it raises or disagrees, the plain path runs."""
+    if key not in _int4pack_checked:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(2, key[1], generator=generator).to(torch.bfloat16)
+        out = codes.shape[0]
+        rows = torch.cat([torch.arange(min(PROBE_ROWS, out)), torch.arange(max(out - PROBE_ROWS, 0), out)])
+        try:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, key[2], scale_zeros).float()[:, rows]
+            expected = F.linear(x.float(), dequantize(codes[rows], scale_zeros[:, rows].transpose(0, 1)))
+            _int4pack_checked[key] = bool(torch.isfinite(y).all()) and bool(
+                (y - expected).abs().max() <= 1e-2 * expected.abs().max().clamp_min(1e-6)
+            )
+        except RuntimeError:
+            _int4pack_checked[key] = False
+    return _int4pack_checked[key]
+
+
+class Int4Linear(nn.Module):
+    """A Linear with group-wise int4 weights (see the module docstring); `kernel_layout`: `weight` is in the CPU
+    kernel's layout (set by the load hook), else in the plain one."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, group_size=GROUP_SIZE):
+        super().__init__()
+        if in_features % group_size or group_size % 2:
+            raise ValueError(f"in_features {in_features} is not a multiple of the int4 group size {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        weight = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        sz = torch.empty(in_features // group_size, out_features, 2, dtype=torch.bfloat16, device=device)
+        self.register_buffer("scale_zeros", sz)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+        self.kernel_layout = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.kernel_layout:
+            if rows.device.type != "cpu":
+                raise MinisailError(
+                    "this Int4Linear holds its weight in the CPU kernel's layout; load the model on the device it "
+                    "runs on (minisail.load(..., device=...)) instead of moving it"
+                )
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows.to(torch.bfloat16).contiguous(), self.weight, self.group_size, self.scale_zeros
+            ).to(x.dtype)
+        else:
+            y = blocked_int4_matmul(rows, self.weight, self.scale_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"group_size={self.group_size}, kernel_layout={self.kernel_layout}"
+        )
+
+
+def swap_in_int4_linears(model: nn.Module, names: list[str]) -> None:
+    """Replace the nn.Linear modules called `names` by Int4Linear of the same shape (on the meta-device model
+    before loading, so the loader fills int4 weights directly)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
+        int4 = Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device)
+        setattr(parent, child, int4)
