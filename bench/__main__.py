@@ -1,4 +1,4 @@
-"""`python -m bench`, run from the repository root: speed and memory at a model's real shapes, against transformers.
+"""`python -m bench`, from the repository root: speed and memory at real shapes, against transformers and llama.cpp.
 
 The benchmark is not part of the installed package (it compares with `transformers`, which nothing under
 minisail/ may import), so it is started from a checkout. Prints a table, then one JSON object as the last line.
@@ -28,8 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--new-tokens", type=int, metavar="N", help="tokens to decode per run (default 64, quick 16)")
     parser.add_argument("--repeats", type=int, metavar="N", help="repeats of the short measurements (default 5)")
-    parser.add_argument("--threads", type=int, metavar="N", help="torch threads in the workers (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="threads per worker, torch's and llama.cpp's (default: torch's)"
+    )
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers even if it is installed")
+    parser.add_argument(
+        "--llama",
+        action=argparse.BooleanOptionalAction,
+        help="compare with llama.cpp (needs the llama extra; default: yes where installed, no with --quick)",
+    )
     parser.add_argument(
         "--compile", action="store_true", help="minisail decodes through torch.compile (minutes to compile, 2nd copy)"
     )
@@ -50,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"removed {len(removed)} cached benchmark checkpoint folder(s) from {cache}")
         return 0
     overrides = {"compare": not args.no_transformers, "threads": args.threads, "compile": args.compile}
+    if args.llama is not None:
+        overrides["llama"] = args.llama
     if args.dtype:
         overrides["dtypes"] = tuple(dict.fromkeys(args.dtype))
     if args.new_tokens is not None:

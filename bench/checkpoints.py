@@ -2,6 +2,7 @@
 
     <cache>/<preset>-v<FORMAT>/official/       config.json, model-0000k-of-0000n.safetensors, the index (bf16)
     <cache>/<preset>-v<FORMAT>/transformers/   the same weights converted to transformers' native names
+    <cache>/<preset>-v<FORMAT>/gguf-<TYPE>/    the language model as a GGUF for llama.cpp (gguf_export.py)
 
 The official folder is what a user downloads (bf16, sharded, official key names), written from a minisail
 model through `to_official_state_dict` and the family's weight map, so loading it exercises exactly the path
@@ -36,7 +37,7 @@ FORMAT = 2  # bump when the written checkpoints change: older entries are then d
 SHARD_BYTES = 2 * 1024**3  # the releases use 2-5 GB shards
 DEFAULT_CACHE = Path.home() / ".cache" / "minisail" / "bench"
 ENTRY = re.compile(r"(?P<preset>[a-z0-9.-]+)-v(?P<version>\d+)")
-PARTIAL = re.compile(r"\.(?P<kind>official|transformers)\.partial-(?P<pid>\d+)")
+PARTIAL = re.compile(r"\.(?P<kind>official|transformers|gguf-[A-Z0-9_]+)\.partial-(?P<pid>\d+)")
 
 
 def log(message: str) -> None:

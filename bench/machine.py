@@ -70,6 +70,9 @@ def machine_info() -> dict:
         info["transformers"] = transformers.__version__
     except ImportError:
         info["transformers"] = None
+    from bench.llama_side import llama_cpp_version
+
+    info["llama_cpp"] = llama_cpp_version()  # llama-cpp-python's version, or None (not installed)
     return info
 
 

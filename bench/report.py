@@ -24,6 +24,7 @@ def format_table(report: dict) -> str:
         f"({report['settings']['parameters'] / 1e9:.2f} B parameters)",
         f"machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['ram_gb']} GB RAM, "
         f"torch {m['torch']}, transformers {m['transformers'] or 'not installed'}, "
+        f"llama-cpp-python {m.get('llama_cpp') or 'not installed'}, "
         f"1-min load average {m['load_average_1min']} at start, {m.get('load_average_1min_end')} at the end",
         f"ISA: {' '.join(m.get('isa') or ['?'])} (torch CPU capability {m.get('torch_cpu_capability')}); "
         f"bf16 kernels: {m.get('bf16_kernels')}",
@@ -39,14 +40,18 @@ def format_table(report: dict) -> str:
             columns.append((f"{dtype} {framework}", dtype, framework))
         if dtype in report["ratios"]:
             columns.append((f"{dtype} vs tf bf16" if dtype in ("int8", "int4") else f"{dtype} ratio", dtype, "ratio"))
+        llama = report.get("ratios_vs_llama_cpp", {}).get(dtype)
+        if llama:
+            columns.append((f"{dtype} vs {llama['format']}", dtype, "llama ratio"))
     width = max(len(h) for h, _, _ in columns) if columns else 10
     header = f"{'':<24}" + "".join(f" | {h:>{width}}" for h, _, _ in columns)
     lines += ["", header, "-" * len(header)]
     for metric, label, fmt in ROWS:
         cells = []
         for _h, dtype, kind in columns:
-            if kind == "ratio":
-                value = report["ratios"][dtype].get(metric)
+            if kind in ("ratio", "llama ratio"):
+                table = report["ratios"] if kind == "ratio" else report["ratios_vs_llama_cpp"]
+                value = table[dtype].get(metric)
                 cells.append("-" if value is None else f"{value:.2f}x")
             else:
                 cells.append(_cell(report["results"][dtype][kind].get(metric), fmt))
@@ -54,6 +59,11 @@ def format_table(report: dict) -> str:
     lines.append(
         "ratios: minisail's speed-up (transformers' time / minisail's; tok/s the other way); RSS: theirs / ours"
     )
+    if report.get("ratios_vs_llama_cpp"):
+        lines.append(
+            "vs llama.cpp: the same language model as a GGUF in the named type (prefill and decode only: llama.cpp "
+            "has no vision tower; its prompt is 286 token embeddings, its time to 1st token excludes the image)"
+        )
     for dtype, rows in report["results"].items():
         note, roofline = report["notes"].get(dtype, {}), report["roofline_decode_tok_s"].get(dtype)
         decode = rows["minisail"].get("decode_tok_s")
@@ -81,6 +91,11 @@ def format_table(report: dict) -> str:
         elif note.get("minisail_pack_s") is not None:
             call, pack = note["minisail_load_call_s"], note["minisail_pack_s"]
             parts.append(f"load = minisail.load {call:.2f} s + oneDNN packing {pack:.2f} s")
+        if note.get("llama.cpp_decode_gb") and note.get("decode_gb"):
+            parts.append(
+                f"a decode step reads {note['decode_gb']:.2f} GB of weights in minisail, "
+                f"{note['llama.cpp_decode_gb']:.2f} GB in llama.cpp's {note['llama.cpp_type']}"
+            )
         if note.get("minisail_compile_failed"):
             parts.append(f"torch.compile failed, decoded eagerly: {note['minisail_compile_failed']}")
         if note.get("minisail_compile_s") is not None:
@@ -97,6 +112,8 @@ def format_table(report: dict) -> str:
             lines.append(f"{dtype}: frameworks measured one after the other (not enough memory for both at once)")
         for key in (k for k in note if k.endswith("_skipped")):
             lines.append(f"{dtype} {key.removesuffix('_skipped')}: {note[key]}")
+    if report.get("llama_cpp_skipped"):
+        lines.append(f"llama.cpp not compared: {report['llama_cpp_skipped']}")
     if report["targets"]:
         lines.append("")
         lines.append("targets (issue 9):")

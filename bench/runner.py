@@ -1,7 +1,8 @@
 """The benchmark's conductor: checkpoints, worker processes, interleaved repeats, medians, ratios and targets.
 
-For each dtype it starts one worker process per framework (minisail, and transformers when installed; see
-worker.py), each loading its own copy of the same weights cold (page cache dropped). When memory allows both
+For each dtype it starts one worker process per framework (minisail; transformers when installed; llama.cpp
+when installed and asked for, on a GGUF of the same language model in the matching type: bench/llama_side.py;
+see worker.py), each loading its own copy of the same weights cold (page cache dropped). When memory allows both
 at once, every measurement alternates between them (A B, B A, ...), so a busy moment of the machine hits both
 alike; otherwise they run one after the other and the result says so. Extra load-only processes give the load
 time and peak RSS their repeats. Every figure is a median.
@@ -17,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import gguf_export
 from bench.checkpoints import ensure_checkpoints, evict_page_cache, log, parameter_count
 from bench.machine import machine_info, memory_available_bytes, streaming_bandwidth
 from bench.models import int8_available
@@ -26,7 +28,9 @@ from minisail.fast.packing import packing_support
 
 METRICS = ["load_s", "peak_rss_gb", "vision_1tile_s", "vision_7tiles_s", "prefill_s", "ttft_s", "decode_tok_s"]
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.1, "int4": 0.7}  # int8/int4: + scales, bf16 norms, embeddings
-LOAD_PEAK = {"minisail": 1.15, "transformers": 1.6}  # peak RSS while loading / weight bytes (measured)
+LOAD_PEAK = {"minisail": 1.15, "transformers": 1.6, "llama.cpp": 1.1}  # peak RSS while loading / weight bytes
+LLAMA = "llama.cpp"  # the language model only: no vision measurements, no matmuls-alone
+PROMPT_TOKENS = 286  # worker.bench_inputs: 20 text + 256 image + 10 text
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Settings:
     compare: bool = True  # run transformers too, when it is installed
     threads: int | None = None
     compile: bool = False  # minisail's decode step through torch.compile (inductor, max-autotune, freezing)
+    llama: bool = True  # run llama.cpp too, when llama_cpp and gguf are installed (never in --quick unless asked)
 
     @classmethod
     def quick(cls, **overrides) -> Settings:
@@ -50,7 +55,7 @@ class Settings:
         (a 1-tile encode takes about a minute) and float32 is what chat runs by default: float32 only."""
         dtypes = ("bf16", "int8") if packing_support().available else ("fp32",)
         quick = {"dtypes": dtypes, "load_repeats": 1, "repeats": 1, "long_repeats": 1, "new_tokens": 16}
-        return cls(**{**quick, "seven_tiles": False, "warmup": False, **overrides})
+        return cls(**{**quick, "seven_tiles": False, "warmup": False, "llama": False, **overrides})
 
 
 class Worker:
@@ -127,7 +132,8 @@ def measure(workers: list[Worker], preset: Preset, settings: Settings) -> dict[s
     if preset.has_llm:  # minisail only: the decode step's matrix products alone (its kernels' ceiling)
         plan.append(("decode_matmuls_s", {"op": "matmuls"}, settings.repeats))
     for w in workers:  # warm-up, untimed: thread pools, allocator, oneDNN kernels for each shape
-        w.request(op="vision", tiles=1)
+        if w.spec["framework"] != LLAMA:
+            w.request(op="vision", tiles=1)
         if preset.has_llm and w.spec.get("compile") and w.spec["framework"] == "minisail":
             # the warm-up generation compiles the decode step (for a cache of the size the timed ones use)
             answer = w.request(op="generate", tokens=settings.new_tokens)
@@ -143,6 +149,8 @@ def measure(workers: list[Worker], preset: Preset, settings: Settings) -> dict[s
         for r in range(repeats):
             for w in workers if r % 2 == 0 else workers[::-1]:
                 if metric == "decode_matmuls_s" and w.spec["framework"] != "minisail":
+                    continue
+                if metric.startswith("vision") and w.spec["framework"] == LLAMA:
                     continue
                 answer = w.request(**command)
                 share = f"(cpu share {answer['cpu_share']:.2f})"
@@ -162,7 +170,8 @@ def fitting_frameworks(folders: dict, dtype: str, estimate: float, available: fl
     why any was skipped (not enough memory to load it)."""
     frameworks, skipped = [], {}
     quantized = dtype in ("int8", "int4")  # minisail only: they compare with transformers' bf16
-    for fw in ["transformers", "minisail"] if "transformers" in folders and not quantized else ["minisail"]:
+    candidates = ["transformers", "minisail"] if "transformers" in folders and not quantized else ["minisail"]
+    for fw in candidates + ([LLAMA] if LLAMA in folders else []):
         peak = estimate * LOAD_PEAK[fw] + 1e9
         if peak > available:
             skipped[fw] = f"skipped: loading needs about {peak / 1e9:.1f} GB of RAM, {available / 1e9:.1f} GB available"
@@ -175,6 +184,7 @@ def fitting_frameworks(folders: dict, dtype: str, estimate: float, available: fl
 def run_dtype(preset: Preset, dtype: str, folders: dict, settings: Settings, params: int) -> tuple[dict, dict]:
     """{framework: {metric: median}} and notes for one dtype."""
     spec = {"preset": preset.name, "dtype": dtype, "threads": settings.threads, "compile": settings.compile}
+    spec["context"] = PROMPT_TOKENS + settings.new_tokens + 2  # llama.cpp's KV cache: the prompt and the tokens
     estimate = params * BYTES_PER_PARAM[dtype]
     available = memory_available_bytes() or float("inf")
     frameworks, skipped = fitting_frameworks(folders, dtype, estimate, available)
@@ -225,6 +235,10 @@ def run_dtype(preset: Preset, dtype: str, folders: dict, settings: Settings, par
     if matmuls is not None:
         notes["minisail_decode_matmuls_ms"] = matmuls * 1e3
     notes.update({f"{fw}_skipped": note for fw, note in skipped.items()})
+    if LLAMA in frameworks:  # what llama.cpp ran: its file type, the bytes a decode step reads, its CPU features
+        about = gguf_export.about(folders[LLAMA])
+        notes["llama.cpp_type"], notes["llama.cpp_decode_gb"] = about["type"], about["decode_bytes"] / 1e9
+        notes["llama.cpp_system_info"] = loads[LLAMA][-1].get("system_info")
     for fw in frameworks:  # the interpreter and libraries before loading, and how busy the CPU was for us
         notes[f"{fw}_baseline_rss_gb"] = median(x["baseline_rss_gb"] for x in loads[fw])
         notes[f"{fw}_cpu_share"] = median(samples[f"{dtype} {fw}"]["cpu_share"])
@@ -261,6 +275,13 @@ def evaluate(results: dict, roofline: dict, notes: dict) -> dict:
         targets[f"{dtype}_load_vs_transformers"] = target(
             ratio(get(dtype, "transformers", "load_s"), get(dtype, "minisail", "load_s")), 1.0
         )
+    for dtype in results:  # issue 17: at least llama.cpp's speed in the same format (Q8_0 for int8, ...)
+        if LLAMA in results[dtype]:
+            kind = notes.get(dtype, {}).get("llama.cpp_type", "")
+            decode = ratio(get(dtype, "minisail", "decode_tok_s"), get(dtype, LLAMA, "decode_tok_s"))
+            targets[f"{dtype}_decode_vs_llama_cpp_{kind}"] = target(decode, 1.0)
+            prefill = ratio(get(dtype, LLAMA, "prefill_s"), get(dtype, "minisail", "prefill_s"))
+            targets[f"{dtype}_prefill_vs_llama_cpp_{kind}"] = target(prefill, 1.0)
     for dtype in results:  # what loading added to the process (its peak minus the interpreter and libraries)
         note, peak = notes.get(dtype, {}), get(dtype, "minisail", "peak_rss_gb")
         added = None if peak is None else peak - note.get("minisail_baseline_rss_gb", 0.0)
@@ -277,12 +298,19 @@ def run_bench(preset: Preset, cache: Path, settings: Settings) -> dict:
     log(f"bandwidth {bandwidths[0] / 1e9:.1f} GB/s")
     params = parameter_count(preset)
     results, notes = {}, {}
+    peer = llama_peer(preset, settings)
+    if peer:
+        log(f"llama.cpp not compared: {peer}")
     for dtype in settings.dtypes:
         if dtype in ("int8", "int4") and not (preset.has_llm and int8_available()):
             notes[dtype] = {"skipped": f"{dtype} weight-only loading is not available for this preset"}
             log(f"{dtype}: {notes[dtype]['skipped']}")
             continue
-        rows, notes[dtype] = run_dtype(preset, dtype, folders, settings, params)
+        dtype_folders = dict(folders)
+        if peer is None and dtype in gguf_export.GGUF_TYPES:
+            type_name = gguf_export.GGUF_TYPES[dtype]
+            dtype_folders[LLAMA] = gguf_export.ensure_gguf(preset, cache, folders["minisail"], type_name)
+        rows, notes[dtype] = run_dtype(preset, dtype, dtype_folders, settings, params)
         if rows:
             results[dtype] = rows
     bandwidths.append(streaming_bandwidth())  # again at the end: a busy moment lowers one reading, not both
@@ -297,6 +325,8 @@ def run_bench(preset: Preset, cache: Path, settings: Settings) -> dict:
         "roofline_decode_tok_s": roofline,
         "results": results,
         "ratios": ratios(results),
+        "ratios_vs_llama_cpp": llama_ratios(results, notes),
+        "llama_cpp_skipped": peer,  # None: llama.cpp ran (see each dtype's results), else why not
         "targets": evaluate(results, roofline, notes),
         "notes": notes,
         "settings": {**settings.__dict__, "dtypes": list(settings.dtypes), "parameters": params},
@@ -314,6 +344,36 @@ def ratios(results: dict) -> dict:
         ours = rows["minisail"]
         out[dtype] = {m: ratio(theirs[m], ours[m]) for m in METRICS if m != "decode_tok_s"}
         out[dtype]["decode_tok_s"] = ratio(ours["decode_tok_s"], theirs["decode_tok_s"])
+    return out
+
+
+def llama_peer(preset: Preset, settings: Settings) -> str | None:
+    """None when llama.cpp runs beside minisail in this run, else why not (recorded in the notes)."""
+    if not settings.llama:
+        return "not asked for (--no-llama; --quick runs without it unless given --llama)"
+    if not preset.has_llm or not gguf_export.supports(preset):
+        return f"the {preset.name} preset has no Qwen2 language model to write as a GGUF"
+    import importlib.util
+
+    missing = [name for name in ("llama_cpp", "gguf") if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (pip install -e '.[llama]': README 'Comparing with llama.cpp')"
+    return None
+
+
+def llama_ratios(results: dict, notes: dict) -> dict:
+    """minisail vs llama.cpp in the matching format, per dtype (>1: minisail is faster). Prefill and decode only:
+    llama.cpp has no vision, so its time to first token (prompt only) is not minisail's (which encodes a tile)."""
+    out = {}
+    for dtype, rows in results.items():
+        theirs, ours = rows.get(LLAMA), rows.get("minisail")
+        if not theirs or not ours:
+            continue
+        out[dtype] = {
+            "format": notes.get(dtype, {}).get("llama.cpp_type"),
+            "prefill_s": ratio(theirs["prefill_s"], ours["prefill_s"]),
+            "decode_tok_s": ratio(ours["decode_tok_s"], theirs["decode_tok_s"]),
+        }
     return out
 
 

@@ -1,4 +1,5 @@
-"""One benchmark worker process: loads one model (minisail's or transformers'), then times what it is asked to.
+"""One benchmark worker process: loads one model (minisail's, transformers' or llama.cpp's), then times what it
+is asked to (llama.cpp: the language model only, no "vision").
 
     python -m bench.worker '{"framework": "minisail", "preset": "sail-vl-2b", "folder": ..., "dtype": "bf16"}'
 
@@ -208,6 +209,11 @@ def make_runner(spec: dict):
         from bench.hf_side import TransformersRunner
 
         return TransformersRunner(preset, Path(spec["folder"]), spec["dtype"])
+    if spec["framework"] == "llama.cpp":  # the language model only, from a GGUF (bench/llama_side.py)
+        from bench.llama_side import LlamaCppRunner
+
+        threads = int(spec.get("threads") or torch.get_num_threads())  # as serve() sets torch's
+        return LlamaCppRunner(preset, Path(spec["folder"]), threads, context=int(spec.get("context") or 512))
     return MinisailRunner(preset, Path(spec["folder"]), spec["dtype"], compile=bool(spec.get("compile")))
 
 
@@ -220,10 +226,13 @@ def serve(spec: dict) -> None:
     torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
     if spec["framework"] == "transformers":
         import transformers  # noqa: F401  (imported before the clock starts, like minisail is)
+    if spec["framework"] == "llama.cpp":
+        import llama_cpp  # noqa: F401
     baseline = rss_bytes("VmRSS")  # interpreter and libraries, before any weight
     start = time.perf_counter()
     runner = make_runner(spec)
-    weight_bytes = touch(runner.weights())
+    # llama.cpp's weights are its own (memory-mapped GGUF): their bytes are the file's
+    weight_bytes = runner.weight_bytes() if hasattr(runner, "weight_bytes") else touch(runner.weights())
     load_s = time.perf_counter() - start
     report = {"load_s": load_s, "peak_rss_gb": rss_bytes() / 1e9, "weights_gb": weight_bytes / 1e9}
     report["baseline_rss_gb"], report["rss_gb"] = baseline / 1e9, rss_bytes("VmRSS") / 1e9

@@ -45,6 +45,17 @@ def test_nothing_under_minisail_imports_transformers():
     assert not offenders, "minisail/ must not import transformers (a test-only oracle):\n" + "\n".join(offenders)
 
 
+def test_nothing_under_minisail_imports_the_benchmarks_llama_cpp_peer():
+    """llama.cpp (llama_cpp) and its GGUF writer (gguf) are the benchmark's peer, in the `llama` extra: bench/ only."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}: {name}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for line, name in imported_modules(ast.parse(path.read_text(), filename=str(path)))
+        if name.split(".")[0] in ("llama_cpp", "gguf")
+    ]
+    assert not offenders, "minisail/ must not import llama_cpp or gguf (bench/ only):\n" + "\n".join(offenders)
+
+
 def test_the_import_check_sees_lazy_imports():
     source = "def f():\n    import transformers.models\n\ndef g():\n    importlib.import_module('transformers')\n"
     assert [name for _, name in imported_modules(ast.parse(source))] == ["transformers.models", "transformers"]

@@ -40,7 +40,8 @@ def test_quick_bench_prints_one_json_object_of_the_documented_form(tmp_path, cap
     assert report["machine"]["bandwidth_gb_s"] > 0 and report["machine"]["cores"] >= 1
     assert isinstance(report["machine"]["isa"], list) and report["machine"]["bf16_kernels"]  # figures carry the ISA
     frameworks = {"minisail", "transformers"} if HAS_TRANSFORMERS else {"minisail"}
-    assert set(report["results"]["bf16"]) == frameworks
+    assert set(report["results"]["bf16"]) == frameworks  # --quick: never llama.cpp unless asked (--llama)
+    assert "not asked for" in report["llama_cpp_skipped"] and report["ratios_vs_llama_cpp"] == {}
     for framework in frameworks:
         row = report["results"]["bf16"][framework]
         assert set(row) == KEYS
