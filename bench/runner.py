@@ -225,7 +225,8 @@ def run_dtype(preset: Preset, dtype: str, folders: dict, settings: Settings, par
             ours["compile_s"],
             ours["rss_after_compile_gb"],
         )
-    for key in ("compile_failed", "unpacked_because"):  # a fast path this machine could not run, and why
+    # a fast path this machine could not run and why; how many Linears compute prefill in float32 instead
+    for key in ("compile_failed", "unpacked_because", "upcast_linears"):
         if ours.get(key):
             notes[f"minisail_{key}"] = ours[key]
     if ours.get("pack_s") is not None:  # minisail's load = minisail.load + packing bf16 Linears for oneDNN

@@ -122,7 +122,10 @@ class MinisailRunner:
             self.packed = pack_linears(self.model)
         self.load_details = {"load_call_s": loaded - start, "pack_s": time.perf_counter() - loaded}
         if dtype == "bf16" and not self.packed:
+            from minisail.fast.upcast import upcast_linears
+
             self.load_details["unpacked_because"] = packing_support().reason
+            self.load_details["upcast_linears"] = upcast_linears(self.model)  # float32 prefill, fast/upcast.py
 
     def compile_decode_step(self) -> None:
         """Compile `Decoder.decode_step` (one graph, tests/generation/test_compile.py) with inductor's max-autotune and

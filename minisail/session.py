@@ -139,8 +139,11 @@ class Session:
                 packed = pack_linears(model) if support.available else 0  # the same numbers, streamed faster
                 if packed:
                     log(f"packed {packed} bf16 Linears for oneDNN in {time.perf_counter() - start:.1f}s")
-                else:
-                    log(f"bf16 Linears run as plain F.linear: {support.reason}")
+                else:  # no native bf16: large products in float32 from the bf16 weights (fast/upcast.py)
+                    from minisail.fast.upcast import upcast_linears
+
+                    upcast = upcast_linears(model) if not support.available else 0
+                    log(f"bf16 Linears are not packed: {support.reason}; {upcast} compute prefill in float32")
         elif tokenizer is None:
             raise MinisailError("Session(model, tokenizer): give the tokenizer with a model, or a checkpoint folder")
         elif dtype is not None or device is not None:

@@ -137,15 +137,17 @@ def test_bf16_on_cpu_is_packed_and_replies_the_same(checkpoint, kernel, request)
 
 
 def test_where_onednn_refuses_bf16_a_session_runs_plain_and_says_why(checkpoint, onednn_refuses_bf16):
-    """The AVX2-only CPU: no crash, no packing, the same reply as an unpacked session, and the reason logged."""
-    from minisail.fast import packing
+    """The AVX2-only CPU: no crash, no packing, prefill in float32 (fast/upcast.py), the same reply as an unpacked
+    session, and the reason logged."""
+    from minisail.fast import packing, upcast
 
     lines = []
     config = minisail.generate.GenerationConfig(max_new_tokens=8)
     session = Session(checkpoint, dtype="bfloat16", generation=config, log=lines.append)
     plain = Session(checkpoint, dtype="bfloat16", pack=False, generation=config)
     assert not any(isinstance(m, packing.PackedLinear) for m in session.model.modules())
-    assert any("plain F.linear" in line and "avx512bw" in line for line in lines)
+    assert any(isinstance(m, upcast.Float32ComputeLinear) for m in session.model.modules())
+    assert any("not packed" in line and "avx512bw" in line and "float32" in line for line in lines)
     question = "What animal is in the picture?"
     assert session.ask(question, images=[IMAGE]) == plain.ask(question, images=[IMAGE])
 
