@@ -99,7 +99,7 @@ def _refuse_unimplemented(llm: dict, where: str, num_layers: int) -> None:
             "context in every layer (accepted: false, as in every Qwen2.5 / Qwen3 release)"
         )
     layer_types = optional(llm, "layer_types", where, list, None)
-    if layer_types is not None and (len(layer_types) != num_layers or set(layer_types) - {"full_attention"}):
+    if layer_types is not None and (len(layer_types) != num_layers or any(t != "full_attention" for t in layer_types)):
         raise ConfigError(
             f"config.json: {where}.layer_types must be {num_layers} x 'full_attention' (one per layer; minisail has "
             f"no sliding-window layers), not {layer_types!r:.200}"

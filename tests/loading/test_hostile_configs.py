@@ -139,6 +139,7 @@ def test_mono_patch_model_ignores_the_vit_fields_it_has_no_use_for(tmp_path):
         (QWEN2, {"use_sliding_window": "false"}, "use_sliding_window = 'false' has the wrong type"),
         (SAILVL2, {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types must be 2 x 'full_attention'"),
         (QWEN2, {"layer_types": ["full_attention"]}, "layer_types must be 2 x 'full_attention'"),
+        (QWEN2, {"layer_types": [["full_attention"], ["full_attention"]]}, "layer_types must be 2 x 'full_attention'"),
         (YIVL, {"mlp_bias": True}, "mlp_bias = true is not supported"),
         (YIVL, {"attention_bias": True}, "attention_bias = true is not supported"),
         (SAILVL2, {"attention_bias": True}, "attention_bias = true is not supported"),
