@@ -100,7 +100,9 @@ def _run_chat(args) -> int:
     launch.start(args.tp, args.device)
     try:
         with launch.peers_failing():
-            return _chat(args, images)
+            status = _chat(args, images)
+            launch.finish()
+            return status
     finally:
         launch.stop()
 

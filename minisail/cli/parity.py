@@ -48,6 +48,7 @@ def _run_parity(args) -> int:
                 )
                 if not single:
                     print("\n".join(result.line() for result in results), flush=True)
+            launch.finish()
     finally:
         launch.stop()
     failed = [r.case for r in results if not r.passed]

@@ -16,6 +16,7 @@ RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in its environment (a
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 from datetime import timedelta
@@ -99,10 +100,18 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def finish() -> None:
+    """The end of a command that succeeded on this rank: wait for every rank before anyone leaves. Without it a
+    rank that destroys the group while a peer's gloo threads still talk to it aborts ("terminate called")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def stop() -> None:
-    """Leave the process group (the end of a command)."""
+    """Leave the process group (the end of a command, successful or not: call `finish` first on success)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()  # drop the group's last references now, not in the interpreter's teardown
 
 
 @contextlib.contextmanager

@@ -87,6 +87,7 @@ def main(out: str, checkpoints: list[str]) -> None:
         mine = [results]
         everyone = [None] * tp
         torch.distributed.all_gather_object(everyone, mine)  # rank 1's own view: its bytes are checked too
+        launch.finish()
     finally:
         launch.stop()
     if me == 0:
