@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisail.errors import MinisailError
+from minisail.fast.int8 import swap_linears
 
 GROUP_SIZE = 64  # inputs per (scale, zero) group; see the module docstring for why 64
 QUANTIZE_BLOCK_ROWS = 1024  # rows quantised (or repacked) at a time: a multiple of the kernel's 64-row blocks
@@ -185,11 +186,4 @@ class Int4Linear(nn.Module):
 def swap_in_int4_linears(model: nn.Module, names: list[str]) -> None:
     """Replace the nn.Linear modules called `names` by Int4Linear of the same shape (on the meta-device model
     before loading, so the loader fills int4 weights directly)."""
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
-        int4 = Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device)
-        setattr(parent, child, int4)
+    swap_linears(model, names, Int4Linear)

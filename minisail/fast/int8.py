@@ -173,11 +173,16 @@ def swap_in_int8_linears(model: nn.Module, names: list[str]) -> None:
 
     Done on the meta-device model before loading, so the loader fills int8 weights directly.
     """
+    swap_linears(model, names, Int8Linear)
+
+
+def swap_linears(model: nn.Module, names: list[str], cls) -> None:
+    """Replace each nn.Linear called `names` by `cls(in_features, out_features, bias, device)` (int8, int4)."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
-        int8 = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device)
-        setattr(parent, child, int8)
+        bias = linear.bias is not None
+        setattr(parent, child, cls(linear.in_features, linear.out_features, bias, linear.weight.device))
