@@ -16,16 +16,19 @@ no InternViT, so vision is never compared with it.
   attention.head_count, attention.head_count_kv, rope.freq_base, attention.layer_norm_rms_epsilon, vocab_size}`.
 - No vocabulary: `tokenizer.ggml.model = "none"` (llama.cpp then creates `vocab_size` nameless tokens). The
   benchmark feeds token ids, never text, so both sides process the same ids.
-- Types per file, as llama.cpp's own tools lay out a whole-model type: every matrix (embedding and output head
-  included) in the file's type, norms and biases F32. BF16 is the checkpoint's bits; F32 their exact widening;
-  Q8_0 / Q4_0 (blocks of 32 with a float16 scale) by the `gguf` package's numpy quantizer, which rounds as
-  llama.cpp's reference quantizer does. minisail's int8 keeps its embedding and lm_head in bf16: about.json
-  records the bytes one decode step reads from the file (`decode_bytes`), so the report can say who reads more.
+- Types per file: every matrix (the embedding included) in the file's type, norms and biases F32; the output head
+  too, except in a Q4_0 file, where it is Q8_0 (`HEAD_TYPES`). llama.cpp's own quantizer gives a Q4_0 model a
+  higher-precision head as well (Q6_K, which the `gguf` package cannot write), and minisail's int4 keeps its head
+  in int8 rows: so both sides stream about the same bytes. BF16 is the checkpoint's bits; F32 their exact
+  widening; Q8_0 / Q4_0 (blocks of 32 with a float16 scale) by the `gguf` package's numpy quantizer, which rounds
+  as llama.cpp's reference quantizer does. about.json records the bytes one decode step reads from the file
+  (`decode_bytes`), so the report can say who reads more.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,8 @@ from minisail.checkpoint.keymaps import KeyMap, Rule
 # The bench's dtype -> the llama.cpp file type it is compared with (minisail int4 <-> Q4_0 once the bench has it).
 GGUF_TYPES = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
 FILE_TYPES = {"F32": 0, "BF16": 32, "Q8_0": 7, "Q4_0": 2}  # llama.cpp's llama_ftype (LLAMA_FTYPE_ALL_F32, ...)
+HEAD_TYPES = {"Q4_0": "Q8_0"}  # the output head's type where it is not the file's (see the module docstring)
+HEAD = "output.weight"
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION: the block layouts this writer produces
 
 
@@ -74,18 +79,21 @@ def _official_tensors(folder: Path) -> dict[str, tuple[str, object]]:
     return out
 
 
-def tensor_type(ndim: int, type_name: str):
-    """The GGML type of a tensor in a file of `type_name`: norms and biases (1-D) F32, matrices the file's."""
+def tensor_type(name: str, ndim: int, type_name: str):
+    """The GGML type of tensor `name` in a file of `type_name`: norms and biases (1-D) F32, the output head
+    HEAD_TYPES', other matrices the file's."""
     import gguf
 
-    return gguf.GGMLQuantizationType["F32" if ndim == 1 else type_name]
+    if ndim == 1:
+        return gguf.GGMLQuantizationType.F32
+    return gguf.GGMLQuantizationType[HEAD_TYPES.get(type_name, type_name) if name == HEAD else type_name]
 
 
-def _encode(weight: torch.Tensor, type_name: str) -> np.ndarray:
+def _encode(name: str, weight: torch.Tensor, type_name: str) -> np.ndarray:
     """The bytes of one tensor as the file stores it (numpy: float32, bf16 bits as int16, or quantized blocks)."""
     import gguf
 
-    qtype = tensor_type(weight.ndim, type_name)
+    qtype = tensor_type(name, weight.ndim, type_name)
     if qtype.name == "BF16":  # the checkpoint's own bits
         return weight.to(torch.bfloat16).view(torch.int16).numpy()
     if qtype.name == "F32":
@@ -120,20 +128,21 @@ def write_gguf(preset: Preset, official: Path, path: Path, type_name: str) -> di
     infos = {}
     for gguf_name, (name, source) in tensors.items():  # every tensor's type and size first, then the data
         shape = tuple(source.shape(name))
-        qtype = tensor_type(len(shape), type_name)
+        qtype = tensor_type(gguf_name, len(shape), type_name)
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         infos[gguf_name] = (shape, qtype, int(np.prod(shape)) // block * size)
         writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), infos[gguf_name][2], raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for name, source in tensors.values():  # in the order of their infos
-        writer.write_tensor_data(_encode(source.read(name), type_name))
+    for gguf_name, (name, source) in tensors.items():  # in the order of their infos
+        writer.write_tensor_data(_encode(gguf_name, source.read(name), type_name))
     writer.close()
     total = sum(nbytes for _s, _q, nbytes in infos.values())
     shape, _q, embed = infos["token_embd.weight"]
     return {
         "type": type_name,
+        "head_type": infos[HEAD][1].name,
         "tensor_bytes": total,
         "decode_bytes": total - embed + embed // shape[0],  # every matrix once, one row of the embedding
         "tensors": len(infos),
@@ -147,6 +156,8 @@ def gguf_folder(preset: Preset, cache: Path, type_name: str) -> Path:
 def ensure_gguf(preset: Preset, cache: Path, official: Path, type_name: str) -> Path:
     """The cached GGUF of the preset's language model in `type_name` (written if missing); its folder."""
     folder = gguf_folder(preset, cache, type_name)
+    if is_complete(folder) and about(folder).get("head_type") != HEAD_TYPES.get(type_name, type_name):
+        shutil.rmtree(folder)  # written by an earlier layout: the head's type has changed since
     if not is_complete(folder):
         log(f"writing the language model as a {type_name} GGUF for llama.cpp to {folder}")
 

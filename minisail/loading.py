@@ -18,16 +18,16 @@ Int8 (weight-only; activations stay in `dtype`):
   a Linear is int8 exactly when each official weight it reads has an `.SCB` companion, whatever the config's
   skip list says. Such a checkpoint always loads as int8 (never dequantised); `quantize` may be None.
 - `quantize="int8"` quantises a float checkpoint's decoder-layer Linears (attention qkv/o, MLP gate_up/down,
-  Mono's visual experts) row by row as each tensor is read. Kept float, as bitsandbytes keeps its output head:
-  the embedding and lm_head (whose rows are the logits), and the vision tower and projector. Those run once per
-  image over hundreds of tokens, where weight-only int8 saves no time (the matmul is compute-bound) and would only
-  perturb every image token; the decoder linears are re-read for every generated token, where int8 halves (bf16)
-  or quarters (fp32) the bytes streamed, and they hold most of the weights.
+  Mono's visual experts) and the output head, row by row as each tensor is read: what every generated token
+  re-reads, where int8 halves (bf16) or quarters (fp32) the bytes streamed. Kept float: the embedding (a step reads
+  one row of it), and the vision tower and projector. Those run once per image over hundreds of tokens, where
+  weight-only int8 saves no time (the matmul is compute-bound) and would only perturb every image token.
 
 Int4 (`quantize="int4"`, weight-only, groups of 64 inputs with a bf16 scale and zero each: 4.5 bits per weight):
-the same Linears as int8, quantised as each tensor is read, so loading peaks near the int4 size. Fast on the CPU
-in bf16 (torch's int4 kernel, proven per shape at load); elsewhere a plain dequantising path with the same numbers.
-Its error against the float model is in the README ("Speed and memory").
+the decoder-layer Linears, quantised as each tensor is read, so loading peaks near the int4 size; the output head
+is int8 (fast/int8_checkpoint.py `head_quantized` says why). Fast on the CPU in bf16 (torch's int4 kernel, proven
+per shape at load); elsewhere a plain dequantising path with the same numbers. Its error against the float model
+is in the README ("Speed and memory").
 """
 
 from __future__ import annotations

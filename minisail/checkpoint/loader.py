@@ -58,10 +58,10 @@ def _collect(model: nn.Module, tensors: TensorSource, keymap: KeyMap, hooks: Seq
         if name in state:
             continue  # made together with an earlier one (an Int8Linear's scale, with its weight)
         rule, sources = _sources(keymap, tensors, name, where)
-        if rule.join.is_identity and sources[0] in taken_as_is:  # tied: share, never copy
+        made = _hook_parts(hooks, name, slot, rule, sources, tensors)  # e.g. an int8 head made from the embedding
+        if made is None and rule.join.is_identity and sources[0] in taken_as_is:  # tied: share, never copy
             tied[name] = taken_as_is[sources[0]]
             continue
-        made = _hook_parts(hooks, name, slot, rule, sources, tensors)
         if made is None:  # the default: zero-copy views of the official tensors
             made = [Parts(name, sources, [tensors.view(s) for s in sources], tuple(slot.shape), slot.dtype)]
             if rule.join.is_identity:

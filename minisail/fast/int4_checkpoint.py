@@ -4,8 +4,8 @@ quantises each one as it is read.
 `minisail.load(..., quantize="int4")` turns every nn.Linear inside the decoder layers (attention qkv/o, MLP
 gate_up/down, Mono's visual experts) whose in_features is a multiple of GROUP_SIZE into an Int4Linear; a Linear
 with another width stays as it is, in the load dtype (no real checkpoint has one; the tiny golden ones do not
-either). Kept float, as with int8: the embedding and lm_head (the logits' own rows), the vision tower and the
-projector.
+either). The output head becomes int8 rows (fast/int8_checkpoint.py `head_quantized`: 4 bits would move every
+logit's own row); kept float, as with int8: the embedding, the vision tower and the projector.
 
 Each official weight is quantised straight from its memory-mapped tensor, a block of rows at a time, and its mapped
 pages are given back at once: the full-precision matrix never exists in RAM, so loading peaks near the int4 size

@@ -21,6 +21,7 @@ from torch import nn
 import minisail
 from minisail.errors import ConfigError, MinisailError
 from minisail.fast import int4 as int4_kernels
+from minisail.fast.int8 import Int8Linear
 from minisail.fast.int4 import (
     GROUP_SIZE,
     Int4Linear,
@@ -185,7 +186,7 @@ def test_int4_logits_stay_near_the_float_model_on_every_golden_case(fp32_logits,
         linears = int4_modules(model)
         decoder = [m for m in model.language_model.layers.modules() if isinstance(m, (nn.Linear, Int4Linear))]
         assert linears and linears == decoder, case  # every decoder Linear (all widths here are multiples of 64)
-        assert not any(isinstance(m, Int4Linear) for m in model.language_model.lm_head.modules())
+        assert isinstance(model.language_model.lm_head, Int8Linear)  # the head: int8 rows (int8_checkpoint.py)
         if dtype == torch.float32:
             assert not any(m.kernel_layout for m in linears)  # the kernel is bf16-only: fp32 runs the plain path
         reference = fp32_logits[case]

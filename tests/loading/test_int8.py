@@ -145,20 +145,48 @@ def test_int8_stays_close_to_the_unquantised_golden(int8_case):
 
 
 def test_quantize_int8_at_load_equals_the_prequantised_checkpoint(int8_case):
-    prequantised, logits, _ = run(int8_case.int8, int8_case.case, dtype=torch.float32)
+    # bitsandbytes keeps the head float; quantize="int8" quantises it on top of the stored int8 layers, as it
+    # does from the float checkpoint.
+    prequantised, logits, _ = run(int8_case.int8, int8_case.case, dtype=torch.float32, quantize="int8")
     quantised, quantised_logits, _ = run(GOLDEN / int8_case.case / "checkpoint", int8_case.case, quantize="int8")
-    for a, b in zip(decoder_linears(prequantised), decoder_linears(quantised), strict=True):
+    for a, b in zip(
+        [*decoder_linears(prequantised), prequantised.language_model.lm_head],
+        [*decoder_linears(quantised), quantised.language_model.lm_head],
+        strict=True,
+    ):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.scale, b.scale)
     assert (logits - quantised_logits).abs().max().item() <= 1e-6
 
 
-def test_quantize_int8_keeps_the_vision_tower_projector_and_head_float():
+def test_quantize_int8_keeps_the_vision_tower_projector_and_embedding_float():
     model = minisail.load(GOLDEN / INTERNLM2 / "checkpoint", quantize="int8")
     int8 = {name for name, m in model.named_modules() if isinstance(m, Int8Linear)}
-    assert int8 and all(name.startswith("language_model.layers.") for name in int8)
-    assert isinstance(model.language_model.lm_head, nn.Linear)
+    assert int8 and all(name.startswith("language_model.layers.") for name in int8 - {"language_model.lm_head"})
+    assert isinstance(model.language_model.lm_head, Int8Linear)  # streamed whole every step, like the layers
     assert not any(isinstance(m, Int8Linear) for m in model.vision_model.modules())
-    assert model.language_model.lm_head.weight.dtype == model.language_model.embed.weight.dtype == torch.float32
+    assert not any(isinstance(m, Int8Linear) for m in model.projector.modules())
+    assert model.language_model.embed.weight.dtype == torch.float32
+
+
+def test_the_bitsandbytes_checkpoint_keeps_its_float_head_unless_asked(int8_case):
+    model = minisail.load(int8_case.int8)
+    assert type(model.language_model.lm_head) is nn.Linear
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_a_tied_head_is_quantised_from_the_embedding_which_stays_float(tmp_path, quantize):
+    # A checkpoint without lm_head whose config says tied: the head is int8 rows of the embedding, the embedding
+    # itself keeps its float values (it is not tied to the quantised copy).
+    case = "sail-vl2-tiny"
+    tensors = golden_tensors(case)
+    tensors.pop("language_model.lm_head.weight")
+    folder = write_checkpoint(tmp_path / "tied", golden_config(case), tensors)
+    model = minisail.load(folder, dtype=torch.float32, quantize=quantize)
+    head, embed = model.language_model.lm_head, tensors["language_model.model.embed_tokens.weight"]
+    assert isinstance(head, Int8Linear)
+    assert torch.equal(model.language_model.embed.weight, embed)
+    rows, absmax = quantize_rows(embed)
+    assert torch.equal(head.weight, rows) and torch.equal(head.scale, absmax / 127)
 
 
 @pytest.mark.parametrize("case", ["mono-internvl-tiny", "sail-vl2-tiny", "yi-vl-textonly"])
