@@ -21,7 +21,6 @@ from torch import nn
 import minisail
 from minisail.errors import ConfigError, MinisailError
 from minisail.fast import int4 as int4_kernels
-from minisail.fast.int8 import Int8Linear
 from minisail.fast.int4 import (
     GROUP_SIZE,
     Int4Linear,
@@ -32,6 +31,7 @@ from minisail.fast.int4 import (
     reference_int4_linear,
 )
 from minisail.fast.int4_checkpoint import int4_linear_names
+from minisail.fast.int8 import Int8Linear
 from minisail.generate import greedy_generate
 from minisail.models.registry import detect_family
 from minisail.parity import image_token_id, read_tensors
