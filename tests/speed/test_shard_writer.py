@@ -97,10 +97,11 @@ def test_shards_are_the_whole_model_writers_and_load_strictly(preset, tmp_path):
 
 
 def live_bf16_bytes() -> int:
-    """Bytes of every bf16 storage a live Python tensor holds (each storage once: views share theirs)."""
+    """Bytes of every bf16 storage a live Python tensor holds on the CPU (each storage once: views share theirs).
+    Only plain tensors: other tests leave fake and functional tensors (torch.compile) behind, with no storage."""
     storages = {}
     for obj in gc.get_objects():
-        if issubclass(type(obj), torch.Tensor) and obj.dtype == torch.bfloat16 and obj.device.type == "cpu":
+        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.dtype == torch.bfloat16 and obj.device.type == "cpu":
             storage = obj.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
