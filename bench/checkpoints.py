@@ -4,9 +4,10 @@
     <cache>/<preset>-v<FORMAT>/transformers/   the same weights converted to transformers' native names
     <cache>/<preset>-v<FORMAT>/gguf-<TYPE>/    the language model as a GGUF for llama.cpp (gguf_export.py)
 
-The official folder is what a user downloads (bf16, sharded, official key names), written from a minisail
-model through `to_official_state_dict` and the family's weight map, so loading it exercises exactly the path
-of a real checkpoint. Weights are seeded: every run of a format version benchmarks the same numbers.
+The official folder is what a user downloads (bf16, sharded, official key names), written through the family's
+weight map (bench/shard_writer.py, one shard at a time: an 8B model is written in about one shard's memory), so
+loading it exercises exactly the path of a real checkpoint. Weights are seeded: every run of a format version
+benchmarks the same numbers.
 
 Cache policy (the folders are large: 4 GB per copy for SAIL-VL-2B, 11 GB for InternViT-6B):
 - default folder ~/.cache/bench (`--cache DIR` to move it); `--clean` deletes it (only our entries);
@@ -25,16 +26,12 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from bench.models import build_on_meta
 from bench.presets import PRESETS, Preset
-from minisail.checkpoint.export import to_official_state_dict
+from bench.shard_writer import write_official
 from minisail.errors import MinisailError
 
 FORMAT = 2  # bump when the written checkpoints change: older entries are then deleted
-SHARD_BYTES = 2 * 1024**3  # the releases use 2-5 GB shards
 DEFAULT_CACHE = Path.home() / ".cache" / "minisail" / "bench"
 ENTRY = re.compile(r"(?P<preset>[a-z0-9.-]+)-v(?P<version>\d+)")
 PARTIAL = re.compile(r"\.(?P<kind>official|transformers|gguf-[A-Z0-9_]+)\.partial-(?P<pid>\d+)")
@@ -103,64 +100,9 @@ def _check_disk(folder: Path, needed: int) -> None:
         )
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Seeded random values of sensible size: norm weights near 1, matrices ~ N(0, 1/fan_in), the rest small.
-
-    Speed does not depend on the values, only on their being ordinary numbers (no NaN, inf or denormals), so
-    each tensor is cut from one pool of 2^24 normal samples at a random offset: drawing 2 billion fresh samples
-    would take longer than writing the checkpoint."""
-    generator = torch.Generator().manual_seed(seed)
-    pool = torch.randn(1 << 24, generator=generator)
-    pool = torch.cat([pool, pool])  # a slice may wrap around
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            flat = p.view(-1)
-            for start in range(0, flat.numel(), 1 << 24):
-                chunk = flat[start : start + (1 << 24)]
-                offset = int(torch.randint(0, 1 << 24, (1,), generator=generator))
-                chunk.copy_(pool[offset : offset + chunk.numel()])
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.mul_(0.1).add_(1.0)
-            elif p.ndim >= 2:
-                p.mul_(p.shape[-1] ** -0.5)
-            else:
-                p.mul_(0.1)
-
-
-def write_shards(folder: Path, tensors: dict[str, torch.Tensor], shard_bytes: int = SHARD_BYTES) -> None:
-    """`tensors` as model-0000k-of-0000n.safetensors shards of about `shard_bytes` and their index."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    weight_map, total = {}, 0
-    for k, names in enumerate(shards):
-        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensors[n].contiguous() for n in names}, folder / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, file))
-        total += sum(tensors[n].numel() * tensors[n].element_size() for n in names)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
 def parameter_count(preset: Preset) -> int:
     model, _ = build_on_meta(preset)
     return sum(p.numel() for p in model.state_dict().values())
-
-
-def write_official(preset: Preset, folder: Path, seed: int = 0) -> None:
-    """Random bf16 weights at the preset's shapes as an official-layout checkpoint (written in place)."""
-    model, keymap = build_on_meta(preset)
-    model = model.to(torch.bfloat16).to_empty(device="cpu")  # the releases are bf16
-    randomize(model, seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_shards(folder, to_official_state_dict(model, keymap))
-    (folder / "config.json").write_text(json.dumps(preset.config, indent=2))
 
 
 def _build(folder: Path, kind: str, write) -> Path:
@@ -196,7 +138,7 @@ def ensure_checkpoints(preset: Preset, cache: Path, *, transformers: bool) -> di
     folders = {}
     if not is_complete(folder / "official"):
         log(f"writing random bf16 weights for {preset.name} ({official_bytes / 1e9:.1f} GB) to {folder / 'official'}")
-    folders["minisail"] = _build(folder, "official", lambda tmp: write_official(preset, tmp))
+    folders["minisail"] = _build(folder, "official", lambda tmp: write_official(preset, tmp, progress=log))
     if transformers:
         from bench.hf_side import write_transformers_checkpoint
 

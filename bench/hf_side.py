@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from bench.checkpoints import write_shards
 from bench.hf_names import internvl, to_transformers
 from bench.models import DTYPES
 from bench.presets import Preset
+from bench.shard_writer import write_shards
 from minisail.checkpoint.files import open_safetensors_folder
 from minisail.errors import CheckpointError
 

@@ -11,6 +11,11 @@ is only its config: the same dict `minisail.load` reads from a downloaded folder
 - `internvl-chat-v1-5`: InternVL-Chat-V1-5's vision side only, InternViT-6B (45 layers, 3200 wide, RMSNorm,
   qk-norm) + mlp1 to 6144: about 5.65 B parameters. Its InternLM2-20B (40 GB in bf16) does not fit a
   laptop-class machine, so this preset measures vision encoding and loading only.
+- `sail-vl2-8b`: SAIL-ViT-Huge (24 layers, 1536 wide, 12 heads, SwiGLU 4096, RMSNorm, no biases) + mlp1
+  (6144 -> 4096) + Qwen3-8B (36 layers, 4096 wide, 32 / 8 heads of 128, q/k norms, SwiGLU 12288, vocab 151936,
+  untied lm_head). About 8.9 B parameters, 17.8 GB in bf16: issue 17's largest checkpoint this 24 GB machine can
+  hold, measured in int4 and int8 (bf16 does not fit beside the page cache; the benchmark refuses it). The key
+  layout is the golden sail-vl2 cases'; no transformers or llama.cpp comparison (hf_side / gguf_export: Qwen2).
 - `tiny`: the same pipeline at toy widths (tests, smoke runs).
 
 `select_layer` is -1 everywhere (SAIL-VL-2B's real value is unread; -1 is what InternVL2.5-era models and the
@@ -87,6 +92,45 @@ QWEN25_1_5B = {
     "hidden_act": "silu",
 }
 
+QWEN3_8B = {  # FACTS.md 2.2 / 6: Qwen3-8B, SAIL-VL2-8B's language model (untied, its own lm_head)
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 12288,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}
+
+
+def _sail_vl2(llm: dict, *, vit_hidden=1536, vit_layers=24, vit_heads=12, vit_intermediate=4096) -> dict:
+    """SAIL-VL2's config.json (SAILVLModel): SAIL-ViT-Huge (AIMv2-style: 1536 wide, 24 layers, 12 heads, SwiGLU
+    4096, RMSNorm 1e-5, no biases, a 1024-row position table, no CLS) + mlp1 + the given Qwen3."""
+    vision = {
+        "architectures": ["SAILViTModel"],
+        "model_type": "sailvit",
+        "hidden_size": vit_hidden,
+        "num_hidden_layers": vit_layers,
+        "num_attention_heads": vit_heads,
+        "intermediate_size": vit_intermediate,
+        "image_size": 448,
+        "patch_size": 14,
+        "num_channels": 3,
+        "rms_norm_eps": 1e-5,
+        "qkv_bias": False,
+        "use_bias": False,
+    }
+    return {**_chat_level(vision, llm, "univl-chat"), "architectures": ["SAILVLModel"], "model_type": "sailvl"}
+
+
 INTERNLM2_1_8B_VE = {
     "architectures": ["InternLM2VEForCausalLM"],
     "model_type": "internlm2",
@@ -145,6 +189,13 @@ PRESETS = {
             image_token_id=92546,
             has_llm=False,
             about="InternViT-6B + mlp1 (vision side only)",
+        ),
+        Preset(
+            "sail-vl2-8b",
+            _sail_vl2(QWEN3_8B),
+            image_token_id=151671,  # <IMG_CONTEXT> in SAIL-VL2's tokenizer (FACTS.md 10)
+            transformers=False,  # hf_side.py compares InternVL + Qwen2 only
+            about="SAIL-ViT-Huge + Qwen3-8B: the largest checkpoint a 24 GB machine holds (int4 / int8)",
         ),
         Preset(
             "tiny",  # for tests and smoke runs: the same pipeline in seconds

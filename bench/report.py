@@ -114,6 +114,8 @@ def format_table(report: dict) -> str:
             lines.append(f"{dtype} {key.removesuffix('_skipped')}: {note[key]}")
     if report.get("llama_cpp_skipped"):
         lines.append(f"llama.cpp not compared: {report['llama_cpp_skipped']}")
+    for name, reason in (report.get("peer_failures") or {}).items():
+        lines.append(f"{name}: its worker {reason}; no figures for it")
     if report["targets"]:
         lines.append("")
         lines.append("targets (issue 9):")

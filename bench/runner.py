@@ -1,4 +1,5 @@
-"""The benchmark's conductor: checkpoints, worker processes, interleaved repeats, medians, ratios and targets.
+"""The benchmark's conductor: checkpoints, worker processes, interleaved repeats and medians (ratios and targets:
+targets.py; the processes themselves: processes.py).
 
 For each dtype it starts one worker process per framework (minisail; transformers when installed; llama.cpp
 when installed and asked for, on a GGUF of the same language model in the matching type: bench/llama_side.py;
@@ -6,30 +7,32 @@ see worker.py), each loading its own copy of the same weights cold (page cache d
 at once, every measurement alternates between them (A B, B A, ...), so a busy moment of the machine hits both
 alike; otherwise they run one after the other and the result says so. Extra load-only processes give the load
 time and peak RSS their repeats. Every figure is a median.
+
+A dtype whose load would not fit in the memory available (BYTES_PER_PARAM x LOAD_PEAK, within MEMORY_SHARE of
+it) is skipped with the reason, not run into the out-of-memory killer. A peer's worker that dies (a crash in
+llama.cpp, transformers killed) costs only that peer's figures for that dtype: the report's `peer_failures` says
+how it stopped, and minisail and the other peers go on. minisail's own worker dying stops the run.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import gguf_export
-from bench.checkpoints import ensure_checkpoints, evict_page_cache, log, parameter_count
+from bench.checkpoints import ensure_checkpoints, log, parameter_count
 from bench.machine import machine_info, memory_available_bytes, streaming_bandwidth
 from bench.models import int8_available
 from bench.presets import Preset
-from minisail.errors import MinisailError
+from bench.processes import LLAMA, Worker, WorkerDied, record_peer_death, start_worker
+from bench.targets import METRICS, evaluate, llama_ratios, ratios
 from minisail.fast.packing import packing_support
 
-METRICS = ["load_s", "peak_rss_gb", "vision_1tile_s", "vision_7tiles_s", "prefill_s", "ttft_s", "decode_tok_s"]
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.1, "int4": 0.7}  # int8/int4: + scales, bf16 norms, embeddings
 LOAD_PEAK = {"minisail": 1.15, "transformers": 1.6, "llama.cpp": 1.1}  # peak RSS while loading / weight bytes
-LLAMA = "llama.cpp"  # the language model only: no vision measurements, no matmuls-alone
+MEMORY_SHARE = 0.9  # of the memory available at the start of a dtype: the rest stays the OS's and other processes'
 PROMPT_TOKENS = 286  # worker.bench_inputs: 20 text + 256 image + 10 text
 
 
@@ -58,70 +61,14 @@ class Settings:
         return cls(**{**quick, "seven_tiles": False, "warmup": False, "llama": False, **overrides})
 
 
-class Worker:
-    """A worker process (worker.py) holding one model; `request(op)` sends one command and returns its answer."""
-
-    def __init__(self, spec: dict):
-        self.spec, self.name = spec, f"{spec['dtype']} {spec['framework']}"
-        command = [sys.executable, "-m", "bench.worker", json.dumps(spec)]
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=worker_environment()
-        )
-        self.load = self._read()
-
-    def _read(self) -> dict:
-        line = self.process.stdout.readline()
-        if not line:
-            code = self.process.wait()
-            hint = " (killed: most likely out of memory)" if code in (-9, 137) else ""
-            raise MinisailError(f"the {self.name} benchmark worker stopped with exit status {code}{hint}")
-        return json.loads(line)
-
-    def request(self, **command) -> dict:
-        self.process.stdin.write(json.dumps(command) + "\n")
-        self.process.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        """Ask the worker to exit; stop it if it does not (an error or Ctrl-C left it mid-measurement)."""
-        if self.process.poll() is None:
-            try:
-                self.process.stdin.write('{"op": "exit"}\n')
-                self.process.stdin.flush()
-                self.process.wait(timeout=30)
-            except (BrokenPipeError, subprocess.TimeoutExpired):
-                self.process.kill()
-                self.process.wait()
-
-
-REPOSITORY = Path(__file__).resolve().parent.parent  # the checkout holding bench/ (not installed)
-
-
-def worker_environment() -> dict[str, str]:
-    """This environment with the repository root first on PYTHONPATH, so `python -m bench.worker` finds this
-    bench/ whatever the current directory is (relative --cache paths stay relative to the caller's)."""
-    path = [str(REPOSITORY), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-
-
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
 
 
-def start_worker(spec: dict, folder: Path) -> Worker:
-    evict_page_cache(folder)
-    worker = Worker(spec)
-    load = worker.load
-    log(
-        f"{worker.name}: loaded in {load['load_s']:.2f} s, peak RSS {load['peak_rss_gb']:.2f} GB "
-        f"({load['weights_gb']:.2f} GB of weights)"
-    )
-    return worker
-
-
-def measure(workers: list[Worker], preset: Preset, settings: Settings) -> dict[str, dict[str, list]]:
-    """Run every timed operation `repeats` times on each worker, alternating the order each round."""
+def measure(workers: list[Worker], preset: Preset, settings: Settings, failures: dict) -> dict[str, dict[str, list]]:
+    """Run every timed operation `repeats` times on each worker, alternating the order each round. A peer that
+    dies is recorded in `failures` and left out from then on (record_peer_death); minisail's death stops the run."""
     samples = {w.name: {m: [] for m in [*METRICS[2:], "cpu_share", "decode_matmuls_s"]} for w in workers}
     plan = [("vision_1tile_s", {"op": "vision", "tiles": 1}, settings.repeats)]
     if settings.seven_tiles:
@@ -131,12 +78,23 @@ def measure(workers: list[Worker], preset: Preset, settings: Settings) -> dict[s
         plan.append(("generate", {"op": "generate", "tokens": settings.new_tokens}, settings.long_repeats))
     if preset.has_llm:  # minisail only: the decode step's matrix products alone (its kernels' ceiling)
         plan.append(("decode_matmuls_s", {"op": "matmuls"}, settings.repeats))
+
+    def ask(w: Worker, **command) -> dict | None:
+        """The worker's answer; None once it has died (a peer: recorded, skipped from now on)."""
+        if w.name in failures:
+            return None
+        try:
+            return w.request(**command)
+        except WorkerDied as died:
+            record_peer_death(died, failures)
+            return None
+
     for w in workers:  # warm-up, untimed: thread pools, allocator, oneDNN kernels for each shape
-        if w.spec["framework"] != LLAMA:
-            w.request(op="vision", tiles=1)
-        if preset.has_llm and w.spec.get("compile") and w.spec["framework"] == "minisail":
+        if w.framework != LLAMA:
+            ask(w, op="vision", tiles=1)
+        if preset.has_llm and w.spec.get("compile") and w.framework == "minisail":
             # the warm-up generation compiles the decode step (for a cache of the size the timed ones use)
-            answer = w.request(op="generate", tokens=settings.new_tokens)
+            answer = ask(w, op="generate", tokens=settings.new_tokens)
             if answer.get("compile_failed"):
                 w.load["compile_failed"] = answer["compile_failed"]
                 log(f"{w.name}: torch.compile failed on this machine, decoding eagerly ({answer['compile_failed']})")
@@ -144,15 +102,17 @@ def measure(workers: list[Worker], preset: Preset, settings: Settings) -> dict[s
                 w.load["compile_s"], w.load["rss_after_compile_gb"] = answer["s"], answer["rss_gb"]
                 log(f"{w.name}: compiled the decode step in the warm-up generation, {answer['s']:.1f} s")
         elif preset.has_llm:
-            w.request(op="generate", tokens=4 if settings.warmup else 2)  # a prefill and decode steps
+            ask(w, op="generate", tokens=4 if settings.warmup else 2)  # a prefill and decode steps
     for metric, command, repeats in plan:
         for r in range(repeats):
             for w in workers if r % 2 == 0 else workers[::-1]:
-                if metric == "decode_matmuls_s" and w.spec["framework"] != "minisail":
+                if metric == "decode_matmuls_s" and w.framework != "minisail":
                     continue
-                if metric.startswith("vision") and w.spec["framework"] == LLAMA:
+                if metric.startswith("vision") and w.framework == LLAMA:
                     continue
-                answer = w.request(**command)
+                answer = ask(w, **command)
+                if answer is None:
+                    continue
                 share = f"(cpu share {answer['cpu_share']:.2f})"
                 if metric == "generate":
                     samples[w.name]["ttft_s"].append(answer["ttft_s"])
@@ -171,18 +131,25 @@ def fitting_frameworks(folders: dict, dtype: str, estimate: float, available: fl
     frameworks, skipped = [], {}
     quantized = dtype in ("int8", "int4")  # minisail only: they compare with transformers' bf16
     candidates = ["transformers", "minisail"] if "transformers" in folders and not quantized else ["minisail"]
+    usable = MEMORY_SHARE * available
     for fw in candidates + ([LLAMA] if LLAMA in folders else []):
         peak = estimate * LOAD_PEAK[fw] + 1e9
-        if peak > available:
-            skipped[fw] = f"skipped: loading needs about {peak / 1e9:.1f} GB of RAM, {available / 1e9:.1f} GB available"
+        if peak > usable:
+            skipped[fw] = (
+                f"skipped: loading {dtype} needs about {peak / 1e9:.1f} GB of RAM and {usable / 1e9:.1f} GB may be "
+                f"used ({MEMORY_SHARE:.0%} of what is available): an out-of-memory kill would end the run"
+            )
             log(f"{dtype} {fw}: {skipped[fw]}")
         else:
             frameworks.append(fw)
     return frameworks, skipped
 
 
-def run_dtype(preset: Preset, dtype: str, folders: dict, settings: Settings, params: int) -> tuple[dict, dict]:
-    """{framework: {metric: median}} and notes for one dtype."""
+def run_dtype(
+    preset: Preset, dtype: str, folders: dict, settings: Settings, params: int, failures: dict
+) -> tuple[dict, dict]:
+    """{framework: {metric: median}} and notes for one dtype. A peer whose worker dies (loading or measuring) is
+    recorded in `failures` ({"int8 llama.cpp": how it stopped}) and has no figures; minisail's death is an error."""
     spec = {"preset": preset.name, "dtype": dtype, "threads": settings.threads, "compile": settings.compile}
     spec["context"] = PROMPT_TOKENS + settings.new_tokens + 2  # llama.cpp's KV cache: the prompt and the tokens
     estimate = params * BYTES_PER_PARAM[dtype]
@@ -191,11 +158,22 @@ def run_dtype(preset: Preset, dtype: str, folders: dict, settings: Settings, par
     if "minisail" not in frameworks:
         return {}, {"skipped": skipped["minisail"]}
     loads = {fw: [] for fw in frameworks}
+
+    def start(fw: str, **extra) -> Worker | None:
+        if f"{dtype} {fw}" in failures:  # died before: not started again
+            return None
+        try:
+            return start_worker({**spec, "framework": fw, "folder": str(folders[fw]), **extra}, folders[fw])
+        except WorkerDied as died:
+            record_peer_death(died, failures)
+            return None
+
     for _ in range(settings.load_repeats - 1):  # extra fresh processes, load only
         for fw in frameworks:
-            worker = start_worker({**spec, "framework": fw, "folder": str(folders[fw]), "load_only": True}, folders[fw])
-            loads[fw].append(worker.load)
-            worker.close()
+            worker = start(fw, load_only=True)
+            if worker:
+                loads[fw].append(worker.load)
+                worker.close()
     resident, samples, interleaved = [], {}, True
     try:
         for fw in frameworks:
@@ -204,15 +182,18 @@ def run_dtype(preset: Preset, dtype: str, folders: dict, settings: Settings, par
             in_use = sum(w.load["rss_gb"] * 1e9 for w in resident)
             if resident and in_use + estimate * 1.2 + 1e9 > 0.85 * available:
                 interleaved = False
-                samples.update(measure(resident, preset, settings))
+                samples.update(measure(resident, preset, settings, failures))
                 while resident:
                     resident.pop().close()
-            resident.append(start_worker({**spec, "framework": fw, "folder": str(folders[fw])}, folders[fw]))
-            loads[fw].append(resident[-1].load)
-        samples.update(measure(resident, preset, settings))
+            worker = start(fw)
+            if worker:
+                resident.append(worker)
+                loads[fw].append(worker.load)
+        samples.update(measure(resident, preset, settings, failures))
     finally:
         for w in resident:
             w.close()
+    frameworks = [fw for fw in frameworks if f"{dtype} {fw}" not in failures]  # the peers that lived to the end
     results = {}
     for fw in ["minisail", *[f for f in frameworks if f != "minisail"]]:
         results[fw] = {m: median(x[m] for x in loads[fw]) for m in METRICS[:2]}
@@ -246,50 +227,6 @@ def run_dtype(preset: Preset, dtype: str, folders: dict, settings: Settings, par
     return results, notes
 
 
-def ratio(a, b):
-    return round(a / b, 3) if a is not None and b else None
-
-
-def evaluate(results: dict, roofline: dict, notes: dict) -> dict:
-    """The issue's targets, each as {value, target, met}."""
-
-    def get(dtype, fw, metric):
-        return results.get(dtype, {}).get(fw, {}).get(metric)
-
-    def target(value, goal, higher_is_better=True):
-        met = None if value is None else (value >= goal if higher_is_better else value <= goal)
-        return {"value": value, "target": goal, "met": met}
-
-    targets = {
-        "bf16_decode_vs_transformers": target(
-            ratio(get("bf16", "minisail", "decode_tok_s"), get("bf16", "transformers", "decode_tok_s")), 1.5
-        ),
-        "bf16_decode_vs_roofline": target(ratio(get("bf16", "minisail", "decode_tok_s"), roofline.get("bf16")), 0.7),
-        "int8_decode_vs_transformers_bf16": target(
-            ratio(get("int8", "minisail", "decode_tok_s"), get("bf16", "transformers", "decode_tok_s")), 2.5
-        ),
-    }
-    for dtype in ("fp32", "bf16"):
-        for metric in ("vision_1tile_s", "vision_7tiles_s", "prefill_s"):
-            speedup = ratio(get(dtype, "transformers", metric), get(dtype, "minisail", metric))
-            targets[f"{dtype}_{metric[:-2]}_vs_transformers"] = target(speedup, 1.1)
-        targets[f"{dtype}_load_vs_transformers"] = target(
-            ratio(get(dtype, "transformers", "load_s"), get(dtype, "minisail", "load_s")), 1.0
-        )
-    for dtype in results:  # issue 17: at least llama.cpp's speed in the same format (Q8_0 for int8, ...)
-        if LLAMA in results[dtype]:
-            kind = notes.get(dtype, {}).get("llama.cpp_type", "")
-            decode = ratio(get(dtype, "minisail", "decode_tok_s"), get(dtype, LLAMA, "decode_tok_s"))
-            targets[f"{dtype}_decode_vs_llama_cpp_{kind}"] = target(decode, 1.0)
-            prefill = ratio(get(dtype, LLAMA, "prefill_s"), get(dtype, "minisail", "prefill_s"))
-            targets[f"{dtype}_prefill_vs_llama_cpp_{kind}"] = target(prefill, 1.0)
-    for dtype in results:  # what loading added to the process (its peak minus the interpreter and libraries)
-        note, peak = notes.get(dtype, {}), get(dtype, "minisail", "peak_rss_gb")
-        added = None if peak is None else peak - note.get("minisail_baseline_rss_gb", 0.0)
-        targets[f"{dtype}_load_rss_vs_weights"] = target(ratio(added, note.get("weights_gb")), 1.1, False)
-    return {name: t for name, t in targets.items() if t["value"] is not None}
-
-
 def run_bench(preset: Preset, cache: Path, settings: Settings) -> dict:
     compare = settings.compare and preset.transformers and _has_transformers()
     folders = ensure_checkpoints(preset, cache, transformers=compare)
@@ -298,7 +235,7 @@ def run_bench(preset: Preset, cache: Path, settings: Settings) -> dict:
     bandwidths = [streaming_bandwidth()]
     log(f"bandwidth {bandwidths[0] / 1e9:.1f} GB/s")
     params = parameter_count(preset)
-    results, notes = {}, {}
+    results, notes, failures = {}, {}, {}
     peer = llama_peer(preset, settings)
     if peer:
         log(f"llama.cpp not compared: {peer}")
@@ -311,7 +248,7 @@ def run_bench(preset: Preset, cache: Path, settings: Settings) -> dict:
         if peer is None and dtype in gguf_export.GGUF_TYPES:
             type_name = gguf_export.GGUF_TYPES[dtype]
             dtype_folders[LLAMA] = gguf_export.ensure_gguf(preset, cache, folders["minisail"], type_name)
-        rows, notes[dtype] = run_dtype(preset, dtype, dtype_folders, settings, params)
+        rows, notes[dtype] = run_dtype(preset, dtype, dtype_folders, settings, params, failures)
         if rows:
             results[dtype] = rows
     bandwidths.append(streaming_bandwidth())  # again at the end: a busy moment lowers one reading, not both
@@ -328,24 +265,11 @@ def run_bench(preset: Preset, cache: Path, settings: Settings) -> dict:
         "ratios": ratios(results),
         "ratios_vs_llama_cpp": llama_ratios(results, notes),
         "llama_cpp_skipped": peer,  # None: llama.cpp ran (see each dtype's results), else why not
+        "peer_failures": failures,  # {"int8 llama.cpp": how its worker stopped}: those figures are absent
         "targets": evaluate(results, roofline, notes),
         "notes": notes,
         "settings": {**settings.__dict__, "dtypes": list(settings.dtypes), "parameters": params},
     }
-
-
-def ratios(results: dict) -> dict:
-    """minisail's speed-up over transformers per dtype and metric (>1: minisail is faster / smaller)."""
-    out = {}
-    for dtype, rows in results.items():
-        quantized = dtype in ("int8", "int4")
-        theirs = results.get("bf16", {}).get("transformers") if quantized else rows.get("transformers")
-        if not theirs:
-            continue
-        ours = rows["minisail"]
-        out[dtype] = {m: ratio(theirs[m], ours[m]) for m in METRICS if m != "decode_tok_s"}
-        out[dtype]["decode_tok_s"] = ratio(ours["decode_tok_s"], theirs["decode_tok_s"])
-    return out
 
 
 def llama_peer(preset: Preset, settings: Settings) -> str | None:
@@ -360,22 +284,6 @@ def llama_peer(preset: Preset, settings: Settings) -> str | None:
     if missing:
         return f"{' and '.join(missing)} not installed (pip install -e '.[llama]': README 'Comparing with llama.cpp')"
     return None
-
-
-def llama_ratios(results: dict, notes: dict) -> dict:
-    """minisail vs llama.cpp in the matching format, per dtype (>1: minisail is faster). Prefill and decode only:
-    llama.cpp has no vision, so its time to first token (prompt only) is not minisail's (which encodes a tile)."""
-    out = {}
-    for dtype, rows in results.items():
-        theirs, ours = rows.get(LLAMA), rows.get("minisail")
-        if not theirs or not ours:
-            continue
-        out[dtype] = {
-            "format": notes.get(dtype, {}).get("llama.cpp_type"),
-            "prefill_s": ratio(theirs["prefill_s"], ours["prefill_s"]),
-            "decode_tok_s": ratio(ours["decode_tok_s"], theirs["decode_tok_s"]),
-        }
-    return out
 
 
 def _has_transformers() -> bool:

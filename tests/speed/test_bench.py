@@ -233,3 +233,19 @@ def test_where_compiling_fails_the_benchmark_decodes_eagerly_and_says_so(tmp_pat
         times = runner.generate(4)
         assert len(times) == 4 and len(runner.generate(3)) == 3
     assert "no compiler for this CPU" in runner.compile_failed and not runner.compile
+
+
+def test_a_dtype_that_cannot_fit_in_memory_is_refused_with_the_reason(tmp_path, monkeypatch):
+    """SAIL-VL2-8B on a 24 GB machine: bf16 (17.8 GB of weights) is skipped, saying why, before any worker starts
+    (an out-of-memory kill would end the whole run); int4 fits."""
+    from bench import runner
+
+    params = checkpoints.parameter_count(get_preset("sail-vl2-8b"))
+    monkeypatch.setattr(runner, "memory_available_bytes", lambda: 22 * 10**9)
+    monkeypatch.setattr(runner, "start_worker", lambda *a: pytest.fail("no worker may start"))
+    results, notes = runner.run_dtype(
+        get_preset("sail-vl2-8b"), "bf16", {"minisail": tmp_path}, runner.Settings(), params, {}
+    )
+    assert results == {} and "loading bf16 needs about 21.5 GB of RAM and 19.8 GB may be used" in notes["skipped"]
+    assert "out-of-memory kill" in notes["skipped"]
+    assert runner.fitting_frameworks({"minisail": tmp_path}, "int4", params * runner.BYTES_PER_PARAM["int4"], 22e9)[0]
