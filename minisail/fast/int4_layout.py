@@ -12,8 +12,9 @@ Two layouts hold the codes q (0..15) of a weight [out, in], two per byte:
   A last, partial block (out not a multiple of B: 16, 32 or 48 rows) is always in pairs.
 
 Since which one the running torch writes depends on the CPU (and on ATEN_CPU_CAPABILITY), nothing here assumes
-one: `find_kernel_layout` tries each of `CANDIDATES` on a packed weight against its plain codes and returns the
-one whose unpacking gives them back exactly (or None; then the kernel stays the only reader of that weight).
+one: at load, `find_kernel_layout` tries each of `CANDIDATES` on a packed weight against its plain codes and
+returns the one whose unpacking gives them back exactly (or None; then the kernel stays the only reader of that
+weight).
 
 `unpack_kernel_rows` reads a block of rows of the kernel's layout back into row-major signed codes q - 8, as
 floats [rows, in]: the many-row path of fast/int4.py dequantises those. The kernel's blocks are arrays [in, B/2],
@@ -38,7 +39,7 @@ class KernelLayout(NamedTuple):
 
 CANDIDATES = (KernelLayout(64, True), KernelLayout(32, True), KernelLayout(32, False))  # AVX-512, AVX2, scalar
 PARTIAL_ROWS = 16  # a partial last block is a multiple of this many rows (the kernel refuses other `out`)
-CHECK_BLOCK_ROWS = 1024  # rows compared at a time by find_kernel_layout: a multiple of every candidate's block
+CHECK_BLOCK_ROWS = 256  # rows compared at a time by find_kernel_layout (a multiple of every block): ~10 MB
 
 
 def unpack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -81,16 +82,21 @@ def unpack_kernel_rows(packed: torch.Tensor, layout: KernelLayout, out: torch.Te
 
 def find_kernel_layout(codes: torch.Tensor, packed: torch.Tensor) -> KernelLayout | None:
     """The candidate whose unpacking of `packed` (the kernel's layout, uint8 [out, in/2]) gives back the plain
-    `codes` [out, in/2] exactly, over the whole matrix (a cheap integer pass, done once at load), else None."""
-    if packed.shape != codes.shape or packed.dtype != torch.uint8 or codes.shape[0] % PARTIAL_ROWS:
+    `codes` [out, in/2] exactly, else None. Checked on the first and the last CHECK_BLOCK_ROWS rows (whole blocks,
+    and the partial last one); the rows between are blocks the same packing call wrote the same way. Where more
+    than one candidate passes (codes too regular there to tell them apart), every row decides."""
+    out = codes.shape[0]
+    if packed.shape != codes.shape or packed.dtype != torch.uint8 or out % PARTIAL_ROWS:
         return None
-    for layout in CANDIDATES:
-        if all(
-            torch.equal(_signed_rows(packed, start, layout), _signed_rows(codes, start, None))
-            for start in range(0, codes.shape[0], CHECK_BLOCK_ROWS)
-        ):
-            return layout
-    return None
+    ends = sorted({0, (out - 1) // CHECK_BLOCK_ROWS * CHECK_BLOCK_ROWS})
+    passing = [layout for layout in CANDIDATES if _reads_back(codes, packed, layout, ends)]
+    if len(passing) > 1:
+        passing = [layout for layout in passing if _reads_back(codes, packed, layout, range(0, out, CHECK_BLOCK_ROWS))]
+    return passing[0] if passing else None
+
+
+def _reads_back(codes: torch.Tensor, packed: torch.Tensor, layout: KernelLayout, starts) -> bool:
+    return all(torch.equal(_signed_rows(packed, s, layout), _signed_rows(codes, s, None)) for s in starts)
 
 
 def _signed_rows(weight: torch.Tensor, start: int, layout: KernelLayout | None) -> torch.Tensor:

@@ -91,6 +91,14 @@ def test_each_layout_unpacks_back_to_its_codes_and_is_found(layout, shape):
         assert found == layout
 
 
+@pytest.mark.parametrize("layout", CANDIDATES, ids=["avx512", "avx2", "scalar"])
+def test_regular_codes_at_both_ends_are_decided_by_every_row(layout):
+    q = torch.full((4 * int4_layout.CHECK_BLOCK_ROWS, 64), 8, dtype=torch.uint8)  # code 8 (= zero) at both ends
+    middle = slice(int4_layout.CHECK_BLOCK_ROWS, 3 * int4_layout.CHECK_BLOCK_ROWS)
+    q[middle] = random_codes(2 * int4_layout.CHECK_BLOCK_ROWS, 64)
+    assert find_kernel_layout(plain_bytes(q), pack_as(q, layout)) == layout
+
+
 def test_no_layout_is_found_for_bytes_no_candidate_wrote():
     q = random_codes(256, 128)
     scrambled = pack_as(q, CANDIDATES[0]).flip(0)  # the blocks in reverse order
