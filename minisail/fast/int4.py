@@ -29,10 +29,11 @@ Two layouts of `weight`, one per path (the load hook picks one per weight; `kern
   the kernel's layout back (fast/int4_layout.py; the unpacking that gave this weight's codes back exactly at
   load, `kernel_unpack`), dequantises a block of rows at a time into reused buffers exactly as the plain path
   does and runs one F.linear per block (oneDNN's bf16 GEMM, AMX where the CPU has it): the plain path's numbers,
-  bit for bit, in ~1 ns per weight plus the GEMM, 2.5-5x faster than the kernel at 286 rows. Where bf16 is not
-  native (`packing_support()`, e.g. AVX2) the blocks stay fp32 and so do the products, the output rounded once
-  to bf16 as fast/upcast.py does (still 1.4-3.9x faster than the kernel). Below MANY_ROWS the kernel wins (the
-  crossover measured 64-96 rows), and it runs wherever no unpacking was found.
+  bit for bit, in ~1 ns per weight (one thread) plus the GEMM: 2.8-5x faster than the kernel at 286 rows with
+  one thread, 1.7-3.4x with two (busy machine, orientation only). Where bf16 is not native (`packing_support()`,
+  e.g. AVX2) the blocks stay fp32 and so do the products, the output rounded once to bf16 as fast/upcast.py does
+  (with torch, oneDNN and MKL held to AVX2: 1.4-1.7x faster than the kernel). Below MANY_ROWS the kernel wins
+  (crossover measured at 64-96 rows), and it runs wherever no unpacking was found.
 - the plain one: byte j of row n holds q[n, 2j] (low nibble) and q[n, 2j+1] (high nibble). `blocked_int4_matmul`
   dequantises a block of rows at a time in fp32, rounds it to x's dtype and runs F.linear: `reference_int4_linear`
   computed blockwise. Every other case runs it (fp32/fp16 models, other devices, a kernel that fails its probe).
