@@ -17,9 +17,11 @@ returns the one whose unpacking gives them back exactly (or None; then the kerne
 weight).
 
 `unpack_kernel_rows` reads a block of rows of the kernel's layout back into row-major signed codes q - 8, as
-floats [rows, in]: the many-row path of fast/int4.py dequantises those. The kernel's blocks are arrays [in, B/2],
-so their bytes are transposed first (bytes are the cheapest thing to move: half a byte per weight), then the
-nibbles are split with shifts on int8 (q ^ 8 as a signed nibble is q - 8), and converted once.
+floats [rows, in]: the many-row path of fast/int4.py dequantises those. Row-major like the plain path's blocks,
+because oneDNN's bits depend on the weight's memory layout (measured: [in, out] and [out, in] weights can differ
+in the last bit), and the two paths are to agree bit for bit. The kernel's blocks are arrays [in, B/2], so their
+bytes are transposed first (bytes are the cheapest thing to move: half a byte per weight), then the nibbles are
+split with shifts on int8 (q ^ 8 as a signed nibble is q - 8), and converted once.
 """
 
 from __future__ import annotations
