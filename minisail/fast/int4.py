@@ -23,6 +23,17 @@ Two layouts of `weight`, one per path (the load hook picks one per weight; `kern
   run a scalar loop 30-60x slower), so it is used for CPU models loaded in bf16, where the load hook has checked,
   once per weight shape on the running machine, that it runs and agrees with the plain definition
   (`_int4pack_works`). Then the plain layout is not kept (the kernel layout is what this process can read).
+  How many rows of x decide who reads it. The kernel streams the weight once per few rows of x, dequantising it
+  again each time: ideal at decode (1 row), compute-bound at prefill (measured, one thread, 17920x1536 at 286
+  rows: 230-440 ms against the bf16 Linear's 20-50 ms). So from MANY_ROWS rows on, `kernel_layout_matmul` reads
+  the kernel's layout back (fast/int4_layout.py; the unpacking that gave this weight's codes back exactly at
+  load, `kernel_unpack`), dequantises a block of rows at a time into reused buffers exactly as the plain path
+  does and runs one F.linear per block (oneDNN's bf16 GEMM, AMX where the CPU has it): the plain path's numbers,
+  bit for bit, in ~1 ns per weight (one thread) plus the GEMM: 2.8-5x faster than the kernel at 286 rows with
+  one thread, 1.7-3.4x with two (busy machine, orientation only). Where bf16 is not native (`packing_support()`,
+  e.g. AVX2) the blocks stay fp32 and so do the products, the output rounded once to bf16 as fast/upcast.py does
+  (with torch, oneDNN and MKL held to AVX2: 1.4-1.7x faster than the kernel). Below MANY_ROWS the kernel wins
+  (crossover measured at 64-96 rows), and it runs wherever no unpacking was found.
 - the plain one: byte j of row n holds q[n, 2j] (low nibble) and q[n, 2j+1] (high nibble). `blocked_int4_matmul`
   dequantises a block of rows at a time in fp32, rounds it to x's dtype and runs F.linear: `reference_int4_linear`
   computed blockwise. Every other case runs it (fp32/fp16 models, other devices, a kernel that fails its probe).
@@ -37,11 +48,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisail.errors import MinisailError
-from minisail.fast.int8 import swap_linears
+from minisail.fast.int4_layout import KernelLayout, unpack_codes, unpack_kernel_rows
+from minisail.fast.int8 import _scratch_buffer, swap_linears
+from minisail.fast.packing import packing_support
 
 GROUP_SIZE = 64  # inputs per (scale, zero) group; see the module docstring for why 64
 QUANTIZE_BLOCK_ROWS = 1024  # rows quantised (or repacked) at a time: a multiple of the kernel's 64-row blocks
-BLOCK_BYTES = 8 << 20  # dequantised float rows per matmul in the plain path
+BLOCK_BYTES = 8 << 20  # dequantised float32 rows per matmul (both float paths; a multiple of 64 rows)
+MANY_ROWS = 80  # rows of x from which the kernel-layout weight is dequantised block by block (measured crossover)
 PROBE_ROWS = 128  # output rows at each end of a weight that the kernel probe checks against the definition
 
 
@@ -70,11 +84,6 @@ def quantize_groups(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple
     return codes, scale_zeros
 
 
-def unpack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """Plain-layout bytes [r, in/2] -> the 4-bit codes uint8 [r, in] (0..15)."""
-    return torch.stack([codes & 15, codes >> 4], dim=-1).view(codes.shape[0], -1)
-
-
 def dequantize(codes: torch.Tensor, scale_zeros_rows: torch.Tensor) -> torch.Tensor:
     """The definition, in fp32: plain codes [r, in/2] and their scale_zeros [r, in/G, 2] -> W float32 [r, in]."""
     rows, groups = scale_zeros_rows.shape[:2]
@@ -89,15 +98,43 @@ def reference_int4_linear(x: torch.Tensor, codes, scale_zeros, bias=None) -> tor
     return F.linear(x, dequantize(codes, scale_zeros.transpose(0, 1)).to(x.dtype), bias)
 
 
+def block_rows(in_features: int) -> int:
+    """Weight rows dequantised per matmul: BLOCK_BYTES of float32, whole 64-row blocks of the kernel's layout. Both
+    paths use it: oneDNN's bits depend on the shape of each product, so equal blocks give equal numbers."""
+    return max(64, BLOCK_BYTES // (in_features * 4) // 64 * 64)
+
+
 def blocked_int4_matmul(x: torch.Tensor, codes: torch.Tensor, scale_zeros: torch.Tensor) -> torch.Tensor:
     """x [M, in] @ W^T -> [M, out], dequantising a block of rows of the plain layout at a time."""
-    out_features, in_features = codes.shape[0], codes.shape[1] * 2
-    rows = max(1, BLOCK_BYTES // (in_features * 4))
+    rows = block_rows(codes.shape[1] * 2)
     parts = []
-    for start in range(0, out_features, rows):
+    for start in range(0, codes.shape[0], rows):
         pairs = scale_zeros[:, start : start + rows].transpose(0, 1)  # [r, in/G, 2]
         parts.append(F.linear(x, dequantize(codes[start : start + rows], pairs).to(x.dtype)))
     return torch.cat(parts, dim=-1)
+
+
+def kernel_layout_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zeros, layout: KernelLayout) -> torch.Tensor:
+    """x [M, in] bf16 @ W^T -> [M, out] bf16 from the kernel's layout, a block of rows at a time into reused
+    buffers: the plain path's numbers (the same blocks, the same dequantisation, bit for bit). Where bf16 is not
+    native (`packing_support()`), the blocks stay float32 and so do the products, rounded once to bf16."""
+    out_features, in_features = packed.shape[0], packed.shape[1] * 2
+    rows = block_rows(in_features)
+    native = packing_support().available
+    inputs = x if native else x.float()  # [M, in]
+    y = torch.empty(x.shape[0], out_features, dtype=x.dtype)  # [M, out]
+    for start in range(0, out_features, rows):
+        r = min(rows, out_features - start)
+        weights = _scratch_buffer(r * in_features, torch.float32, x.device).view(r, in_features)
+        unpack_kernel_rows(packed[start : start + r], layout, weights)  # q - 8, exact
+        pairs = scale_zeros[:, start : start + r].float()  # [in/G, r, 2]
+        scale, zero = (pairs[..., i].t().contiguous()[..., None] for i in (0, 1))  # [r, in/G, 1] each
+        # (q - 8) * scale is exact in fp32 (4 bits times bf16's 8), so + zero rounds once, as in `dequantize`
+        weights.view(r, scale.shape[1], -1).mul_(scale).add_(zero)
+        if native:
+            weights = _scratch_buffer(r * in_features, x.dtype, x.device).view(r, in_features).copy_(weights)
+        y[:, start : start + r] = F.linear(inputs, weights)
+    return y
 
 
 def pack_for_kernel(codes: torch.Tensor, scale_zeros: torch.Tensor, group_size: int) -> torch.Tensor | None:
@@ -158,6 +195,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale_zeros", sz)
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self.kernel_layout = False
+        self.kernel_unpack: KernelLayout | None = None  # the kernel layout's unpacking (int4_layout.py), if found
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -167,9 +205,13 @@ class Int4Linear(nn.Module):
                     "this Int4Linear holds its weight in the CPU kernel's layout; load the model on the device it "
                     "runs on (minisail.load(..., device=...)) instead of moving it"
                 )
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                rows.to(torch.bfloat16).contiguous(), self.weight, self.group_size, self.scale_zeros
-            ).to(x.dtype)
+            rows = rows.to(torch.bfloat16).contiguous()
+            if rows.shape[0] >= MANY_ROWS and self.kernel_unpack is not None:
+                y = kernel_layout_matmul(rows, self.weight, self.scale_zeros, self.kernel_unpack).to(x.dtype)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size, self.scale_zeros).to(
+                    x.dtype
+                )
         else:
             y = blocked_int4_matmul(rows, self.weight, self.scale_zeros)
         if self.bias is not None:

@@ -12,7 +12,8 @@ pages are given back at once: the full-precision matrix never exists in RAM, so 
 plus the float parts. The codes and the scale/zero pairs go through the weight's `Join` as two `Parts` (both have
 one entry per row), so the loader core checks every shape and fused or regrouped layers stay exact. Then, for a CPU
 model in bf16, the joined weight is repacked into the CPU kernel's layout where that kernel proves itself on this
-machine (fast/int4.py `pack_for_kernel`), else kept in the plain layout.
+machine (fast/int4.py `pack_for_kernel`), else kept in the plain layout; and the unpacking of that layout which
+gives back this weight's codes exactly is recorded for many-row calls (fast/int4_layout.py `find_kernel_layout`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from minisail.checkpoint.keymaps import Rule
 from minisail.checkpoint.source import TensorSource
 from minisail.errors import CheckpointError
 from minisail.fast.int4 import GROUP_SIZE, Int4Linear, pack_for_kernel, quantize_groups
+from minisail.fast.int4_layout import find_kernel_layout
 
 
 def int4_linear_names(model: nn.Module) -> list[str]:
@@ -94,5 +96,7 @@ class Int4Weights(LoadHook):
             return value
         scale_zeros = self.pending.pop(module)
         packed = pack_for_kernel(value, scale_zeros, self.modules[module].group_size) if self.kernel else None
-        self.modules[module].kernel_layout = packed is not None
+        linear = self.modules[module]
+        linear.kernel_layout = packed is not None
+        linear.kernel_unpack = None if packed is None else find_kernel_layout(value, packed)  # many-row calls
         return value if packed is None else packed
