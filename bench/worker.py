@@ -121,7 +121,7 @@ class MinisailRunner:
         else:
             self.packed = pack_linears(self.model)
         self.load_details = {"load_call_s": loaded - start, "pack_s": time.perf_counter() - loaded}
-        if dtype == "bf16" and not self.packed:
+        if dtype != "fp32" and not self.packed:  # bf16 activations (int8/int4 too): the vision tower, projector
             from minisail.fast.upcast import upcast_linears
 
             self.load_details["unpacked_because"] = packing_support().reason

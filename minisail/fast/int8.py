@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisail.fast.packing import packing_support
+
 BLOCK_BYTES = 8 << 20  # float rows converted per matmul in the blocked path
 INT8PACK_MAX_ROWS = 8  # above this many rows of x, the blocked path wins (measured crossover: 8-12)
 QUANTIZE_BLOCK_ROWS = 1024  # rows converted to fp32 at a time by quantize_rows
@@ -80,23 +82,31 @@ def _scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> tor
 
 
 def blocked_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, in] @ (weight * scale)^T -> [M, out], converting weight a block of rows at a time."""
+    """x [M, in] @ (weight * scale)^T -> [M, out], converting weight a block of rows at a time.
+
+    bf16 on a CPU without native bf16 matrix products (fast/packing.py `packing_support`, e.g. AVX2): PyTorch
+    emulates a bf16 F.linear several times slower than float32 (a 286-token prefill took 34 s against llama.cpp
+    Q8_0's 8 s, AVX2 simulated), so the blocks and products are float32 and the output is rounded to bf16 once,
+    the rule fast/upcast.py follows for bf16 Linears."""
     out_features, in_features = weight.shape
-    rows = max(1, BLOCK_BYTES // (in_features * x.element_size()))
-    buffer = _scratch_buffer(min(rows, out_features) * in_features, x.dtype, x.device)
-    scale = scale.to(x.dtype)
+    upcast = x.dtype == torch.bfloat16 and x.device.type == "cpu" and not packing_support().available
+    compute = torch.float32 if upcast else x.dtype
+    inputs = x.float() if upcast else x  # [M, in]
+    rows = max(1, BLOCK_BYTES // (in_features * inputs.element_size()))
+    buffer = _scratch_buffer(min(rows, out_features) * in_features, compute, x.device)
+    scale = scale.to(compute)
     # Scaling the outputs is cheapest, but the unscaled products are up to 127x larger than the true ones, more
     # than float16's range (65504) may hold: in float16 the weights are scaled instead, block by block.
-    scale_weights = x.dtype == torch.float16
+    scale_weights = compute == torch.float16
     parts = []
     for start in range(0, out_features, rows):
         block = weight[start : start + rows]
         as_float = buffer[: block.numel()].view(block.shape).copy_(block)  # exact: |int8| <= 127
         if scale_weights:
             as_float.mul_(scale[start : start + rows, None])
-        parts.append(F.linear(x, as_float))
+        parts.append(F.linear(inputs, as_float))
     y = torch.cat(parts, dim=-1)
-    return y if scale_weights else y * scale
+    return (y if scale_weights else y * scale).to(x.dtype)
 
 
 def _int8pack_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -12,9 +12,11 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers.checkpoints import GOLDEN, golden_config, golden_tensors, write_checkpoint
 from torch import nn
 
@@ -375,6 +377,30 @@ def test_int8_linear_kernels_match_the_reference(monkeypatch, dtype, rows, in_fe
         assert y.dtype == dtype
         reference = expected[: y.shape[0], : y.shape[1]]
         assert (y.float() - reference).abs().max().item() <= tolerance * reference.abs().max().item()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-native", "bf16-emulated"])
+def test_bf16_many_rows_compute_in_float32_where_bf16_is_emulated(monkeypatch, native, request):
+    # Where bf16 matrix products are not native (AVX2), the blocked path multiplies float32 blocks and rounds the
+    # output once; where they are, it multiplies bf16 blocks. Either way, within bf16's rounding of the reference.
+    if not native:
+        request.getfixturevalue("onednn_refuses_bf16")
+    monkeypatch.setattr(int8_kernels, "packing_support", lambda: SimpleNamespace(available=native))
+    generator = torch.Generator().manual_seed(3)
+    weight, absmax = quantize_rows(torch.randn(96, 64, generator=generator))
+    x = torch.randn(20, 64, generator=generator).to(torch.bfloat16)  # 20 rows: the blocked path
+    expected = reference_int8_linear(x.float(), weight, absmax / 127)
+    seen = []
+    linear = F.linear
+    monkeypatch.setattr(int8_kernels.F, "linear", lambda a, w, *b: seen.append((a.dtype, w.dtype)) or linear(a, w, *b))
+    y = int8_linear(x, weight, absmax / 127)
+    monkeypatch.setattr(int8_kernels.F, "linear", linear)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
+    compute = torch.bfloat16 if native else torch.float32
+    assert seen and all(kinds == (compute, compute) for kinds in seen)
+    if not native:  # float32 products rounded once: exactly the float32 definition, rounded
+        assert torch.equal(y, (linear(x.float(), weight.float()) * (absmax / 127)).to(torch.bfloat16))
 
 
 def test_float16_activations_do_not_overflow():
