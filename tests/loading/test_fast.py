@@ -116,6 +116,39 @@ def test_a_kernel_that_differs_on_a_few_inputs_only_is_refused(onednn_packs_bf16
     assert calls["n"] >= 9
 
 
+@pytest.mark.parametrize(("amx", "hint"), [(True, None), (False, 1)])
+def test_the_batch_hint_follows_amx(monkeypatch, amx, hint):
+    # Where AMX runs, oneDNN packs for an unknown batch (measured faster there at 1 and 286 rows); elsewhere for 1.
+    monkeypatch.setattr(torch._C._cpu, "_init_amx", lambda: amx, raising=False)
+    packing.batch_hint.cache_clear()
+    try:
+        assert packing.batch_hint() == hint
+        seen = []
+        monkeypatch.setattr(
+            torch.ops.mkldnn, "_reorder_linear_weight", lambda w, batch: seen.append(batch) or w.clone()
+        )
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, w, b, *attr: F.linear(x, w, b))
+        packing._checked.clear()
+        assert PackedLinear.from_linear(torch.nn.Linear(64, 48, dtype=torch.bfloat16)) is not None
+        assert seen == [hint]
+    finally:
+        packing.batch_hint.cache_clear()
+        packing._checked.clear()
+
+
+@needs_onednn_bf16
+def test_both_batch_hints_give_f_linears_bits_here():
+    # The probe still checks every shape; on this machine both layouts give F.linear's bits for a decoder shape.
+    weight = torch.randn(256, 192, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x = torch.randn(5, 192, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    for hint in (1, None):
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, hint)
+        for rows in (x[:1], x):
+            assert torch.equal(
+                torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], ""), F.linear(rows, weight)
+            )
+
+
 def test_packed_plumbing_on_every_machine(onednn_packs_bf16):
     """With the kernel stood in for, the packed modules, their state dict and unpacking run wherever tests run."""
     assert packing.packing_support().available
