@@ -49,7 +49,8 @@ from torch import nn
 
 from minisail.errors import MinisailError
 from minisail.fast.int4_layout import KernelLayout, unpack_codes, unpack_kernel_rows
-from minisail.fast.int8 import _scratch_buffer, swap_linears
+from minisail.fast.int8 import swap_linears
+from minisail.fast.memory import scratch_buffer
 from minisail.fast.packing import packing_support
 
 GROUP_SIZE = 64  # inputs per (scale, zero) group; see the module docstring for why 64
@@ -125,14 +126,14 @@ def kernel_layout_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zeros, lay
     y = torch.empty(x.shape[0], out_features, dtype=x.dtype)  # [M, out]
     for start in range(0, out_features, rows):
         r = min(rows, out_features - start)
-        weights = _scratch_buffer(r * in_features, torch.float32, x.device).view(r, in_features)
+        weights = scratch_buffer(r * in_features, torch.float32, x.device).view(r, in_features)
         unpack_kernel_rows(packed[start : start + r], layout, weights)  # q - 8, exact
         pairs = scale_zeros[:, start : start + r].float()  # [in/G, r, 2]
         scale, zero = (pairs[..., i].t().contiguous()[..., None] for i in (0, 1))  # [r, in/G, 1] each
         # (q - 8) * scale is exact in fp32 (4 bits times bf16's 8), so + zero rounds once, as in `dequantize`
         weights.view(r, scale.shape[1], -1).mul_(scale).add_(zero)
         if native:
-            weights = _scratch_buffer(r * in_features, x.dtype, x.device).view(r, in_features).copy_(weights)
+            weights = scratch_buffer(r * in_features, x.dtype, x.device).view(r, in_features).copy_(weights)
         y[:, start : start + r] = F.linear(inputs, weights)
     return y
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisail.fast.memory import scratch_buffer
 from minisail.fast.packing import packing_support
 
 BLOCK_BYTES = 8 << 20  # float rows converted per matmul in the blocked path
@@ -69,18 +70,6 @@ def reference_int8_linear(x, weight, scale, bias=None) -> torch.Tensor:
     return F.linear(x, (weight.float() * scale.float()[:, None]).to(x.dtype), bias)
 
 
-_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def _scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One reusable float buffer per (device, dtype), shared by every Int8Linear."""
-    buffer = _scratch.get((device, dtype))
-    if buffer is None or buffer.numel() < numel:
-        with torch.inference_mode(False):  # a normal tensor, writable both inside and outside inference mode
-            buffer = _scratch[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
-    return buffer[:numel]
-
-
 def blocked_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, in] @ (weight * scale)^T -> [M, out], converting weight a block of rows at a time.
 
@@ -93,7 +82,7 @@ def blocked_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     compute = torch.float32 if upcast else x.dtype
     inputs = x.float() if upcast else x  # [M, in]
     rows = max(1, BLOCK_BYTES // (in_features * inputs.element_size()))
-    buffer = _scratch_buffer(min(rows, out_features) * in_features, compute, x.device)
+    buffer = scratch_buffer(min(rows, out_features) * in_features, compute, x.device)
     scale = scale.to(compute)
     # Scaling the outputs is cheapest, but the unscaled products are up to 127x larger than the true ones, more
     # than float16's range (65504) may hold: in float16 the weights are scaled instead, block by block.

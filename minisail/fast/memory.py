@@ -9,6 +9,9 @@ anything reads them again. Never for written or anonymous memory, where it would
 
 Two callers: `SafetensorsFile.release` (a tensor's byte range in its mapping, after the loader converted it:
 `ReleasePages` below decides when) and `release_mapped_pages` (a weight that is itself a view, after packing it).
+
+Also here: `scratch_buffer`, the one reused buffer per (device, dtype) into which the blocked float paths
+(fast/int8.py, int4.py, upcast.py) convert a block of weight rows, so no call allocates (or faults in) fresh memory.
 """
 
 from __future__ import annotations
@@ -80,3 +83,16 @@ class ReleasePages(LoadHook):
             for key in parts.keys:
                 self.tensors.release(key)
         return value
+
+
+_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused 1-D buffer of at least `numel` elements per (device, dtype), shared by every blocked float path
+    (one product at a time: a caller needing two at once asks for two dtypes). Grown, never shrunk."""
+    buffer = _scratch.get((device, dtype))
+    if buffer is None or buffer.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor, writable both inside and outside inference mode
+            buffer = _scratch[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]

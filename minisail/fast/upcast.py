@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisail.fast.memory import scratch_buffer
 from minisail.fast.packing import packing_support
 
 MIN_ROWS = 8  # rows of x from which float32 compute wins (measured crossover in emulated bf16: 4-8 rows)
@@ -43,25 +44,13 @@ def upcast_wanted() -> bool:
     return not packing_support().available
 
 
-_buffers: dict[torch.device, torch.Tensor] = {}
-
-
-def _float32_buffer(numel: int, device: torch.device) -> torch.Tensor:
-    """One reused float32 buffer per device, shared by every Float32ComputeLinear (one product at a time)."""
-    buffer = _buffers.get(device)
-    if buffer is None or buffer.numel() < numel:
-        with torch.inference_mode(False):  # a normal tensor, writable inside and outside inference mode
-            buffer = _buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
-    return buffer[:numel]
-
-
 def float32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, in] bf16 @ weight [out, in] bf16 (+ bias [out]) computed in float32 block by block -> [M, out] bf16."""
     out_features, in_features = weight.shape
     x32 = x.float()  # [M, in], exact
     y = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)  # [M, out], the activation dtype
     rows = max(1, BLOCK_BYTES // (4 * in_features))
-    buffer = _float32_buffer(min(rows, out_features) * in_features, x.device)
+    buffer = scratch_buffer(min(rows, out_features) * in_features, torch.float32, x.device)
     for start in range(0, out_features, rows):
         block = weight[start : start + rows]  # [rows, in] bf16
         block32 = buffer[: block.numel()].view(block.shape).copy_(block)  # exact
