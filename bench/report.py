@@ -86,11 +86,11 @@ def format_table(report: dict) -> str:
                 f"its matrix products alone take {ms:.0f} ms per token ({rate:.1f} GB/s{share}) of a "
                 f"{1e3 / decode:.0f} ms decode step"
             )
-        if note.get("minisail_unpacked_because"):
-            parts.append(f"Linears not packed: {note['minisail_unpacked_because']}")
-        elif note.get("minisail_pack_s") is not None:
+        if note.get("minisail_fast_paths"):
+            parts.append(f"CPU fast paths: {note['minisail_fast_paths']}")
+        if note.get("minisail_pack_s") is not None:
             call, pack = note["minisail_load_call_s"], note["minisail_pack_s"]
-            parts.append(f"load = minisail.load {call:.2f} s + oneDNN packing {pack:.2f} s")
+            parts.append(f"load = minisail.load {call:.2f} s + preparing the fast paths {pack:.2f} s")
         if note.get("llama.cpp_decode_gb") and note.get("decode_gb"):
             parts.append(
                 f"a decode step reads {note['decode_gb']:.2f} GB of weights in minisail, "

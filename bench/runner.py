@@ -206,11 +206,11 @@ def run_dtype(
             ours["compile_s"],
             ours["rss_after_compile_gb"],
         )
-    # a fast path this machine could not run and why; how many Linears compute prefill in float32 instead
-    for key in ("compile_failed", "unpacked_because", "upcast_linears"):
+    # the CPU fast paths this machine ran (minisail/fast/cpu.py) and why; a compilation that failed
+    for key in ("compile_failed", "fast_paths", "fast_path_reasons", "huge_page_gb"):
         if ours.get(key):
             notes[f"minisail_{key}"] = ours[key]
-    if ours.get("pack_s") is not None:  # minisail's load = minisail.load + packing bf16 Linears for oneDNN
+    if ours.get("pack_s") is not None:  # minisail's load = minisail.load + its CPU fast paths' preparation
         notes["minisail_load_call_s"] = median(x["load_call_s"] for x in loads["minisail"])
         notes["minisail_pack_s"] = median(x["pack_s"] for x in loads["minisail"])
     matmuls = median(samples[f"{dtype} minisail"]["decode_matmuls_s"])

@@ -105,12 +105,14 @@ def decode_bytes(called: list[torch.nn.Module]) -> int:
 
 
 class MinisailRunner:
-    """minisail as the benchmark runs it on a CPU: `minisail.load`, then bf16 Linears packed for oneDNN
-    (minisail/fast/packing.py). With `compile`, the decode step is compiled instead (see `compile_decode_step`)."""
+    """minisail as the benchmark runs it on a CPU: `minisail.load`, then the CPU fast paths `Session` runs
+    (minisail/fast/cpu.py). With `compile`, the decode step is compiled instead (see `compile_decode_step`)."""
 
     def __init__(self, preset: Preset, folder: Path, dtype: str, compile: bool = False):
         from bench.models import load_minisail
-        from minisail.fast.packing import pack_linears, packing_support
+        from minisail.fast.cpu import speed_up_on_cpu
+        from minisail.fast.huge_pages import huge_page_bytes
+        from minisail.fast.packing import pack_linears
 
         self.preset, self.compile = preset, compile and preset.has_llm
         start = time.perf_counter()
@@ -118,14 +120,21 @@ class MinisailRunner:
         loaded = time.perf_counter()
         if self.compile:  # packed weights cannot be traced: pack only what stays eager
             self.packed = pack_linears(self.model.vision_model) + pack_linears(self.model.projector)
-        else:
-            self.packed = pack_linears(self.model)
-        self.load_details = {"load_call_s": loaded - start, "pack_s": time.perf_counter() - loaded}
-        if dtype != "fp32" and not self.packed:  # bf16 activations (int8/int4 too): the vision tower, projector
-            from minisail.fast.upcast import upcast_linears
+            if dtype != "fp32" and not self.packed:  # no native bf16: float32 prefill (fast/upcast.py)
+                from minisail.fast.upcast import upcast_linears
 
-            self.load_details["unpacked_because"] = packing_support().reason
-            self.load_details["upcast_linears"] = upcast_linears(self.model)  # float32 prefill, fast/upcast.py
+                upcast_linears(self.model)
+            self.load_details = {"load_call_s": loaded - start, "pack_s": time.perf_counter() - loaded}
+            return
+        done = speed_up_on_cpu(self.model)  # what Session runs (minisail/fast/cpu.py)
+        self.packed = done.packed
+        self.load_details = {
+            "load_call_s": loaded - start,
+            "pack_s": time.perf_counter() - loaded,  # every CPU fast path's preparation, packing included
+            "fast_paths": done.summary(),
+            "fast_path_reasons": done.reasons,
+            "huge_page_gb": (huge_page_bytes() or 0) / 1e9,  # what the kernel really backs with 2 MiB pages
+        }
 
     def compile_decode_step(self) -> None:
         """Compile `Decoder.decode_step` (one graph, tests/generation/test_compile.py) with inductor's max-autotune and

@@ -79,9 +79,9 @@ class Session:
     (or a (model, tokenizer) pair). Tiles per image: `min_tiles` / `max_tiles`, else the checkpoint's.
     `system` replaces the template's system message; `generation` holds the default sampling settings.
     A checkpoint loaded here without a `dtype` runs in `loading.default_dtype`'s choice for the device (on a CPU
-    without native bf16: float32 when it fits in memory), said in the log. Loaded in bf16 on a CPU whose oneDNN
-    runs bf16, its Linears are packed (`pack=False`: not): the same numbers, decoded faster (minisail/fast/packing.py);
-    elsewhere they stay plain, and the log says why. A model passed in is used as it is. `tp`: tensor parallel
+    without native bf16: float32 when it fits in memory), said in the log. Loaded on a CPU, it gets the CPU fast
+    paths this machine proves it can run (`pack=False`: none): the same numbers, decoded faster
+    (minisail/fast/cpu.py); the log says which and why. A model passed in is used as it is. `tp`: tensor parallel
     over torch.distributed's ranks (`minisail.load`'s; every rank must ask the same questions).
     """
 
@@ -131,19 +131,13 @@ class Session:
                 f"loaded {model.family}: {count / 1e6:.1f}M parameters, {dtype_name} on "
                 f"{weight.device}, in {seconds:.1f}s"
             )
-            if pack and weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
-                from minisail.fast.packing import pack_linears, packing_support
+            if pack and weight.device.type == "cpu":
+                from minisail.fast.cpu import speed_up_on_cpu
 
                 start = time.perf_counter()
-                support = packing_support()  # decided by trying oneDNN's bf16 kernel on this CPU
-                packed = pack_linears(model) if support.available else 0  # the same numbers, streamed faster
-                if packed:
-                    log(f"packed {packed} bf16 Linears for oneDNN in {time.perf_counter() - start:.1f}s")
-                else:  # no native bf16: large products in float32 from the bf16 weights (fast/upcast.py)
-                    from minisail.fast.upcast import upcast_linears
-
-                    upcast = upcast_linears(model) if not support.available else 0
-                    log(f"bf16 Linears are not packed: {support.reason}; {upcast} compute prefill in float32")
+                done = speed_up_on_cpu(model)  # each path chosen by what this CPU proves (fast/cpu.py)
+                seconds, why = time.perf_counter() - start, "; ".join(done.reasons)
+                log(f"CPU fast paths in {seconds:.1f}s: {done.summary()} ({why})")
         elif tokenizer is None:
             raise MinisailError("Session(model, tokenizer): give the tokenizer with a model, or a checkpoint folder")
         elif dtype is not None or device is not None:

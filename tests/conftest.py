@@ -47,10 +47,11 @@ def internlm2_tokenizer(internlm2_tokenizer_dir):
 
 def _reset_fast_path_decisions():
     from minisail.fast import int8 as int8_kernels
-    from minisail.fast import packing
+    from minisail.fast import matvec, packing
 
     packing.packing_support.cache_clear()
     packing._checked.clear()
+    matvec._probed.clear()
     int8_kernels._int8pack_checked.clear()
 
 

@@ -102,10 +102,11 @@ def upcast_linears(module: nn.Module, *, force: bool = False) -> int:
     return len(names)
 
 
-def restore_linears(module: nn.Module) -> None:
-    """Undo `upcast_linears`: plain nn.Linear modules holding the same parameters."""
+def restore_linears(module: nn.Module, classes: tuple[type, ...] = (Float32ComputeLinear,)) -> None:
+    """Undo `upcast_linears` (or, with `classes`, another swap of nn.Linear subclasses: fast/matvec.py's): each
+    module of those classes under `module` becomes a plain nn.Linear holding the same parameters."""
     for name, child in list(module.named_modules()):
-        if type(child) is Float32ComputeLinear:
+        if type(child) in classes:
             with torch.device("meta"):
                 linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
             linear.weight, linear.bias = child.weight, child.bias

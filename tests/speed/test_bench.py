@@ -58,7 +58,10 @@ def test_quick_bench_prints_one_json_object_of_the_documented_form(tmp_path, cap
     assert notes["minisail_load_call_s"] > 0 and notes["minisail_pack_s"] >= 0
     from minisail.fast.packing import packing_support
 
-    assert ("minisail_unpacked_because" in notes) != packing_support().available  # the reason, where not packed
+    reasons = notes["minisail_fast_path_reasons"]  # what the fast paths were chosen by, in words
+    assert packing_support().reason in reasons
+    native = packing_support().available  # native bf16: packed vision tower; else float32 prefill (fast/cpu.py)
+    assert ("packed for oneDNN" if native else "prefill in float32") in notes["minisail_fast_paths"]
     assert notes["minisail_load_call_s"] + notes["minisail_pack_s"] <= report["results"]["bf16"]["minisail"]["load_s"]
     assert notes["minisail_decode_matmuls_ms"] > 0
     assert "matrix products alone take" in "\n".join(out[:-1])

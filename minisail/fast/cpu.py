@@ -1,0 +1,71 @@
+"""The CPU fast paths chosen for a loaded model, in one place (what `Session` and the benchmark both run).
+
+Every path here keeps the numbers (or states its bound) and is chosen by what the running CPU proves it can do:
+
+- bf16 where oneDNN runs bf16 natively (`packing_support()`, decided by trying):
+  - the language model's Linears run one-row products as `torch.mv` (fast/matvec.py: decode streams its weights
+    faster; each shape checked to give F.linear's bits), and stay plain for prefill;
+  - every other bf16 Linear (vision tower, projector: never one row) is packed for oneDNN (fast/packing.py).
+- bf16 where it is not (e.g. AVX2): products of 8 rows or more in float32 from the bf16 weights (fast/upcast.py).
+- any dtype, int8 and int4 included: the language model's weights move into transparent huge pages
+  (fast/huge_pages.py), which a decode step streams faster.
+
+`speed_up_on_cpu(model)` applies them to a model on the CPU and returns what it did, with each reason in words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from minisail.fast import huge_pages
+from minisail.fast.matvec import matvec_linears
+from minisail.fast.packing import pack_linears, packing_support
+from minisail.fast.upcast import upcast_linears
+
+
+@dataclass
+class CpuSpeedUps:
+    """What `speed_up_on_cpu` did: counts of swapped Linears, bytes moved to huge pages, and why, in words."""
+
+    packed: int = 0  # bf16 Linears packed for oneDNN (fast/packing.py)
+    matvec: int = 0  # language-model Linears whose one-row products run torch.mv (fast/matvec.py)
+    upcast: int = 0  # bf16 Linears computing 8+ rows in float32 (fast/upcast.py)
+    huge_page_bytes: int = 0  # language-model weight bytes moved into huge-page memory (fast/huge_pages.py)
+    reasons: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.packed} Linears packed for oneDNN" if self.packed else "",
+            f"{self.matvec} decode Linears on torch.mv" if self.matvec else "",
+            f"{self.upcast} Linears computing prefill in float32" if self.upcast else "",
+            f"{self.huge_page_bytes / 1e9:.2f} GB of weights in huge pages" if self.huge_page_bytes else "",
+        ]
+        return "; ".join(filter(None, parts)) or "no CPU fast path applies"
+
+
+def has_bf16_linears(module: nn.Module) -> bool:
+    return any(type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 for m in module.modules())
+
+
+def speed_up_on_cpu(model: nn.Module, *, move_to_huge_pages: bool = True) -> CpuSpeedUps:
+    """Apply the CPU fast paths (module docstring) to `model`, a loaded minisail model on the CPU."""
+    done = CpuSpeedUps()
+    language_model = getattr(model, "language_model", None)
+    if has_bf16_linears(model):
+        support = packing_support()
+        done.reasons.append(support.reason)
+        if support.available:
+            if language_model is not None:
+                done.matvec = matvec_linears(language_model)  # before packing: pack_linears skips what it swapped
+            done.packed = pack_linears(model)
+        else:
+            done.upcast = upcast_linears(model)
+    if move_to_huge_pages and language_model is not None:
+        possible, why = huge_pages.huge_pages_support()
+        done.reasons.append(why)
+        if possible:
+            done.huge_page_bytes = huge_pages.to_huge_pages(language_model)
+    return done

@@ -1,0 +1,76 @@
+"""The CPU fast paths chosen for a loaded model (minisail/fast/cpu.py), on both kinds of CPU (forced here): native
+bf16 -> torch.mv for the language model's one-row products and packing elsewhere; no native bf16 -> float32
+prefill; any dtype -> the language model's weights in huge pages; and the numbers stay the plain model's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.checkpoints import GOLDEN
+
+import minisail
+from minisail.fast import huge_pages
+from minisail.fast.cpu import speed_up_on_cpu
+from minisail.fast.int8 import Int8Linear
+from minisail.fast.matvec import MatVecLinear
+from minisail.fast.packing import PackedLinear
+from minisail.fast.upcast import Float32ComputeLinear
+
+CASE = GOLDEN / "internvl-qwen2-tiny" / "checkpoint"
+
+
+def kinds(module):
+    return {type(m) for m in module.modules()}
+
+
+def last_logits(model):
+    decoder = model.language_model
+    ids = torch.tensor([[5, 17, 3, 99, 42]])
+    with torch.inference_mode():
+        cache = decoder.new_cache(1, 8)
+        prompt = decoder(decoder.embed(ids), torch.arange(5)[None], cache)[:, -1]
+        token = prompt.argmax(-1, keepdim=True)
+        return prompt, decoder(decoder.embed(token), torch.tensor([[5]]), cache)[:, -1]
+
+
+def test_native_bf16_uses_matvec_for_the_language_model_and_packs_the_rest(onednn_packs_bf16):
+    model = minisail.load(CASE, dtype=torch.bfloat16)
+    plain = last_logits(minisail.load(CASE, dtype=torch.bfloat16))
+    done = speed_up_on_cpu(model)
+    assert done.packed > 0 and done.upcast == 0
+    assert PackedLinear in kinds(model.vision_model) and MatVecLinear not in kinds(model.vision_model)
+    assert PackedLinear not in kinds(model.language_model) or done.matvec < 7 * len(model.language_model.layers)
+    if done.matvec == 0:
+        pytest.skip("no language-model shape gives F.linear's bits through torch.mv on this CPU")
+    assert MatVecLinear in kinds(model.language_model)
+    assert all(torch.equal(a, b) for a, b in zip(last_logits(model), plain, strict=True))
+    assert "packed" in done.summary() and "torch.mv" in done.summary()
+
+
+def test_without_native_bf16_prefill_runs_in_float32(onednn_refuses_bf16):
+    model = minisail.load(CASE, dtype=torch.bfloat16)
+    done = speed_up_on_cpu(model)
+    assert done.packed == 0 and done.matvec == 0 and done.upcast > 0
+    assert Float32ComputeLinear in kinds(model) and MatVecLinear not in kinds(model)
+    assert any("avx512bw" in reason for reason in done.reasons)
+
+
+def test_float32_models_only_move_to_huge_pages(monkeypatch):
+    monkeypatch.setattr(huge_pages, "huge_pages_support", lambda: (True, "forced"))
+    model = minisail.load(CASE, dtype=torch.float32)
+    done = speed_up_on_cpu(model)
+    assert (done.packed, done.matvec, done.upcast) == (0, 0, 0)
+    assert kinds(model) == kinds(minisail.load(CASE, dtype=torch.float32))
+    assert "forced" in done.reasons
+
+
+def test_int8_language_model_keeps_its_int8_linears(onednn_refuses_bf16):
+    model = minisail.load(CASE, dtype=torch.bfloat16, quantize="int8")
+    done = speed_up_on_cpu(model)
+    assert Int8Linear in kinds(model.language_model) and MatVecLinear not in kinds(model)
+    assert done.upcast > 0  # the bf16 vision tower and projector
+
+
+def test_huge_pages_can_be_left_out():
+    model = minisail.load(CASE, dtype=torch.float32)
+    assert speed_up_on_cpu(model, move_to_huge_pages=False).huge_page_bytes == 0
