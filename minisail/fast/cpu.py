@@ -3,9 +3,10 @@
 Every path here keeps the numbers (or states its bound) and is chosen by what the running CPU proves it can do:
 
 - bf16 where oneDNN runs bf16 natively (`packing_support()`, decided by trying):
-  - the language model's Linears run one-row products as `torch.mv` (fast/matvec.py: decode streams its weights
-    faster; each shape checked to give F.linear's bits), and stay plain for prefill;
-  - every other bf16 Linear (vision tower, projector: never one row) is packed for oneDNN (fast/packing.py).
+  - on AMX, the language model's Linears run one-row products as `torch.mv` (fast/matvec.py: decode streams its
+    weights faster there; each shape checked to give F.linear's bits), and stay plain for prefill;
+  - every other bf16 Linear (vision tower, projector; the language model's too without AMX) is packed for oneDNN
+    (fast/packing.py).
 - bf16 where it is not (e.g. AVX2): products of 8 rows or more in float32 from the bf16 weights (fast/upcast.py).
 - any dtype, int8 and int4 included: the language model's weights move into transparent huge pages
   (fast/huge_pages.py), which a decode step streams faster.

@@ -12,9 +12,11 @@ product (F.linear / oneDNN-packed for an unknown batch, fast/packing.py / torch.
     o 1536x1536     0.53 / 0.43 / 0.38      down 1536x8960       1.84 / 2.25 / 1.70
     head 151936x1536                        43.0 / 37.2 / 34.9
 
-and a whole decode step 1.13-1.28x faster than with packed weights (three interleaved runs, noisy host). With
-torch held to AVX2 (no native bf16: fast/upcast.py's CPUs) the two forms run the same kernel at the same speed, so
-this path is only used where oneDNN runs bf16 natively (`packing_support()`).
+and a whole decode step 1.13-1.28x faster than with packed weights (three interleaved runs, noisy host). Not so
+elsewhere: on an AMD Zen 5 (AVX-512 BF16, no AMX) the decode products took 268 ms a token with torch.mv against
+251 with F.linear and 169 packed for batch 1 (README, 2026-11), and with torch held to AVX2 (no native bf16:
+fast/upcast.py's CPUs) the two forms run at the same speed. So this path is chosen where AMX runs
+(`packing.amx_usable()`, with `packing_support()`); everywhere else packing stays the decode path.
 
 The numbers: on most shapes the two forms sum in the same order and give the same bits, but not on all (with
 AMX, in=8960: about 1 row in 4 differs by one bf16 step). So, as for packing, each weight shape is probed once per
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisail.fast.packing import packing_support
+from minisail.fast.packing import amx_usable, packing_support
 
 PROBE_ROWS = 12  # one-row products compared with F.linear per weight shape (as fast/packing.py probes)
 
@@ -84,8 +86,9 @@ class MatVecLinear(nn.Linear):
 
 
 def matvec_wanted() -> bool:
-    """Is this a CPU where the one-row form was measured faster: oneDNN runs bf16 natively (decided by trying)?"""
-    return packing_support().available
+    """Is this a CPU where the one-row form was measured faster: oneDNN runs bf16 natively (decided by trying),
+    on AMX?"""
+    return packing_support().available and amx_usable()
 
 
 def matvec_linears(module: nn.Module, *, force: bool = False) -> int:

@@ -77,6 +77,17 @@ def packing_support() -> PackingSupport:
 
 
 @functools.cache
+def amx_usable() -> bool:
+    """Can this process run AMX (Intel's tile matrix unit, which oneDNN's bf16 kernels use where present)? Asked
+    of torch, which enables it for the process (`torch._C._cpu._init_amx`); no such function, or an error: no."""
+    init_amx = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
+    try:
+        return bool(init_amx is not None and init_amx())
+    except RuntimeError:
+        return False
+
+
+@functools.cache
 def batch_hint() -> int | None:
     """The batch size oneDNN is told to pack for: 1 (decode), or None (unknown) where the CPU runs AMX.
 
@@ -85,13 +96,8 @@ def batch_hint() -> int | None:
       against 5.7 ms with hint 1, its head (151936x1536) 40.9 against 51.6 ms, and 286 rows 20-22 against
       44-47 ms; the other shapes about equal. Both give F.linear's bits (each shape is still probed).
     - AVX-512 BF16 without AMX (Zen 5): hint 1 is what reached 75% of the bf16 decode roofline (README); the
-      unhinted layout was not measured there, so it is kept.
-    AMX is "usable here" when torch can enable it for this process (`torch._C._cpu._init_amx`)."""
-    init_amx = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
-    try:
-        return None if init_amx is not None and init_amx() else 1
-    except RuntimeError:
-        return 1
+      unhinted layout was not measured there, so it is kept."""
+    return None if amx_usable() else 1
 
 
 def packing_available() -> bool:

@@ -9,7 +9,7 @@ import torch
 from helpers.checkpoints import GOLDEN
 
 import minisail
-from minisail.fast import huge_pages
+from minisail.fast import huge_pages, matvec
 from minisail.fast.cpu import speed_up_on_cpu
 from minisail.fast.int8 import Int8Linear
 from minisail.fast.matvec import MatVecLinear
@@ -33,18 +33,21 @@ def last_logits(model):
         return prompt, decoder(decoder.embed(token), torch.tensor([[5]]), cache)[:, -1]
 
 
-def test_native_bf16_uses_matvec_for_the_language_model_and_packs_the_rest(onednn_packs_bf16):
+@pytest.mark.parametrize("amx", [True, False])
+def test_native_bf16_packs_and_on_amx_decodes_through_matvec(onednn_packs_bf16, monkeypatch, amx):
+    monkeypatch.setattr(matvec, "amx_usable", lambda: amx)
     model = minisail.load(CASE, dtype=torch.bfloat16)
     plain = last_logits(minisail.load(CASE, dtype=torch.bfloat16))
     done = speed_up_on_cpu(model)
     assert done.packed > 0 and done.upcast == 0
     assert PackedLinear in kinds(model.vision_model) and MatVecLinear not in kinds(model.vision_model)
-    assert PackedLinear not in kinds(model.language_model) or done.matvec < 7 * len(model.language_model.layers)
+    assert all(torch.equal(a, b) for a, b in zip(last_logits(model), plain, strict=True))
+    if not amx:  # packing stays the decode path
+        assert done.matvec == 0 and PackedLinear in kinds(model.language_model)
+        return
     if done.matvec == 0:
         pytest.skip("no language-model shape gives F.linear's bits through torch.mv on this CPU")
-    assert MatVecLinear in kinds(model.language_model)
-    assert all(torch.equal(a, b) for a, b in zip(last_logits(model), plain, strict=True))
-    assert "packed" in done.summary() and "torch.mv" in done.summary()
+    assert MatVecLinear in kinds(model.language_model) and "torch.mv" in done.summary()
 
 
 def test_without_native_bf16_prefill_runs_in_float32(onednn_refuses_bf16):

@@ -121,6 +121,7 @@ def test_the_batch_hint_follows_amx(monkeypatch, amx, hint):
     # Where AMX runs, oneDNN packs for an unknown batch (measured faster there at 1 and 286 rows); elsewhere for 1.
     monkeypatch.setattr(torch._C._cpu, "_init_amx", lambda: amx, raising=False)
     packing.batch_hint.cache_clear()
+    packing.amx_usable.cache_clear()
     try:
         assert packing.batch_hint() == hint
         seen = []
@@ -133,6 +134,7 @@ def test_the_batch_hint_follows_amx(monkeypatch, amx, hint):
         assert seen == [hint]
     finally:
         packing.batch_hint.cache_clear()
+        packing.amx_usable.cache_clear()
         packing._checked.clear()
 
 

@@ -117,3 +117,12 @@ def test_a_bf16_model_decodes_the_same_tokens_and_logits():
             logits = decoder(decoder.embed(token), position, cache)[:, -1]
             fast_logits = fast_decoder(fast_decoder.embed(token), position, fast_cache)[:, -1]
             assert torch.equal(logits, fast_logits)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_chosen_only_where_amx_runs(monkeypatch, onednn_packs_bf16, amx):
+    """Measured faster than packing on AMX, slower on Zen 5 (AVX-512 BF16 without AMX): the rule follows AMX."""
+    monkeypatch.setattr(matvec, "amx_usable", lambda: amx)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16).bfloat16())
+    assert matvec.matvec_wanted() is amx
+    assert (matvec_linears(model) > 0) == (amx and same_bits_as_linear(model[0].weight, model[0].bias))
