@@ -88,7 +88,7 @@ class KVCache:
 class Step(NamedTuple):
     """What `Decoder.begin_step` prepares for the layers of one step of T tokens over S key slots."""
 
-    mask: torch.Tensor  # [B, 1, T, S] bool: which keys each query may see
+    mask: torch.Tensor  # [B, 1, T, S] additive, activation dtype: 0 where a query may see a key, -inf where not
     cos: torch.Tensor  # [B, T, head_dim] rotary tables at the step's positions
     sin: torch.Tensor  # [B, T, head_dim]
 
@@ -126,6 +126,14 @@ def attention_mask_4d(key_valid: torch.Tensor, query_slots: torch.Tensor) -> tor
     causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
     itself = key_slots[None, :] == query_slots[:, None]  # [T, S]
     return (causal[None] & (key_valid[:, None, :] | itself[None]))[:, None]  # [B, 1, T, S]
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as SDPA adds it to the scores: 0 where visible, -inf where not, in the query's dtype.
+
+    SDPA turns a boolean mask into exactly this tensor at every call; built once per step, the layers share it
+    instead of converting it once each (the same numbers)."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
 class Decoder(nn.Module):
@@ -177,8 +185,9 @@ class Decoder(nn.Module):
         return self.run(embeds, step, cache, visual_mask, last_only)  # [B, T, V]
 
     def begin_step(self, positions, cache: KVCache | None = None, attention_mask=None, dtype=None) -> Step:
-        """The step's Python bookkeeping: cache slots, attention mask [B, 1, T, S], rotary tables [B, T, D] in
-        `dtype` (the activations', by default the embedding's)."""
+        """The step's Python bookkeeping: cache slots, attention mask [B, 1, T, S], rotary tables [B, T, D], both
+        in `dtype` (the activations', by default the embedding's)."""
+        dtype = dtype or self.embed.weight.dtype
         if attention_mask is None:
             attention_mask = torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
         if cache is None:  # a plain full forward: the keys are this call's tokens
@@ -189,8 +198,8 @@ class Decoder(nn.Module):
             slots = cache.begin_step(attention_mask)
             mask = attention_mask_4d(cache.valid, slots)
             kv_length = cache.length  # keys cached so far, this step's included
-        cos, sin = self.rotary.tables(positions, kv_length, dtype or self.embed.weight.dtype)
-        return Step(mask, cos, sin)
+        cos, sin = self.rotary.tables(positions, kv_length, dtype)
+        return Step(additive_mask(mask, dtype), cos, sin)
 
     def run(self, embeds, step: Step, cache: KVCache | None = None, visual_mask=None, last_only=False):
         """The tensor work of a step: layers, final norm, head -> float32 logits [B, T, V] (or [B, 1, V])."""
