@@ -148,8 +148,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D] rotated by cos/sin [B, T, D]."""
-    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    """x [B, heads, T, D] rotated by cos/sin [B, 1, T, D] (one table for every head)."""
     return x * cos + rotate_half(x) * sin
 
 
