@@ -148,8 +148,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D] rotated by cos/sin [B, T, D]."""
-    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    """x [B, heads, T, D] rotated by cos/sin [B, 1, T, D] (one table for every head)."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -175,28 +174,26 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        heads = self.qkv(x).view(B, T, H + 2 * KV, D).transpose(1, 2)  # [B, q heads; k heads; v heads, T, D]
+        q, k, v = heads.split([H, KV, KV], dim=1)  # [B, heads, T, D] each
         if self.config.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        else:  # every q and k head turns by the same angles: one rotation over both (the same numbers)
+            q, k = apply_rope(heads[:, : H + KV], cos, sin).split([H, KV], dim=1)
         if cache is not None:  # write this step's keys/values, attend over everything cached so far
             k, v = cache.update(self.layer_index, k, v)  # [B, kv_heads, S, D]
         # Query head h reads key/value head h // (num_heads / num_kv_heads).
-        if T == 1 and self.num_kv_heads != self.num_heads:
+        if T == 1 and KV != H:
             # Decoding: one query per head, and a key/value head's g query heads share its keys and the mask row,
             # so they are g query rows of that head (the same numbers): CPU SDPA runs this one product per
             # key/value head several times faster than the grouped-query path does g one-row products.
-            g = self.num_heads // self.num_kv_heads
-            rows = q.reshape(B, self.num_kv_heads, g, self.head_dim)  # [B, kv_heads, g, D]
-            y = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask).reshape(B, self.num_heads, 1, self.head_dim)
+            g = H // KV
+            rows = q.reshape(B, KV, g, D)  # [B, kv_heads, g, D]
+            y = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask).reshape(B, H, 1, D)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o(y.transpose(1, 2).reshape(B, T, q_size))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=KV != H)
+        return self.o(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class SwiGLU(nn.Module):

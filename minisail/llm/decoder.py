@@ -80,17 +80,18 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, kv_heads, T, D] into this step's slots; return the whole cache of the layer."""
-        self.keys[layer].index_copy_(2, self.slots, k)
-        self.values[layer].index_copy_(2, self.slots, v)
-        return self.keys[layer], self.values[layer]  # [B, kv_heads, capacity, D]
+        keys, values = self.keys[layer], self.values[layer]  # [B, kv_heads, capacity, D]
+        keys.index_copy_(2, self.slots, k)
+        values.index_copy_(2, self.slots, v)
+        return keys, values
 
 
 class Step(NamedTuple):
     """What `Decoder.begin_step` prepares for the layers of one step of T tokens over S key slots."""
 
-    mask: torch.Tensor  # [B, 1, T, S] bool: which keys each query may see
-    cos: torch.Tensor  # [B, T, head_dim] rotary tables at the step's positions
-    sin: torch.Tensor  # [B, T, head_dim]
+    mask: torch.Tensor  # [B, 1, T, S] additive, activation dtype: 0 where a query may see a key, -inf where not
+    cos: torch.Tensor  # [B, 1, T, head_dim] rotary tables at the step's positions (1: shared by the heads)
+    sin: torch.Tensor  # [B, 1, T, head_dim]
 
 
 class DecoderLayer(nn.Module):
@@ -126,6 +127,14 @@ def attention_mask_4d(key_valid: torch.Tensor, query_slots: torch.Tensor) -> tor
     causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
     itself = key_slots[None, :] == query_slots[:, None]  # [T, S]
     return (causal[None] & (key_valid[:, None, :] | itself[None]))[:, None]  # [B, 1, T, S]
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as SDPA adds it to the scores: 0 where visible, -inf where not, in the query's dtype.
+
+    SDPA turns a boolean mask into exactly this tensor at every call; built once per step, the layers share it
+    instead of converting it once each (the same numbers)."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
 class Decoder(nn.Module):
@@ -177,8 +186,9 @@ class Decoder(nn.Module):
         return self.run(embeds, step, cache, visual_mask, last_only)  # [B, T, V]
 
     def begin_step(self, positions, cache: KVCache | None = None, attention_mask=None, dtype=None) -> Step:
-        """The step's Python bookkeeping: cache slots, attention mask [B, 1, T, S], rotary tables [B, T, D] in
-        `dtype` (the activations', by default the embedding's)."""
+        """The step's Python bookkeeping: cache slots, attention mask [B, 1, T, S], rotary tables [B, 1, T, D],
+        both in `dtype` (the activations', by default the embedding's)."""
+        dtype = dtype or self.embed.weight.dtype
         if attention_mask is None:
             attention_mask = torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
         if cache is None:  # a plain full forward: the keys are this call's tokens
@@ -189,8 +199,8 @@ class Decoder(nn.Module):
             slots = cache.begin_step(attention_mask)
             mask = attention_mask_4d(cache.valid, slots)
             kv_length = cache.length  # keys cached so far, this step's included
-        cos, sin = self.rotary.tables(positions, kv_length, dtype or self.embed.weight.dtype)
-        return Step(mask, cos, sin)
+        cos, sin = self.rotary.tables(positions, kv_length, dtype)  # [B, T, D]
+        return Step(additive_mask(mask, dtype), cos[:, None], sin[:, None])
 
     def run(self, embeds, step: Step, cache: KVCache | None = None, visual_mask=None, last_only=False):
         """The tensor work of a step: layers, final norm, head -> float32 logits [B, T, V] (or [B, 1, V])."""

@@ -240,6 +240,20 @@ def test_generate_stream_joins_to_the_decoded_tokens(textonly):
         list(generate_stream(model, tokenizer, input_ids.repeat(2, 1), None, None, {}))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("column", [0, 17, 151935])
+def test_check_finite_sees_one_non_finite_logit_anywhere(value, column):
+    """check_finite reduces to the smallest and largest logit: one NaN or infinity in any row and column is seen."""
+    from minisail.errors import NumericsError
+    from minisail.generate import check_finite
+
+    logits = torch.randn(3, 151936)
+    check_finite(logits, 0)
+    logits[2, column] = value
+    with pytest.raises(NumericsError):
+        check_finite(logits, 0)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weights_end_generation_with_a_clear_error(value):
     """minisail does not scan weights at load (README: a full read); NaN/Inf weights surface at the first token."""

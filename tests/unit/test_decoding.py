@@ -115,3 +115,22 @@ def test_out_of_vocabulary_ids_and_images_without_pixels_are_clear_errors():
         model(bad, attention_mask, pixel_values)
     with pytest.raises(PromptError, match="no pixel_values"):
         model(input_ids, attention_mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries", [1, 5])
+def test_the_additive_mask_gives_sdpa_the_boolean_masks_numbers(dtype, queries):
+    """begin_step hands the layers SDPA's additive form of the mask (built once per step): the same numbers as
+    the boolean mask SDPA would convert itself, with left padding and not-yet-written slots hidden."""
+    import torch.nn.functional as F
+
+    from minisail.llm.decoder import additive_mask, attention_mask_4d
+
+    generator = torch.Generator().manual_seed(0)
+    B, heads, S, D = 2, 3, 40, 16
+    key_valid = torch.ones(B, S, dtype=torch.bool)
+    key_valid[1, :7] = False  # row 1 left-padded
+    visible = attention_mask_4d(key_valid, torch.arange(20, 20 + queries))  # [B, 1, T, S]: slots past 20+ unwritten
+    q, k, v = (torch.randn(B, heads, n, D, generator=generator).to(dtype) for n in (queries, S, S))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask(visible, dtype)), want)
