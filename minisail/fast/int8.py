@@ -20,7 +20,9 @@ Kernels (README "Speed and memory" has their timings, dated and tied to the mach
   returns garbage or crashes for bf16 with `in` not a multiple of 16. Hence: CPU, bf16, at most
   INT8PACK_MAX_ROWS rows, `in` % 16 == 0, and, decided by trying once per weight shape on the running machine
   (`_int8pack_works`), the kernel runs and agrees with the blocked path; anywhere it raises or disagrees, the
-  blocked path runs instead.
+  blocked path runs instead. Its tiles load with aligned loads, which crash the process (torch 2.13, measured):
+  x is copied where it does not start on 32 bytes, and 4 rows or more need a 16-byte aligned weight (a weight
+  taken as stored can start at any byte of a mapped file: at 8 bytes off, 1-3 rows ran and 4 crashed).
 - One row on the kernel's AVX-512 variant, short rows: the fold (`int8pack_fold`, `folded_int8pack_mm`). The
   kernel walks the weight 4 rows at a time and streams short rows slowly (in = 1536: 8-10 GB/s, in = 8960:
   14-19 GB/s). Viewing the weight as [out / f, f * in] (f rows side by side, no copy) against f rows of x laid
@@ -130,6 +132,8 @@ def _int8pack_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == torch.bfloat16
         and 1 <= x.shape[0] <= INT8PACK_MAX_ROWS
         and weight.shape[1] % 16 == 0
+        # the 4-row tiles load the weight aligned (torch.compile cannot read addresses: its graph keeps today's call)
+        and (x.shape[0] < 4 or torch.compiler.is_compiling() or weight.data_ptr() % 16 == 0)
         and hasattr(torch.ops.aten, "_weight_int8pack_mm")
         and _int8pack_works(weight, scale_dtype=x.dtype)
     )
@@ -218,6 +222,15 @@ def folded_int8pack_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return y
 
 
+def _aligned(rows: torch.Tensor) -> torch.Tensor:
+    """rows, contiguous and 32-byte aligned (a fresh copy where a view starts elsewhere): the int8pack kernel
+    loads them with aligned loads, which crash the process on a view 8 or 16 bytes off."""
+    rows = rows.contiguous()
+    if torch.compiler.is_compiling():  # addresses are not traced; the graph's own intermediates are fresh memory
+        return rows
+    return rows if rows.data_ptr() % 32 == 0 else rows.clone()
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
     """x [..., in] -> [..., out] through int8 `weight` [out, in] and float `scale` [out], by the fastest kernel
     that fits."""
@@ -227,7 +240,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
         if fold > 1:
             y = folded_int8pack_mm(rows, weight, scale, fold)
         else:
-            y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), weight, scale.to(x.dtype))
+            y = torch.ops.aten._weight_int8pack_mm(_aligned(rows), weight, scale.to(x.dtype))
     else:
         y = blocked_int8_matmul(rows, weight, scale)
     if bias is not None:
