@@ -20,7 +20,35 @@ Kernels (README "Speed and memory" has their timings, dated and tied to the mach
   returns garbage or crashes for bf16 with `in` not a multiple of 16. Hence: CPU, bf16, at most
   INT8PACK_MAX_ROWS rows, `in` % 16 == 0, and, decided by trying once per weight shape on the running machine
   (`_int8pack_works`), the kernel runs and agrees with the blocked path; anywhere it raises or disagrees, the
-  blocked path runs instead.
+  blocked path runs instead. Its tiles load with aligned loads, which crash the process (torch 2.13, measured):
+  x is copied where it does not start on 32 bytes, and 4 rows or more need a 16-byte aligned weight (a weight
+  taken as stored can start at any byte of a mapped file: at 8 bytes off, 1-3 rows ran and 4 crashed).
+- One row on the kernel's AVX-512 variant, short rows: the fold (`int8pack_fold`, `folded_int8pack_mm`). The
+  kernel walks the weight 4 rows at a time and streams short rows slowly (in = 1536: 8-10 GB/s, in = 8960:
+  14-19 GB/s). Viewing the weight as [out / f, f * in] (f rows side by side, no copy) against f rows of x laid
+  block-diagonally gives the same sums from longer rows, for f times the arithmetic (on zeros). ms per call, one
+  bf16 row, weights streamed from memory, on the Granite Rapids-class Xeon (AVX-512), 2 threads, medians of 15
+  interleaved; the machine is shared and noisy (runs disagreed by up to 25%): orientation only.
+
+      [out, in]     f  ms, unfolded -> folded
+      8192x1024     4  1.24 -> 0.91
+      17920x1536    4  3.13 -> 2.65; another run 3.19 -> 2.45
+      151936x1536   4  29.8 -> 28.7; another run 23.7 -> 18.5 (SAIL-VL-2B's head)
+      12288x2048    2  3.36 -> 2.53 (f = 4: 2.65)
+      13824x2560    2  3.96 -> 2.84
+      16384x3072    2  4.52 -> 3.65
+      37888x3584    2  10.5 -> 9.3
+      24576x4096    1  f = 2: 6.98 -> 6.28 once, slower in two other runs
+      1536x8960     1  f = 4: 1.02 -> 1.27, f = 2: 1.02 -> 1.06
+      4096x8960     1  f = 4: 2.69 -> 3.28, f = 2: equal
+
+  So f is the most of FOLDS whose folded row stays within FOLDED_MAX_IN = 7168 (f = 4 at in = 2048 gained less
+  than f = 2; f = 8 lost everywhere). Square shapes up to 3 MB gain 0.94-1.10x: the fold's few small extra ops.
+  Held to the AVX2 kernel (ATEN_CPU_CAPABILITY=avx2, a simulation of an AVX2 CPU) f = 4 lost and f = 2 ranged
+  0.94-1.20x, noisily: it runs only where torch reports "AVX512". Numbers: the kernel's sums are the unfolded
+  ones bit for bit; it rounds them to bf16, then each is multiplied by its float32 scale and rounded to bf16
+  again: |y - exact| <= ~2^-7 |y| plus the float32 sum's error (up to in * 2^-24 * sum |s w x|), the unfolded
+  call's size of error (it rounds the scale to bf16, then y).
 - Everything else converts `weight` to x's dtype a block of rows (~8 MB) at a time into one reused buffer, does
   a float matmul and scales the output columns. The block stays in cache and no memory is allocated per call:
   converting the whole matrix at once costs several times more, mostly page faults for the fresh float copy. In
@@ -104,6 +132,8 @@ def _int8pack_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == torch.bfloat16
         and 1 <= x.shape[0] <= INT8PACK_MAX_ROWS
         and weight.shape[1] % 16 == 0
+        # the 4-row tiles load the weight aligned (torch.compile cannot read addresses: its graph keeps today's call)
+        and (x.shape[0] < 4 or torch.compiler.is_compiling() or weight.data_ptr() % 16 == 0)
         and hasattr(torch.ops.aten, "_weight_int8pack_mm")
         and _int8pack_works(weight, scale_dtype=x.dtype)
     )
@@ -133,12 +163,84 @@ def _int8pack_works(weight: torch.Tensor, scale_dtype: torch.dtype) -> bool:
     return _int8pack_checked[key]
 
 
+FOLDS = (4, 2)  # weight rows the one-row int8pack call may lay side by side, most first (8: slower everywhere)
+FOLDED_MAX_IN = 7168  # the longest folded row: the most rows whose side-by-side length stays within it
+
+
+def _int8pack_is_avx512() -> bool:
+    """Does torch run its AVX-512 int8pack kernel here? ATen picks one variant per process, the CPU's best unless
+    ATEN_CPU_CAPABILITY asks for less ("AVX2", "DEFAULT"): the fold was measured faster only with this one."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def int8pack_fold(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """How many weight rows the int8pack call for x [M, in] folds into one: for one row of x with the AVX-512
+    kernel, the most of FOLDS whose folded row (fold * in) is at most FOLDED_MAX_IN long, that divide `out` and
+    that the kernel agrees with the definition on (`_int8pack_works` on the folded shape); 1 everywhere else.
+    Never while torch.compile traces: inductor replaces the eager kernel the fold was measured with. Never for a
+    weight not 16-byte aligned (a view into a mapped file can be): the kernel's 4-row tiles load the weight with
+    aligned loads, and one at an 8-byte offset crashed the process (its inputs, the buffer below, are aligned)."""
+    out_features, in_features = weight.shape
+    if torch.compiler.is_compiling() or x.shape[0] != 1 or not weight.is_contiguous() or weight.data_ptr() % 16:
+        return 1
+    if not _int8pack_is_avx512():
+        return 1
+    for fold in FOLDS:
+        if fold * in_features <= FOLDED_MAX_IN and out_features % fold == 0 and fold * in_features % 16 == 0:
+            folded = weight.view(out_features // fold, fold * in_features)
+            return fold if _int8pack_works(folded, x.dtype) else 1
+    return 1
+
+
+_fold_buffers: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (in, out, fold, dtype, device) -> buffers, views
+
+
+def folded_int8pack_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fold: int) -> torch.Tensor:
+    """One row x [1, in] @ (weight * scale)^T -> [1, out] by one int8pack call on `fold` rows of inputs against
+    the weight viewed as [out / fold, fold * in] (its row j is rows fold*j .. fold*j + fold - 1 side by side).
+
+    Row r of the inputs holds x in its block r and zeros elsewhere (block-diagonal), so the kernel's
+    sums[r, j] = weight[fold*j + r] . x, exactly its unfolded sum: the zeros add exact zeros to the same float32
+    accumulators. With unit scales the kernel rounds those sums to bf16; each is then multiplied by its float32
+    scale and rounded to bf16 again. The inputs are one buffer per weight shape whose diagonal blocks alone are
+    ever written, so they stay zero elsewhere; no call allocates more than its output."""
+    out_features, in_features = weight.shape
+    key = (in_features, out_features, fold, x.dtype, x.device)
+    if key not in _fold_buffers:
+        with torch.inference_mode(False):  # normal tensors, writable both inside and outside inference mode
+            inputs = torch.zeros(fold, fold * in_features, dtype=x.dtype, device=x.device)
+            diagonal = inputs.as_strided((fold, in_features), ((fold + 1) * in_features, 1))  # block r of row r
+            ones = torch.ones(out_features // fold, dtype=x.dtype, device=x.device)
+            _fold_buffers[key] = inputs, diagonal, ones
+    inputs, diagonal, ones = _fold_buffers[key]  # [fold, fold * in], [fold, in] inside it, [out / fold]
+    diagonal.copy_(x)  # x [1, in] broadcast to every diagonal block
+    folded = weight.view(out_features // fold, fold * in_features)
+    sums = torch.ops.aten._weight_int8pack_mm(inputs, folded, ones)  # [fold, out / fold]
+    # sums.t()[j, r] is output fold*j + r: multiplied in float32, rounded once more as it is written, in order
+    y = torch.empty(1, out_features, dtype=x.dtype, device=x.device)
+    torch.mul(sums.t(), scale.view(out_features // fold, fold), out=y.view(out_features // fold, fold))
+    return y
+
+
+def _aligned(rows: torch.Tensor) -> torch.Tensor:
+    """rows, contiguous and 32-byte aligned (a fresh copy where a view starts elsewhere): the int8pack kernel
+    loads them with aligned loads, which crash the process on a view 8 or 16 bytes off."""
+    rows = rows.contiguous()
+    if torch.compiler.is_compiling():  # addresses are not traced; the graph's own intermediates are fresh memory
+        return rows
+    return rows if rows.data_ptr() % 32 == 0 else rows.clone()
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
     """x [..., in] -> [..., out] through int8 `weight` [out, in] and float `scale` [out], by the fastest kernel
     that fits."""
     rows = x.reshape(-1, x.shape[-1])
     if _int8pack_fits(rows, weight):
-        y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), weight, scale.to(x.dtype))
+        fold = int8pack_fold(rows, weight)
+        if fold > 1:
+            y = folded_int8pack_mm(rows, weight, scale, fold)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(_aligned(rows), weight, scale.to(x.dtype))
     else:
         y = blocked_int8_matmul(rows, weight, scale)
     if bias is not None:

@@ -449,3 +449,25 @@ def test_an_int8pack_that_gives_wrong_numbers_is_not_used(monkeypatch):
     y = int8_linear(torch.ones(1, 64, dtype=torch.bfloat16), weight, absmax / 127)
     assert int8_kernels._int8pack_checked == {(32, 64): False} and bool((y != 0).any())
     _reset_fast_path_decisions()
+
+
+def test_int8pack_is_given_only_the_alignment_its_loads_need(monkeypatch):
+    # The kernel loads x and, in its 4-row tiles, the weight with aligned loads (torch 2.13: a misaligned one
+    # crashed the process). A weight taken as stored sits anywhere in its mapped file; x may be a view.
+    calls = []
+    real = int8_kernels.blocked_int8_matmul
+    monkeypatch.setattr(int8_kernels, "blocked_int8_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
+    generator = torch.Generator().manual_seed(6)
+    weight, absmax = quantize_rows(torch.randn(32, 4096, generator=generator))  # long rows: never folded
+    storage = torch.empty(weight.numel() + 64, dtype=torch.int8)
+    start = (-storage.data_ptr() % 16) + 8  # 8 bytes past a 16-byte boundary, as in a file
+    shifted = storage[start : start + weight.numel()].view_as(weight).copy_(weight)
+    inputs = torch.randn(8 * 4096 + 16, generator=generator).to(torch.bfloat16)
+    offset = (-inputs.data_ptr() % 32) // 2 + 8  # 16 bytes past a 32-byte boundary
+    for rows, w in [(1, shifted), (3, shifted), (4, shifted), (8, shifted), (1, weight), (4, weight)]:
+        x = inputs[offset : offset + rows * 4096].view(rows, 4096)  # a view 16 bytes off
+        assert x.data_ptr() % 32 == 16 and (w.data_ptr() % 16 == 8) == (w is shifted)
+        y = int8_linear(x, w, absmax / 127)
+        expected = reference_int8_linear(x.double(), weight, absmax.double() / 127)
+        assert (y.double() - expected).abs().max().item() <= 2e-2 * expected.abs().max().item()
+    assert calls == [(4, 4096), (8, 4096)]  # 4 and 8 rows of the shifted weight: the blocked path
