@@ -83,3 +83,27 @@ def test_a_loaded_model_gives_the_same_logits_from_huge_pages():
         logits = plain.language_model(plain.language_model.embed(ids), torch.arange(5)[None])
         again = moved.language_model(moved.language_model.embed(ids), torch.arange(5)[None])
     assert torch.equal(logits, again)
+
+
+def test_an_embedding_table_that_is_not_a_head_stays(monkeypatch):
+    """A step reads one row of it: copying would make the whole table resident for nothing."""
+    monkeypatch.setattr(huge_pages, "huge_pages_support", lambda: (True, "forced"))
+    model = model_with_a_tied_head()
+    model["head"].weight = torch.nn.Parameter(model["embed"].weight.detach().clone())  # untied
+    table = model["embed"].weight
+    to_huge_pages(model)
+    assert model["embed"].weight is table and model["head"].weight.data_ptr() % HUGE_PAGE == 0
+
+
+def test_the_copy_goes_chunk_by_chunk_and_the_heap_is_trimmed(monkeypatch):
+    monkeypatch.setattr(huge_pages, "huge_pages_support", lambda: (True, "forced"))
+    monkeypatch.setattr(huge_pages, "COPY_CHUNK", 1000)  # many chunks, the last one partial
+    released, trims = [], []
+    monkeypatch.setattr(huge_pages, "release_mapped_pages", lambda t: released.append(t.numel()))
+    monkeypatch.setattr(huge_pages, "trim_heap", lambda: trims.append(1))
+    model = model_with_a_tied_head()
+    before = model["head"].weight.detach().clone()
+    to_huge_pages(model)
+    assert torch.equal(model["head"].weight, before)
+    assert sum(released) == 3000 * 1024 + 1024 * 1024 and max(released) == 500  # 1000 bytes of bf16, fp32: 250
+    assert len(trims) == 2  # after each tensor moved
