@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minisail.fast.memory import release_mapped_pages
+from minisail.fast.memory import libc, madvise, release_mapped_pages
 
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
 MADV_HUGEPAGE = 14  # Linux
@@ -49,18 +49,6 @@ def huge_pages_support() -> tuple[bool, str]:
     return True, f"transparent huge pages: {setting.strip()}"
 
 
-@functools.cache
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
-
-
-@functools.cache
-def _madvise():
-    madvise = _libc().madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return madvise
-
-
 def huge_page_empty(like: torch.Tensor) -> torch.Tensor | None:
     """An uninitialised CPU tensor of `like`'s shape and dtype whose bytes start on a 2 MiB boundary, advised for
     huge pages before anything touches them; None where madvise refuses. The allocation has HUGE_PAGE bytes of
@@ -70,7 +58,7 @@ def huge_page_empty(like: torch.Tensor) -> torch.Tensor | None:
     offset = -base.data_ptr() % HUGE_PAGE
     region = base[offset : offset + nbytes]  # starts on a 2 MiB boundary
     advised = nbytes // HUGE_PAGE * HUGE_PAGE  # whole huge pages only; the tail stays in small pages
-    if _madvise()(ctypes.c_void_p(region.data_ptr()), ctypes.c_size_t(advised), MADV_HUGEPAGE) != 0:
+    if madvise()(ctypes.c_void_p(region.data_ptr()), ctypes.c_size_t(advised), MADV_HUGEPAGE) != 0:
         return None
     return region.view(like.dtype).view(like.shape)
 
@@ -133,7 +121,7 @@ def trim_heap() -> None:
     """Give the C heap's free pages back to the OS (glibc's `malloc_trim`; elsewhere nothing). A freed tensor of
     up to 32 MB may sit in the heap, where freeing it does not shrink the resident set: measured loading SAIL-VL-2B
     in int8 and moving its weights, 0.3 GB stayed resident without this."""
-    trim = getattr(_libc(), "malloc_trim", None)
+    trim = getattr(libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
 

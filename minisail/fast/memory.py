@@ -30,10 +30,17 @@ MADV_DONTNEED = 4  # Linux
 
 
 @functools.cache
-def _madvise():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise
+def libc():
+    """The C library this process runs on (Linux: glibc or musl), through ctypes."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
+@functools.cache
+def madvise():
+    """libc's madvise(address, length, advice) -> 0, or -1 with errno set (fast/huge_pages.py uses it too)."""
+    function = libc().madvise
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return function
 
 
 def release_pages(address: int, nbytes: int) -> None:
@@ -44,7 +51,7 @@ def release_pages(address: int, nbytes: int) -> None:
         return
     start, end = -(-address // PAGE) * PAGE, (address + nbytes) // PAGE * PAGE
     if end > start:
-        _madvise()(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+        madvise()(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
 def file_backing(address: int) -> tuple[str, int] | None:

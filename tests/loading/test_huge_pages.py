@@ -51,7 +51,7 @@ def test_nothing_moves_where_thp_is_off(monkeypatch):
 
 def test_nothing_moves_where_madvise_refuses(monkeypatch):
     monkeypatch.setattr(huge_pages, "huge_pages_support", lambda: (True, "forced"))
-    monkeypatch.setattr(huge_pages, "_madvise", lambda: lambda *args: -1)
+    monkeypatch.setattr(huge_pages, "madvise", lambda: lambda *args: -1)
     assert huge_page_empty(torch.empty(HUGE_PAGE)) is None
     model = model_with_a_tied_head()
     weight = model["embed"].weight
