@@ -47,12 +47,14 @@ def internlm2_tokenizer(internlm2_tokenizer_dir):
 
 def _reset_fast_path_decisions():
     from minisail.fast import int8 as int8_kernels
-    from minisail.fast import matvec, packing
+    from minisail.fast import int8_dot, matvec, packing
 
     packing.packing_support.cache_clear()
     packing._checked.clear()
     matvec._probed.clear()
     int8_kernels._int8pack_checked.clear()
+    int8_dot.dot_support.cache_clear()
+    int8_dot._checked.clear()
 
 
 @pytest.fixture

@@ -8,6 +8,9 @@ Every path here keeps the numbers (or states its bound) and is chosen by what th
   - every other bf16 Linear (vision tower, projector; the language model's too without AMX) is packed for oneDNN
     (fast/packing.py).
 - bf16 where it is not (e.g. AVX2): products of 8 rows or more in float32 from the bf16 weights (fast/upcast.py).
+- int8 weights (Int8Linear, int4 models' int8 head included) where oneDNN has exact int8 kernels on VNNI:
+  products of few rows on the CPU's int8 dot-product instructions, the activations split into three bytes
+  (fast/int8_dot.py: float32's precision, faster than the int8pack kernel at decode).
 - any dtype, int8 and int4 included: the language model's weights move into transparent huge pages
   (fast/huge_pages.py), which a decode step streams faster.
 
@@ -22,6 +25,8 @@ import torch
 from torch import nn
 
 from minisail.fast import huge_pages
+from minisail.fast.int8 import Int8Linear
+from minisail.fast.int8_dot import dot_int8_linears, dot_support
 from minisail.fast.matvec import matvec_linears
 from minisail.fast.packing import pack_linears, packing_support
 from minisail.fast.upcast import upcast_linears
@@ -34,6 +39,7 @@ class CpuSpeedUps:
     packed: int = 0  # bf16 Linears packed for oneDNN (fast/packing.py)
     matvec: int = 0  # language-model Linears whose one-row products run torch.mv (fast/matvec.py)
     upcast: int = 0  # bf16 Linears computing 8+ rows in float32 (fast/upcast.py)
+    int8_dot: int = 0  # Int8Linears on oneDNN's int8 dot-product kernels (fast/int8_dot.py)
     huge_page_bytes: int = 0  # language-model weight bytes moved into huge-page memory (fast/huge_pages.py)
     reasons: list[str] = field(default_factory=list)
 
@@ -42,6 +48,7 @@ class CpuSpeedUps:
             f"{self.packed} Linears packed for oneDNN" if self.packed else "",
             f"{self.matvec} decode Linears on torch.mv" if self.matvec else "",
             f"{self.upcast} Linears computing prefill in float32" if self.upcast else "",
+            f"{self.int8_dot} int8 Linears on int8 dot products" if self.int8_dot else "",
             f"{self.huge_page_bytes / 1e9:.2f} GB of weights in huge pages" if self.huge_page_bytes else "",
         ]
         return "; ".join(filter(None, parts)) or "no CPU fast path applies"
@@ -64,6 +71,11 @@ def speed_up_on_cpu(model: nn.Module, *, move_to_huge_pages: bool = True) -> Cpu
             done.packed = pack_linears(model)
         else:
             done.upcast = upcast_linears(model)
+    if any(type(m) is Int8Linear and m.weight.device.type == "cpu" for m in model.modules()):
+        support = dot_support()
+        done.reasons.append(support.reason)
+        if support.available:
+            done.int8_dot = dot_int8_linears(model)  # before huge pages: the packed copies replace the plain ones
     if move_to_huge_pages and language_model is not None:
         possible, why = huge_pages.huge_pages_support()
         done.reasons.append(why)

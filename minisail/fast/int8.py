@@ -115,10 +115,16 @@ def blocked_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     # Scaling the outputs is cheapest, but the unscaled products are up to 127x larger than the true ones, more
     # than float16's range (65504) may hold: in float16 the weights are scaled instead, block by block.
     scale_weights = compute == torch.float16
+    # A transposed weight (an [in, out] matrix's .t(), as fast/int8_dot.py reads one back) is copied as it lies,
+    # [in, rows] (runs of `rows` bytes), and used transposed: copied as [rows, in] it would be read byte by byte.
+    transposed = weight.stride(0) == 1 and weight.stride(1) == out_features and out_features > 1
     parts = []
     for start in range(0, out_features, rows):
         block = weight[start : start + rows]
-        as_float = buffer[: block.numel()].view(block.shape).copy_(block)  # exact: |int8| <= 127
+        if transposed:
+            as_float = buffer[: block.numel()].view(block.shape[::-1]).copy_(block.t()).t()  # [rows, in] view
+        else:
+            as_float = buffer[: block.numel()].view(block.shape).copy_(block)  # exact: |int8| <= 127
         if scale_weights:
             as_float.mul_(scale[start : start + rows, None])
         parts.append(F.linear(inputs, as_float))

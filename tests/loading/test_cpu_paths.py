@@ -12,6 +12,7 @@ import minisail
 from minisail.fast import huge_pages, matvec
 from minisail.fast.cpu import speed_up_on_cpu
 from minisail.fast.int8 import Int8Linear
+from minisail.fast.int8_dot import DotInt8Linear, dot_support
 from minisail.fast.matvec import MatVecLinear
 from minisail.fast.packing import PackedLinear
 from minisail.fast.upcast import Float32ComputeLinear
@@ -67,11 +68,28 @@ def test_float32_models_only_move_to_huge_pages(monkeypatch):
     assert "forced" in done.reasons
 
 
-def test_int8_language_model_keeps_its_int8_linears(onednn_refuses_bf16):
+def test_int8_language_model_keeps_its_int8_linears(onednn_refuses_bf16, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)  # as on an AVX2-only CPU
     model = minisail.load(CASE, dtype=torch.bfloat16, quantize="int8")
     done = speed_up_on_cpu(model)
     assert Int8Linear in kinds(model.language_model) and MatVecLinear not in kinds(model)
     assert done.upcast > 0  # the bf16 vision tower and projector
+
+
+def test_int8_decode_on_int8_dot_products_where_they_are_exact():
+    model = minisail.load(CASE, dtype=torch.bfloat16, quantize="int8")
+    prompt, step = last_logits(model)
+    done = speed_up_on_cpu(model)
+    if not dot_support().available:
+        assert done.int8_dot == 0 and Int8Linear in kinds(model.language_model)
+        pytest.skip(f"int8 dot products are off here: {dot_support().reason}")
+    assert done.int8_dot > 0 and Int8Linear not in kinds(model.language_model)
+    assert DotInt8Linear in kinds(model.language_model)
+    fast_prompt, fast_step = last_logits(model)
+    # the products are closer to exact than int8pack's (bf16 rounding either way): logits agree to bf16 steps
+    for fast, plain in ((fast_prompt, prompt), (fast_step, step)):
+        assert torch.allclose(fast.float(), plain.float(), rtol=0.05, atol=0.05 * plain.float().abs().max())
+        assert fast.argmax() == plain.argmax()
 
 
 def test_huge_pages_can_be_left_out():
