@@ -26,8 +26,8 @@ float32 and multiplied by each row's weight scale. Since U - OFFSET = T = sum_l 
 The weight is read once for all LEVELS rows; measured on a Zen 5 (AVX-512 VNNI), 2 threads, weights streamed
 from memory: 17920x1536 at 63-73 GB/s for 1-3 rows against `_weight_int8pack_mm`'s 32, 1536x8960 at 62-69 GB/s
 against 35. The numbers: closer to the exact product than the int8pack path (which rounds its sums to bf16, then
-rounds again after the scale): |y - exact| <= in * 2^-23 * sum|scale * w * x| (float32 sums) + the level residual
-(in * max|w * scale| * max|x| * 1.2e-7), before the one rounding to x's dtype (tests/loading/test_int8_dot.py).
+rounds again after the scale): |y - exact| <= in * 2^-23 * sum|scale * w * x| (float32 sums) + the split's error
+(sum|scale * w| * max|x| * 1.2e-7), before the one rounding to x's dtype (tests/loading/test_int8_dot.py).
 
 Many rows (prefill, vision) are not what this is for: LEVELS times the rows makes a compute-bound product LEVELS
 times dearer (measured, 286 rows, 17920x1536: 44 ms against the plain int8 path's 21). From MANY_ROWS rows on, the
@@ -117,7 +117,7 @@ def dot_support() -> DotSupport:
         return DotSupport(False, f"oneDNN cannot pack int8 weights here ({str(error).splitlines()[0][:160]})")
     if not _sums_exact(codes, weight, packed):
         return DotSupport(False, "oneDNN's int8 sums are not exact on this CPU")
-    return DotSupport(True, "int8 decode on oneDNN's VNNI kernels, activations split into 3 int8 levels")
+    return DotSupport(True, "int8 decode on oneDNN's VNNI kernels, activations split exactly into 3 bytes")
 
 
 _checked: dict[tuple[int, int], bool] = {}  # weight shape -> exact sums on a real weight of that shape?
