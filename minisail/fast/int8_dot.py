@@ -70,9 +70,10 @@ class DotSupport:
     reason: str
 
 
-def _qlinear(codes: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [M, in] (value - ZERO_POINT) @ packed int8 weight^T, times scale [out] -> float32 [M, out]."""
-    zeros = torch.zeros(scale.shape[0], dtype=torch.int64)
+def _qlinear(codes: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zeros=None) -> torch.Tensor:
+    """uint8 codes [M, in] (value - ZERO_POINT) @ packed int8 weight^T, times scale [out] -> float32 [M, out].
+    `zeros`: the weight's zero points, int64 [out] (all 0: symmetric int8), made here when not given."""
+    zeros = torch.zeros(scale.shape[0], dtype=torch.int64) if zeros is None else zeros
     return torch.ops.onednn.qlinear_pointwise(
         codes, 1.0, ZERO_POINT, packed, scale, zeros, None, 1.0, 0, torch.float32, "none", [], ""
     )
@@ -149,6 +150,8 @@ class DotInt8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("packed", packed, persistent=False)  # opaque oneDNN int8 tensor, [in, out] to torch
         self.register_buffer("scale", scale)  # float32 [out]
+        zeros = torch.zeros(out_features, dtype=torch.int64)  # the weight's zero points, made once, not per call
+        self.register_buffer("weight_zeros", zeros, persistent=False)
         self.bias = bias  # the Int8Linear's own Parameter, or None
 
     @classmethod
@@ -182,7 +185,8 @@ class DotInt8Linear(nn.Module):
         codes, weights = split_levels(rows)  # [M * LEVELS, in] uint8, [M, 1, LEVELS]
         if not bool(torch.isfinite(weights).all()):  # an inf or nan in x: the float path propagates it as defined
             return self._float_path(x, rows)
-        sums = _qlinear(codes, self.packed, self.scale).view(rows.shape[0], LEVELS, -1)  # [M, LEVELS, out]
+        sums = _qlinear(codes, self.packed, self.scale, self.weight_zeros)  # [M * LEVELS, out] float32
+        sums = sums.view(rows.shape[0], LEVELS, -1)  # [M, LEVELS, out]
         y = torch.bmm(weights, sums).squeeze(1)  # [M, out] float32
         if self.bias is not None:
             y = y + self.bias
