@@ -60,6 +60,7 @@ MANY_ROWS = 128  # rows of x from which the weight is read back for the float pa
 ZERO_POINT = 128  # every byte row's zero point (oneDNN's u8 x s8 kernels; VNNI multiplies u8 by s8)
 OFFSET = ZERO_POINT * (1 + 256 + 256**2)  # 8421504: T + OFFSET has bytes b0, b1, b2 (module docstring)
 FULL_SCALE = 2**24 - 2 - OFFSET  # 8355710: |T| <= FULL_SCALE + 1 (x / step rounds), so T + OFFSET < 2^24
+_BYTE_WEIGHTS = torch.tensor([1.0, 256.0, 65536.0])  # 256^l: what bytes b0, b1, b2 of U are worth
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,6 @@ def split_levels(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes = as_bytes.transpose(1, 2).contiguous().view(M * LEVELS, K)  # [M * 3, in]
     weights = step.unsqueeze(2) * _BYTE_WEIGHTS  # [M, 1, 3]: step * 256^l
     return codes, weights
-
-
-_BYTE_WEIGHTS = torch.tensor([1.0, 256.0, 65536.0])  # 256^l for bytes b0, b1, b2
 
 
 class DotInt8Linear(nn.Module):
