@@ -74,7 +74,8 @@ def touch(module: torch.nn.Module) -> int:
         total += nbytes
         flat = t.detach().reshape(-1)
         (flat.view(torch.uint8)[::4096] if t.is_contiguous() else flat).sum()
-    return total
+    # packed weights that are no tensors (fbgemm's, fast/int8_dot.py): written when packed, so resident already
+    return total + sum(getattr(m, "opaque_weight_bytes", 0) for m in module.modules())
 
 
 def modules_called(model: torch.nn.Module, step) -> list[torch.nn.Module]:
@@ -101,6 +102,7 @@ def decode_bytes(called: list[torch.nn.Module]) -> int:
             seen.add(key)
             rows = 1 if isinstance(module, torch.nn.Embedding) else None
             total += (t[0].numel() if rows else t.numel()) * t.element_size()
+        total += getattr(module, "opaque_weight_bytes", 0)  # a packed weight that is no tensor (fbgemm's)
     return total
 
 

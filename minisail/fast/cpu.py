@@ -8,9 +8,9 @@ Every path here keeps the numbers (or states its bound) and is chosen by what th
   - every other bf16 Linear (vision tower, projector; the language model's too without AMX) is packed for oneDNN
     (fast/packing.py).
 - bf16 where it is not (e.g. AVX2): products of 8 rows or more in float32 from the bf16 weights (fast/upcast.py).
-- int8 weights (Int8Linear, int4 models' int8 head included) where oneDNN has exact int8 kernels on VNNI:
-  products of few rows on the CPU's int8 dot-product instructions, the activations split into three bytes
-  (fast/int8_dot.py: float32's precision, faster than the int8pack kernel at decode).
+- the language model's int8 weights (Int8Linear, int4 models' int8 head included) on the CPU's integer dot
+  products, the activations split exactly into digits (fast/int8_dot.py): oneDNN where the CPU has VNNI (3 bytes,
+  float32's precision), fbgemm where it has not (AVX2: 3 digits of 7 bits); faster than int8pack at decode.
 - any dtype, int8 and int4 included: the language model's weights move into transparent huge pages
   (fast/huge_pages.py), which a decode step streams faster.
 
@@ -39,7 +39,7 @@ class CpuSpeedUps:
     packed: int = 0  # bf16 Linears packed for oneDNN (fast/packing.py)
     matvec: int = 0  # language-model Linears whose one-row products run torch.mv (fast/matvec.py)
     upcast: int = 0  # bf16 Linears computing 8+ rows in float32 (fast/upcast.py)
-    int8_dot: int = 0  # Int8Linears on oneDNN's int8 dot-product kernels (fast/int8_dot.py)
+    int8_dot: int = 0  # Int8Linears on integer dot-product kernels, oneDNN or fbgemm (fast/int8_dot.py)
     huge_page_bytes: int = 0  # language-model weight bytes moved into huge-page memory (fast/huge_pages.py)
     reasons: list[str] = field(default_factory=list)
 
@@ -71,11 +71,12 @@ def speed_up_on_cpu(model: nn.Module, *, move_to_huge_pages: bool = True) -> Cpu
             done.packed = pack_linears(model)
         else:
             done.upcast = upcast_linears(model)
-    if any(type(m) is Int8Linear and m.weight.device.type == "cpu" for m in model.modules()):
+    decoding = language_model if language_model is not None else model  # the vision tower never decodes
+    if any(type(m) is Int8Linear and m.weight.device.type == "cpu" for m in decoding.modules()):
         support = dot_support()
         done.reasons.append(support.reason)
         if support.available:
-            done.int8_dot = dot_int8_linears(model)  # before huge pages: the packed copies replace the plain ones
+            done.int8_dot = dot_int8_linears(decoding)  # before huge pages: the packed copies replace the plain ones
     if move_to_huge_pages and language_model is not None:
         possible, why = huge_pages.huge_pages_support()
         done.reasons.append(why)

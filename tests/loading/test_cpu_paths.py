@@ -12,7 +12,8 @@ import minisail
 from minisail.fast import huge_pages, matvec
 from minisail.fast.cpu import speed_up_on_cpu
 from minisail.fast.int8 import Int8Linear
-from minisail.fast.int8_dot import DotInt8Linear, dot_support
+from minisail.fast.int8_dot import DotInt8Linear, dot_int8_linears, dot_support
+from minisail.fast.int8_dot_kernels import FBGEMM, ONEDNN
 from minisail.fast.matvec import MatVecLinear
 from minisail.fast.packing import PackedLinear
 from minisail.fast.upcast import Float32ComputeLinear
@@ -68,12 +69,29 @@ def test_float32_models_only_move_to_huge_pages(monkeypatch):
     assert "forced" in done.reasons
 
 
-def test_int8_language_model_keeps_its_int8_linears(onednn_refuses_bf16, monkeypatch):
+def test_int8_language_model_on_an_avx2_cpu(onednn_refuses_bf16, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)  # as on an AVX2-only CPU
     model = minisail.load(CASE, dtype=torch.bfloat16, quantize="int8")
     done = speed_up_on_cpu(model)
-    assert Int8Linear in kinds(model.language_model) and MatVecLinear not in kinds(model)
-    assert done.upcast > 0  # the bf16 vision tower and projector
+    assert MatVecLinear not in kinds(model) and done.upcast > 0  # the bf16 vision tower and projector
+    if dot_support().available:  # fbgemm's digits (x86), never oneDNN's bytes without VNNI
+        assert Int8Linear not in kinds(model.language_model) and done.int8_dot > 0
+        assert {m.kernel for m in model.language_model.modules() if isinstance(m, DotInt8Linear)} == {FBGEMM}
+    else:
+        assert Int8Linear in kinds(model.language_model) and done.int8_dot == 0
+
+
+@pytest.mark.parametrize("kernel", [ONEDNN, FBGEMM], ids=lambda kernel: kernel.name)
+def test_int8_decode_on_each_kernel_gives_the_plain_paths_tokens(kernel, monkeypatch):
+    model = minisail.load(CASE, dtype=torch.bfloat16, quantize="int8")
+    prompt, step = last_logits(model)
+    if dot_int8_linears(model.language_model, kernel=kernel) == 0:
+        pytest.skip(f"{kernel.name} is not here or does not sum exactly on this CPU")
+    assert {m.kernel for m in model.modules() if isinstance(m, DotInt8Linear)} == {kernel}
+    fast_prompt, fast_step = last_logits(model)
+    for fast, plain in ((fast_prompt, prompt), (fast_step, step)):  # bf16 rounding either way
+        assert torch.allclose(fast.float(), plain.float(), rtol=0.05, atol=0.05 * plain.float().abs().max())
+        assert fast.argmax() == plain.argmax()
 
 
 def test_int8_decode_on_int8_dot_products_where_they_are_exact():
