@@ -182,7 +182,8 @@ class Attention(nn.Module):
         else:  # every q and k head turns by the same angles: one rotation over both (the same numbers)
             q, k = apply_rope(heads[:, : H + KV], cos, sin).split([H, KV], dim=1)
         if cache is not None:  # write this step's keys/values, attend over everything cached so far
-            k, v = cache.update(self.layer_index, k, v)  # [B, kv_heads, S, D]
+            k, v = cache.update(self.layer_index, k, v)  # [B, kv_heads, S, D]: S slots written (all, traced)
+            mask = mask[..., : k.shape[2]]  # [B, 1, T, S]
         # Query head h reads key/value head h // (num_heads / num_kv_heads).
         if T == 1 and KV != H:
             # Decoding: one query per head, and a key/value head's g query heads share its keys and the mask row,

@@ -22,7 +22,8 @@ The contract, stated here once:
 - A decode step's tensor work goes through `decode_step`, the same `run` under a name of its own: fixed shapes,
   no Python number that changes between steps, so `torch.compile` captures it once, with no graph break, for a
   whole generation (tests/generation/test_compile.py; `bench --compile` swaps in the compiled one), and prefills of any
-  length stay eager.
+  length stay eager. Traced, attention reads every cache slot (the mask hides those not written yet); eager, it
+  reads only the slots written so far (`KVCache.update`), the same numbers without the masked work.
 - `visual_mask` [B, T] bool (True at <IMG_CONTEXT>) routes Mono-InternVL's FFN experts (minisail/llm/moe.py);
   the model computes it from the token ids (`visual_mask(input_ids)` of every family, None where there are no
   experts) and the decoder hands it to each layer. A decoder without experts refuses one.
@@ -79,11 +80,15 @@ class KVCache:
         return self.slots
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, kv_heads, T, D] into this step's slots; return the whole cache of the layer."""
+        """Write k, v [B, kv_heads, T, D] into this step's slots; return the layer's keys and values to attend over:
+        the slots written so far [B, kv_heads, length, D] when running eagerly (a step attends over what it needs,
+        not over a capacity sized for the longest reply), all of them when torch.compile traces (fixed shapes)."""
         keys, values = self.keys[layer], self.values[layer]  # [B, kv_heads, capacity, D]
         keys.index_copy_(2, self.slots, k)
         values.index_copy_(2, self.slots, v)
-        return keys, values
+        if torch.compiler.is_compiling():
+            return keys, values
+        return keys[:, :, : self.length], values[:, :, : self.length]
 
 
 class Step(NamedTuple):

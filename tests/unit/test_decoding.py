@@ -51,6 +51,30 @@ def test_cached_decoding_equals_the_full_forward(case):
                 torch.testing.assert_close(cached[step], full, atol=2e-5, rtol=0)
 
 
+def test_a_cache_much_larger_than_needed_changes_nothing_and_is_not_read():
+    """Eager steps attend over the slots written so far, not over the capacity (sized for the longest reply): the
+    logits of a batch with left padding are those of a tight cache, and `update` returns only written slots."""
+    model = minisail.load(GOLDEN / "internvl-qwen2-batch" / "checkpoint", dtype=torch.float32)
+    model.image_token_id = 384
+    input_ids, attention_mask, pixel_values = case_inputs("internvl-qwen2-batch")
+    decoder, steps = model.language_model, 3
+    tokens = greedy_generate(model, input_ids, attention_mask, pixel_values, max_new_tokens=steps)
+    B, T = attention_mask.shape
+    logits = {}
+    with torch.inference_mode():
+        inputs = model.prepare_inputs(input_ids, attention_mask, pixel_values)
+        positions = positions_from_mask(attention_mask)
+        for capacity in (T + steps, T + steps + 500):
+            cache = decoder.new_cache(B, capacity)
+            rows = [decoder(inputs.embeds, positions, cache, attention_mask=attention_mask, last_only=True)[:, -1]]
+            for step in range(steps - 1):
+                rows.append(decoder(decoder.embed(tokens[:, step : step + 1]), positions[:, -1:] + 1 + step, cache))
+            logits[capacity] = torch.cat([row.reshape(B, -1) for row in rows])
+            keys, values = cache.update(0, cache.keys[0, :, :, :1], cache.values[0, :, :, :1])  # into the last slot
+            assert keys.shape[2] == values.shape[2] == T + steps - 1  # written so far, not the capacity
+    torch.testing.assert_close(logits[T + steps], logits[T + steps + 500], atol=2e-5, rtol=0)
+
+
 def test_padded_row_decodes_like_the_unpadded_row():
     model = minisail.load(GOLDEN / "internvl-qwen2-textonly" / "checkpoint")
     input_ids, attention_mask, _ = case_inputs("internvl-qwen2-textonly")
