@@ -60,11 +60,18 @@ class WorkerDied(MinisailError):
         super().__init__(f"the {name} benchmark worker {self.reason}")
 
 
-def worker_environment() -> dict[str, str]:
+def worker_environment(framework: str = "minisail") -> dict[str, str]:
     """This environment with the repository root first on PYTHONPATH, so `python -m bench.worker` finds this
-    bench/ whatever the current directory is (relative --cache paths stay relative to the caller's)."""
+    bench/ whatever the current directory is (relative --cache paths stay relative to the caller's). A peer does
+    not inherit the allocator setting minisail made in this process (minisail/allocator.py): it runs as its users
+    run it; a setting the user made is passed on to every worker."""
+    from minisail import allocator
+
     path = [str(REPOSITORY), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    if framework != "minisail" and allocator.decision.startswith(f"{allocator.VARIABLE}=1:"):
+        environment.pop(allocator.VARIABLE, None)
+    return environment
 
 
 def worker_command(spec: dict) -> list[str]:
@@ -80,7 +87,11 @@ class Worker:
         self.spec, self.framework = spec, spec["framework"]
         self.name = f"{spec['dtype']} {self.framework}"
         self.process = subprocess.Popen(
-            worker_command(spec), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=worker_environment()
+            worker_command(spec),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=worker_environment(self.framework),
         )
         self.load = self._read()
 

@@ -24,7 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+if __name__ == "__main__" and json.loads(sys.argv[1]).get("framework") == "minisail":
+    import minisail  # noqa: F401  before torch, as `python -m minisail` does: its allocator setting (allocator.py)
+
+import torch  # noqa: E402
 
 from bench.presets import Preset, get_preset
 
@@ -112,6 +115,7 @@ class MinisailRunner:
 
     def __init__(self, preset: Preset, folder: Path, dtype: str, compile: bool = False):
         from bench.models import load_minisail
+        from minisail import allocator
         from minisail.fast.cpu import speed_up_on_cpu
         from minisail.fast.huge_pages import huge_page_bytes
         from minisail.fast.packing import pack_linears
@@ -134,7 +138,7 @@ class MinisailRunner:
             "load_call_s": loaded - start,
             "pack_s": time.perf_counter() - loaded,  # every CPU fast path's preparation, packing included
             "fast_paths": done.summary(),
-            "fast_path_reasons": done.reasons,
+            "fast_path_reasons": [allocator.decision, *done.reasons],
             "huge_page_gb": (huge_page_bytes() or 0) / 1e9,  # what the kernel really backs with 2 MiB pages
         }
 

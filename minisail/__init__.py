@@ -6,7 +6,11 @@ tokenizer = minisail.load_tokenizer("weights/SAIL-VL-2B")
 
 from __future__ import annotations
 
-from minisail.errors import (
+from minisail.allocator import ask_torch_for_huge_pages
+
+ask_torch_for_huge_pages()  # before anything imports torch: its allocator reads the setting once (allocator.py)
+
+from minisail.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
     ImageError,
@@ -15,7 +19,7 @@ from minisail.errors import (
     PromptError,
     TokenizerError,
 )
-from minisail.loading import load
+from minisail.loading import load  # noqa: E402
 
 __version__ = "0.1.0"
 
