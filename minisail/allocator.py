@@ -35,7 +35,7 @@ def ask_torch_for_huge_pages() -> str:
     """Set THP_MEM_ALLOC_ENABLE=1 where it helps and is ours to set (module docstring); return why or why not."""
     global decision
     if VARIABLE in os.environ:
-        decision = f"{VARIABLE}={os.environ[VARIABLE]} as set by the user"
+        decision = f"{VARIABLE}={os.environ[VARIABLE]} already set (by the user, or a parent minisail process)"
     elif "torch" in sys.modules:
         decision = f"torch was imported before minisail: its allocator has read {VARIABLE} already (unset)"
     elif not sys.platform.startswith("linux"):

@@ -67,7 +67,7 @@ from minisail.fast.int8_dot_kernels import (
     sums_exact,
 )
 
-MANY_ROWS = 128  # rows of x from which the weight is read back for the float path (measured: 3 bytes won at 64)
+MANY_ROWS = 128  # rows of x from which oneDNN's weight is read back for the float path (3 bytes won at 64)
 
 
 @dataclass(frozen=True)

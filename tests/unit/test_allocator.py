@@ -39,7 +39,7 @@ def test_left_alone_where_huge_pages_are_off_or_missing(no_setting, monkeypatch,
 
 def test_the_users_setting_wins(no_setting, monkeypatch):
     monkeypatch.setenv(allocator.VARIABLE, "0")
-    assert "set by the user" in allocator.ask_torch_for_huge_pages()
+    assert "already set" in allocator.ask_torch_for_huge_pages()
     assert os.environ[allocator.VARIABLE] == "0"
 
 
@@ -72,5 +72,5 @@ def test_benchmark_peers_do_not_inherit_minisails_setting(monkeypatch):
     monkeypatch.setattr(allocator, "decision", f"{allocator.VARIABLE}=1: set by minisail")
     assert worker_environment("minisail")[allocator.VARIABLE] == "1"
     assert allocator.VARIABLE not in worker_environment("transformers")
-    monkeypatch.setattr(allocator, "decision", f"{allocator.VARIABLE}=1 as set by the user")
+    monkeypatch.setattr(allocator, "decision", f"{allocator.VARIABLE}=1 already set (by the user)")
     assert worker_environment("llama.cpp")[allocator.VARIABLE] == "1"
