@@ -57,7 +57,8 @@ def format_table(report: dict) -> str:
                 cells.append(_cell(report["results"][dtype][kind].get(metric), fmt))
         lines.append(f"{label:<24}" + "".join(f" | {c:>{width}}" for c in cells))
     lines.append(
-        "ratios: minisail's speed-up (transformers' time / minisail's; tok/s the other way); RSS: theirs / ours"
+        "ratios: minisail's speed-up (transformers' time / minisail's; tok/s the other way); RSS: theirs / ours; "
+        "timed rows: the median of the interleaved rounds' own ratios, so they need not equal the medians' quotient"
     )
     if report.get("ratios_vs_llama_cpp"):
         lines.append(

@@ -27,7 +27,7 @@ from bench.machine import machine_info, memory_available_bytes, streaming_bandwi
 from bench.models import int8_available
 from bench.presets import Preset
 from bench.processes import LLAMA, Worker, WorkerDied, record_peer_death, start_worker
-from bench.targets import METRICS, evaluate, llama_ratios, ratios
+from bench.targets import METRICS, TIMED, evaluate, llama_ratios, paired, ratios
 from minisail.fast.packing import packing_support
 
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.1, "int4": 0.7}  # int8/int4: + scales, bf16 norms, embeddings
@@ -200,6 +200,10 @@ def run_dtype(
         results[fw].update({m: median(samples[f"{dtype} {fw}"][m]) for m in METRICS[2:]})
     ours = loads["minisail"][-1]
     notes = {"interleaved": interleaved if len(frameworks) > 1 else None, "weights_gb": ours["weights_gb"]}
+    mine = samples[f"{dtype} minisail"]  # each peer's timed samples against minisail's, round by round
+    notes["paired"] = {
+        fw: {m: paired(mine[m], samples[f"{dtype} {fw}"][m], m) for m in TIMED} for fw in frameworks if fw != "minisail"
+    }
     notes["decode_gb"] = ours.get("decode_gb") or None
     if "compile_s" in ours:  # the compiled decode step: its one-off cost and the memory its constants take
         notes["minisail_compile_s"], notes["minisail_rss_after_compile_gb"] = (
@@ -262,7 +266,7 @@ def run_bench(preset: Preset, cache: Path, settings: Settings) -> dict:
         "machine": machine,
         "roofline_decode_tok_s": roofline,
         "results": results,
-        "ratios": ratios(results),
+        "ratios": ratios(results, notes),
         "ratios_vs_llama_cpp": llama_ratios(results, notes),
         "llama_cpp_skipped": peer,  # None: llama.cpp ran (see each dtype's results), else why not
         "peer_failures": failures,  # {"int8 llama.cpp": how its worker stopped}: those figures are absent
