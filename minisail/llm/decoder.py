@@ -23,7 +23,8 @@ The contract, stated here once:
   no Python number that changes between steps, so `torch.compile` captures it once, with no graph break, for a
   whole generation (tests/generation/test_compile.py; `bench --compile` swaps in the compiled one), and prefills of any
   length stay eager. Traced, attention reads every cache slot (the mask hides those not written yet); eager, it
-  reads only the slots written so far (`KVCache.update`), the same numbers without the masked work.
+  reads only the slots written so far (`KVCache.update`): the same arithmetic without the masked slots (equal
+  within float rounding: the attention kernel may block the sums differently).
 - `visual_mask` [B, T] bool (True at <IMG_CONTEXT>) routes Mono-InternVL's FFN experts (minisail/llm/moe.py);
   the model computes it from the token ids (`visual_mask(input_ids)` of every family, None where there are no
   experts) and the decoder hands it to each layer. A decoder without experts refuses one.
