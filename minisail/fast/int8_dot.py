@@ -172,6 +172,8 @@ class DotInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # [M, in]
+        if rows.shape[0] == 0:  # nothing to multiply (the kernels would be handed an empty product)
+            return x.new_empty(*x.shape[:-1], self.out_features)
         if rows.shape[0] == 1:
             return self._one_row(x, rows)
         if rows.shape[0] >= MANY_ROWS and self.kernel is ONEDNN:

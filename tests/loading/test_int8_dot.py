@@ -164,6 +164,16 @@ def test_many_rows(kernel):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+def test_empty_inputs_give_empty_outputs(kernel):
+    linear = int8_linear(48, 64)
+    twin = dot_twin(linear, kernel)
+    for shape in [(0, 64), (1, 0, 64), (2, 0, 64)]:
+        x = torch.randn(*shape).to(torch.bfloat16)
+        with torch.inference_mode():
+            assert twin(x).shape == linear(x).shape == (*shape[:-1], 48)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_infinite_inputs_take_the_float_path(kernel):
     linear = int8_linear(16, 64)
     twin = dot_twin(linear, kernel)
