@@ -63,7 +63,6 @@ from minisail.fast.int8_dot_kernels import (
     ONEDNN,
     DigitKernel,
     extreme_digits,
-    kernel_exists,
     sums_exact,
 )
 
@@ -104,7 +103,7 @@ def dot_support() -> DotSupport:
         return DotSupport(None, "a big-endian CPU")
     vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
     kernel = ONEDNN if vnni and torch.backends.cpu.get_cpu_capability() == "AVX512" else FBGEMM
-    if not kernel_exists(kernel):
+    if not kernel.exists():
         return DotSupport(None, f"this torch build has no {kernel.name} int8 linear")
     refusal = kernel_sums_exactly(kernel)
     if refusal is not None:

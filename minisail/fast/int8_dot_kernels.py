@@ -30,7 +30,9 @@ import torch
 
 @dataclass(frozen=True)
 class DigitKernel:
-    """An int8 product on activation digits of `bits` bits, `levels` digits per activation (see the subclasses)."""
+    """An int8 product on activation digits of `bits` bits, `levels` digits per activation. Each subclass gives
+    `digits(U)` (int32 [M, in] -> its input [M * levels, in]), `values(inputs)` (what they stand for, float64),
+    `exists()`, `pack(weight)`, `sums(inputs, packed, scale, zeros)` (float32 [M * levels, out]) and `unpack`."""
 
     name: str
     bits: int
@@ -69,6 +71,9 @@ class OneDnnDigits(DigitKernel):
     def values(self, inputs: torch.Tensor) -> torch.Tensor:
         return inputs.double() - self.zero_point
 
+    def exists(self) -> bool:  # does this torch build have the ops?
+        return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         return torch.ops.onednn.qlinear_prepack(weight, None)  # opaque, [in, out] to torch
 
@@ -95,6 +100,11 @@ class FbgemmDigits(DigitKernel):
 
     def values(self, inputs: torch.Tensor) -> torch.Tensor:
         return inputs.double()
+
+    def exists(self) -> bool:  # does this torch build have the engine (x86 builds only) and the op?
+        return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+            torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32"
+        )
 
     def pack(self, weight: torch.Tensor):
         """fbgemm's packed weight (a TorchScript object, opaque), packed with unit scales. PyTorch warns that
@@ -124,15 +134,6 @@ class FbgemmDigits(DigitKernel):
 
 ONEDNN = OneDnnDigits("oneDNN", bits=8, levels=3)
 FBGEMM = FbgemmDigits("fbgemm", bits=7, levels=3)
-
-
-def kernel_exists(kernel: DigitKernel) -> bool:
-    """Does this torch build have the kernel's ops (and, for fbgemm, the engine)?"""
-    if kernel is ONEDNN:
-        return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")
-    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
-        torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32"
-    )
 
 
 def exact_sums(values: torch.Tensor, weight: torch.Tensor, block_rows: int = 4096) -> torch.Tensor:

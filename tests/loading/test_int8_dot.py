@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from minisail.fast import int8_dot
 from minisail.fast.int8 import Int8Linear, quantize_rows
 from minisail.fast.int8_dot import MANY_ROWS, DotInt8Linear, dot_int8_linears, split_levels, undot_int8_linears
-from minisail.fast.int8_dot_kernels import FBGEMM, ONEDNN, exact_sums, kernel_exists
+from minisail.fast.int8_dot_kernels import FBGEMM, ONEDNN, FbgemmDigits, exact_sums
 
 KERNELS = [pytest.param(kernel, id=kernel.name) for kernel in (ONEDNN, FBGEMM)]
 
@@ -102,7 +102,7 @@ def int8_linear(out_features: int, in_features: int, seed: int = 0, bias: bool =
 
 
 def dot_twin(linear: Int8Linear, kernel) -> DotInt8Linear:
-    if not kernel_exists(kernel):
+    if not kernel.exists():
         pytest.skip(f"this torch build has no {kernel.name} int8 linear")
     twin = DotInt8Linear.from_int8_linear(linear, kernel)
     if twin is None:
@@ -217,7 +217,7 @@ def off_by_one(real):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_a_kernel_whose_sums_are_not_exact_is_refused(kernel, monkeypatch):
-    if not kernel_exists(kernel):
+    if not kernel.exists():
         pytest.skip(f"this torch build has no {kernel.name} int8 linear")
     monkeypatch.setattr(type(kernel), "sums", off_by_one(type(kernel).sums))
     assert "not exact" in int8_dot.kernel_sums_exactly(kernel)
@@ -247,7 +247,7 @@ def test_without_vnni_fbgemm_runs_or_nothing(monkeypatch):
 
 def test_without_either_kernel_the_path_stays_off(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
-    monkeypatch.setattr(int8_dot, "kernel_exists", lambda kernel: kernel is not FBGEMM)  # fbgemm is x86-only
+    monkeypatch.setattr(FbgemmDigits, "exists", lambda self: False)  # fbgemm is x86-only: as on ARM
     support = int8_dot.dot_support()
     assert not support.available and "no fbgemm" in support.reason
     model = torch.nn.Sequential(int8_linear(16, 64))
