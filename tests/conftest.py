@@ -47,7 +47,7 @@ def internlm2_tokenizer(internlm2_tokenizer_dir):
 
 def _reset_fast_path_decisions():
     from minisail.fast import int8 as int8_kernels
-    from minisail.fast import int8_dot, matvec, packing
+    from minisail.fast import int8_dot, matvec, packing, vit_attention
 
     packing.packing_support.cache_clear()
     packing._checked.clear()
@@ -55,6 +55,7 @@ def _reset_fast_path_decisions():
     int8_kernels._int8pack_checked.clear()
     int8_dot.dot_support.cache_clear()
     int8_dot._checked.clear()
+    vit_attention.fast_attention_support.cache_clear()
 
 
 @pytest.fixture

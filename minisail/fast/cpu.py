@@ -6,7 +6,9 @@ Every path here keeps the numbers (or states its bound) and is chosen by what th
   - on AMX, the language model's Linears run one-row products as `torch.mv` (fast/matvec.py: decode streams its
     weights faster there; each shape checked to give F.linear's bits), and stay plain for prefill;
   - every other bf16 Linear (vision tower, projector; the language model's too without AMX) is packed for oneDNN
-    (fast/packing.py).
+    (fast/packing.py);
+  - without AMX, the vision towers' attention runs its products on oneDNN's bf16 kernels instead of SDPA's float32
+    ones (fast/vit_attention.py: not SDPA's bits; its error within 2x SDPA's).
 - bf16 where it is not (e.g. AVX2): products of 8 rows or more in float32 from the bf16 weights (fast/upcast.py).
 - the language model's int8 weights (Int8Linear, int4 models' int8 head included) on the CPU's integer dot
   products, the activations split exactly into digits (fast/int8_dot.py): oneDNN where the CPU has VNNI (3 bytes,
@@ -30,6 +32,7 @@ from minisail.fast.int8_dot import dot_int8_linears, dot_support
 from minisail.fast.matvec import matvec_linears
 from minisail.fast.packing import pack_linears, packing_support
 from minisail.fast.upcast import upcast_linears
+from minisail.fast.vit_attention import fast_attention_support, use_fast_vit_attention
 
 
 @dataclass
@@ -39,6 +42,7 @@ class CpuSpeedUps:
     packed: int = 0  # bf16 Linears packed for oneDNN (fast/packing.py)
     matvec: int = 0  # language-model Linears whose one-row products run torch.mv (fast/matvec.py)
     upcast: int = 0  # bf16 Linears computing 8+ rows in float32 (fast/upcast.py)
+    vit_attention: int = 0  # vision attention modules on bf16 products (fast/vit_attention.py)
     int8_dot: int = 0  # Int8Linears on integer dot-product kernels, oneDNN or fbgemm (fast/int8_dot.py)
     huge_page_bytes: int = 0  # language-model weight bytes moved into huge-page memory (fast/huge_pages.py)
     reasons: list[str] = field(default_factory=list)
@@ -48,6 +52,7 @@ class CpuSpeedUps:
             f"{self.packed} Linears packed for oneDNN" if self.packed else "",
             f"{self.matvec} decode Linears on torch.mv" if self.matvec else "",
             f"{self.upcast} Linears computing prefill in float32" if self.upcast else "",
+            f"{self.vit_attention} vision attentions on bf16 products" if self.vit_attention else "",
             f"{self.int8_dot} int8 Linears on int8 dot products" if self.int8_dot else "",
             f"{self.huge_page_bytes / 1e9:.2f} GB of weights in huge pages" if self.huge_page_bytes else "",
         ]
@@ -69,6 +74,10 @@ def speed_up_on_cpu(model: nn.Module, *, move_to_huge_pages: bool = True) -> Cpu
             if language_model is not None:
                 done.matvec = matvec_linears(language_model)  # before packing: pack_linears skips what it swapped
             done.packed = pack_linears(model)
+            attention = fast_attention_support()
+            done.reasons.append(attention.reason)
+            if attention.available:
+                done.vit_attention = use_fast_vit_attention(model)
         else:
             done.upcast = upcast_linears(model)
     decoding = language_model if language_model is not None else model  # the vision tower never decodes

@@ -88,6 +88,8 @@ class CLIPVisionEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
+    attend = staticmethod(vit_attention)  # the attention core (a CPU fast path may swap it: fast/vit_attention.py)
+
     def __init__(self, config: CLIPVisionConfig):
         super().__init__()
         C = config.hidden_size
@@ -98,7 +100,7 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.q_proj(x) * self.scale  # [N, L, C], scaled before the product, as upstream
-        y = vit_attention(q, self.k_proj(x), self.v_proj(x), self.num_heads, scale=1.0)  # softmax(q k^T) v, no mask
+        y = self.attend(q, self.k_proj(x), self.v_proj(x), self.num_heads, scale=1.0)  # softmax(q k^T) v, no mask
         return self.out_proj(y)
 
 

@@ -89,6 +89,8 @@ class InternVisionEmbeddings(nn.Module):
 
 
 class InternAttention(nn.Module):
+    attend = staticmethod(vit_attention)  # the attention core (a CPU fast path may swap it: fast/vit_attention.py)
+
     def __init__(self, config: InternViTConfig):
         super().__init__()
         C = config.hidden_size
@@ -104,7 +106,7 @@ class InternAttention(nn.Module):
         q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)  # each [N, L, C]
         if self.qk_normalization:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.proj(vit_attention(q, k, v, self.num_heads))  # softmax(q k^T / sqrt(d)) v, no mask
+        return self.proj(self.attend(q, k, v, self.num_heads))  # softmax(q k^T / sqrt(d)) v, no mask
 
 
 class InternMLP(nn.Module):

@@ -110,6 +110,8 @@ class SailViTPreprocessor(nn.Module):
 
 
 class SailViTAttention(nn.Module):
+    attend = staticmethod(vit_attention)  # the attention core (a CPU fast path may swap it: fast/vit_attention.py)
+
     def __init__(self, config: SailViTConfig):
         super().__init__()
         C = config.hidden_size
@@ -119,7 +121,7 @@ class SailViTAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)  # each [N, L, C]
-        return self.proj(vit_attention(q, k, v, self.num_heads))  # softmax(q k^T / sqrt(d)) v, every patch sees all
+        return self.proj(self.attend(q, k, v, self.num_heads))  # softmax(q k^T / sqrt(d)) v, every patch sees all
 
 
 class SailViTSwiGLU(nn.Module):
