@@ -83,9 +83,11 @@ def format_table(report: dict) -> str:
             ms, bandwidth = note["minisail_decode_matmuls_ms"], report["machine"].get("bandwidth_gb_s")
             rate = note["decode_gb"] / (ms / 1e3)
             share = f", {rate / bandwidth:.0%} of the measured bandwidth" if bandwidth else ""
+            step, outside = note.get("minisail_decode_step_ms"), note.get("minisail_decode_outside_ms")
+            beside = f" measured beside them, {outside:.1f} ms outside them" if step and outside is not None else ""
             parts.append(
                 f"its matrix products alone take {ms:.0f} ms per token ({rate:.1f} GB/s{share}) of a "
-                f"{1e3 / decode:.0f} ms decode step"
+                f"{step or 1e3 / decode:.0f} ms decode step{beside}"
             )
         if note.get("minisail_fast_paths"):
             parts.append(f"CPU fast paths: {note['minisail_fast_paths']}")

@@ -69,7 +69,8 @@ def median(values):
 def measure(workers: list[Worker], preset: Preset, settings: Settings, failures: dict) -> dict[str, dict[str, list]]:
     """Run every timed operation `repeats` times on each worker, alternating the order each round. A peer that
     dies is recorded in `failures` and left out from then on (record_peer_death); minisail's death stops the run."""
-    samples = {w.name: {m: [] for m in [*METRICS[2:], "cpu_share", "decode_matmuls_s"]} for w in workers}
+    extra = ["cpu_share", "decode_matmuls_s", "decode_step_s", "decode_outside_s"]
+    samples = {w.name: {m: [] for m in [*METRICS[2:], *extra]} for w in workers}
     plan = [("vision_1tile_s", {"op": "vision", "tiles": 1}, settings.repeats)]
     if settings.seven_tiles:
         plan.append(("vision_7tiles_s", {"op": "vision", "tiles": 7}, settings.long_repeats))
@@ -114,6 +115,9 @@ def measure(workers: list[Worker], preset: Preset, settings: Settings, failures:
                 if answer is None:
                     continue
                 share = f"(cpu share {answer['cpu_share']:.2f})"
+                if metric == "decode_matmuls_s":  # and the decode step measured beside them
+                    samples[w.name]["decode_step_s"].append(answer["step_s"])
+                    samples[w.name]["decode_outside_s"].append(answer["outside_s"])
                 if metric == "generate":
                     samples[w.name]["ttft_s"].append(answer["ttft_s"])
                     samples[w.name]["decode_tok_s"].append(answer["decode_tok_s"])
@@ -217,9 +221,10 @@ def run_dtype(
     if ours.get("pack_s") is not None:  # minisail's load = minisail.load + its CPU fast paths' preparation
         notes["minisail_load_call_s"] = median(x["load_call_s"] for x in loads["minisail"])
         notes["minisail_pack_s"] = median(x["pack_s"] for x in loads["minisail"])
-    matmuls = median(samples[f"{dtype} minisail"]["decode_matmuls_s"])
-    if matmuls is not None:
-        notes["minisail_decode_matmuls_ms"] = matmuls * 1e3
+    for metric in ("decode_matmuls", "decode_step", "decode_outside"):  # the step beside its products (worker)
+        value = median(samples[f"{dtype} minisail"][f"{metric}_s"])
+        if value is not None:
+            notes[f"minisail_{metric}_ms"] = value * 1e3
     notes.update({f"{fw}_skipped": note for fw, note in skipped.items()})
     if LLAMA in frameworks:  # what llama.cpp ran: its file type, the bytes a decode step reads, its CPU features
         about = gguf_export.about(folders[LLAMA])

@@ -10,6 +10,8 @@ then reads commands on stdin and answers each on stdout (progress and warnings g
     {"op": "vision", "tiles": 7}    -> {"s": seconds}          encode 7 tiles (ViT + pixel shuffle + mlp1)
     {"op": "prefill"}               -> {"s": seconds}          286 prompt embeddings -> first logits, KV cache
     {"op": "generate", "tokens": n} -> {"ttft_s", "decode_tok_s"}  pixels + ids -> n greedy tokens
+    {"op": "matmuls"}               -> {"s", "step_s", "outside_s"}  minisail: a decode step's products alone,
+                                       the step beside them, and the difference (medians of 5 pairs)
     {"op": "exit"}
 
 Load = from the `load` call until every weight page is resident (each page touched once), so a lazily mapped
@@ -20,6 +22,7 @@ checkpoint and an eagerly copied one are compared on the same footing. Peak RSS 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -174,6 +177,27 @@ class MinisailRunner:
         if self.compile:
             self.compile_decode_step()  # compiled on the first generation (the warm-up)
 
+    def decode_step_and_matmuls(self, pairs: int = 5) -> dict:
+        """A decode step after the prompt and the step's matrix products alone (`decode_matmuls`), `pairs` times in
+        turn: the median of each, and of each pair's difference (the step's work outside its products). Taken side
+        by side, so a host whose speed drifts between samples moves both alike."""
+        from minisail.generate import decode_step, prefill
+        from minisail.llm.decoder import positions_from_mask
+
+        decoder, inputs = self.model.language_model, self.prepared
+        prompt = inputs.embeds.shape[1]
+        cache = decoder.new_cache(1, prompt + pairs + 1)
+        token = prefill(decoder, inputs, positions_from_mask(inputs.attention_mask), cache).argmax(-1, keepdim=True)
+        steps, matmuls = [], []
+        for i in range(pairs):
+            start = time.perf_counter()
+            token = decode_step(self.model, cache, token, torch.tensor([[prompt + i]])).argmax(-1, keepdim=True)
+            steps.append(time.perf_counter() - start)
+            matmuls.append(self.decode_matmuls())
+        outside = [step - products for step, products in zip(steps, matmuls, strict=True)]
+        median = statistics.median
+        return {"s": median(matmuls), "step_s": median(steps), "outside_s": median(outside)}
+
     def decode_matmuls(self) -> float:
         """Seconds for one decode step's matrix products alone: each of them once, on one row, in order. What a
         decode step would take if everything but its weight-streaming kernels cost nothing."""
@@ -272,8 +296,8 @@ def serve(spec: dict) -> None:
             if op == "vision":
                 runner.vision(int(command["tiles"]))
                 answer = {"s": time.perf_counter() - t0}
-            elif op == "matmuls":
-                answer = {"s": runner.decode_matmuls()}
+            elif op == "matmuls":  # minisail only: a decode step beside its matrix products alone
+                answer = runner.decode_step_and_matmuls()
             elif op == "prefill":
                 runner.prefill()
                 answer = {"s": time.perf_counter() - t0}

@@ -63,8 +63,9 @@ def test_quick_bench_prints_one_json_object_of_the_documented_form(tmp_path, cap
     native = packing_support().available  # native bf16: packed vision tower; else float32 prefill (fast/cpu.py)
     assert ("packed for oneDNN" if native else "prefill in float32") in notes["minisail_fast_paths"]
     assert notes["minisail_load_call_s"] + notes["minisail_pack_s"] <= report["results"]["bf16"]["minisail"]["load_s"]
-    assert notes["minisail_decode_matmuls_ms"] > 0
-    assert "matrix products alone take" in "\n".join(out[:-1])
+    assert notes["minisail_decode_matmuls_ms"] > 0 and notes["minisail_decode_step_ms"] > 0
+    assert "minisail_decode_outside_ms" in notes  # the step beside its products: their difference
+    assert "matrix products alone take" in "\n".join(out[:-1]) and "measured beside them" in "\n".join(out[:-1])
 
 
 def test_decode_matmuls_are_the_decode_steps_linears(tmp_path):
@@ -82,6 +83,9 @@ def test_decode_matmuls_are_the_decode_steps_linears(tmp_path):
         assert len(runner.decode_linears) == per_layer * len(decoder.layers) + 1  # + lm_head
         assert runner.decode_linears[-1] is decoder.lm_head
         assert runner.decode_matmuls() > 0
+        paired = runner.decode_step_and_matmuls(pairs=3)  # a real step after the prompt, beside the products
+        assert paired["s"] > 0 and paired["step_s"] > 0
+        assert paired["outside_s"] < paired["step_s"]  # each pair's difference is below its step
 
 
 def test_official_checkpoint_is_sharded_bf16_and_round_trips(tmp_path):
