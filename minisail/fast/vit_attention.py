@@ -48,8 +48,10 @@ def max_shifted_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, scale: float | None = None
 ) -> torch.Tensor:
     """`vit_attention`'s contract (q, k, v [N, L, C] -> [N, L, C], heads the head_dim-wide slices of C), computed
-    as the module docstring says for bf16 CPU tensors; anything else goes to `vit_attention` itself."""
-    if q.dtype != torch.bfloat16 or q.device.type != "cpu":
+    as the module docstring says for bf16 CPU tensors; anything else goes to `vit_attention` itself, and so does a
+    call that autograd records (a gradient through the pixels, say): the products here write into buffers."""
+    recorded = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or recorded:
         return vit_attention(q, k, v, num_heads, scale)
     N, L, C = q.shape
     D = C // num_heads

@@ -68,6 +68,23 @@ def test_other_dtypes_take_sdpa_itself():
     assert torch.equal(max_shifted_attention(q, k, v, 2), vit_attention(q, k, v, 2))
 
 
+def test_a_gradient_through_the_inputs_takes_sdpa():
+    q, k, v = random_qkv(1, 33, 2, 16, 1.0)
+    q.requires_grad_(True)
+    y = max_shifted_attention(q, k, v, 2)
+    assert torch.equal(y, vit_attention(q, k, v, 2))
+    y.float().sum().backward()  # the buffers of the fast path would refuse this
+    assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+def test_a_tower_still_gives_gradients_to_its_pixels():
+    model = minisail.load(GOLDEN / "internvl-qwen2-tiny" / "checkpoint", dtype=torch.bfloat16)
+    use_fast_vit_attention(model)
+    pixels = torch.randn(1, 3, 112, 112, requires_grad=True)
+    model.encode_images(pixels).float().sum().backward()
+    assert pixels.grad is not None and torch.isfinite(pixels.grad).all()
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_any_number_of_heads_per_product_gives_the_same_numbers(threads):
     q, k, v = random_qkv(2, 40, 3, 32, 2.0)
