@@ -122,6 +122,7 @@ class MinisailRunner:
         from minisail.fast.cpu import speed_up_on_cpu
         from minisail.fast.huge_pages import huge_page_bytes
         from minisail.fast.packing import pack_linears
+        from minisail.fast.vit_attention import fast_attention_support, use_fast_vit_attention
 
         self.preset, self.compile = preset, compile and preset.has_llm
         start = time.perf_counter()
@@ -129,6 +130,8 @@ class MinisailRunner:
         loaded = time.perf_counter()
         if self.compile:  # packed weights cannot be traced: pack only what stays eager
             self.packed = pack_linears(self.model.vision_model) + pack_linears(self.model.projector)
+            if self.packed and fast_attention_support().available:  # the tower stays eager: as Session runs it
+                use_fast_vit_attention(self.model)
             if dtype != "fp32" and not self.packed:  # no native bf16: float32 prefill (fast/upcast.py)
                 from minisail.fast.upcast import upcast_linears
 
@@ -180,9 +183,13 @@ class MinisailRunner:
     def decode_step_and_matmuls(self, pairs: int = 5) -> dict:
         """A decode step after the prompt and the step's matrix products alone (`decode_matmuls`), `pairs` times in
         turn: the median of each, and of each pair's difference (the step's work outside its products). Taken side
-        by side, so a host whose speed drifts between samples moves both alike."""
+        by side, so a host whose speed drifts between samples moves both alike. A compiled step is not the sum of
+        eager products (and a cache of another size would compile it again): there, the products alone."""
         from minisail.generate import decode_step, prefill
         from minisail.llm.decoder import positions_from_mask
+
+        if self.compile:
+            return {"s": self.decode_matmuls()}
 
         decoder, inputs = self.model.language_model, self.prepared
         prompt = inputs.embeds.shape[1]
@@ -196,7 +203,7 @@ class MinisailRunner:
             matmuls.append(self.decode_matmuls())
         outside = [step - products for step, products in zip(steps, matmuls, strict=True)]
         median = statistics.median
-        return {"s": median(matmuls), "step_s": median(steps), "outside_s": median(outside)}
+        return {"s": median(matmuls), "step_s": median(steps), "outside_s": median(outside), "pairs": [steps, matmuls]}
 
     def decode_matmuls(self) -> float:
         """Seconds for one decode step's matrix products alone: each of them once, on one row, in order. What a

@@ -8,7 +8,7 @@ Every path here keeps the numbers (or states its bound) and is chosen by what th
   - every other bf16 Linear (vision tower, projector; the language model's too without AMX) is packed for oneDNN
     (fast/packing.py);
   - without AMX, the vision towers' attention runs its products on oneDNN's bf16 kernels instead of SDPA's float32
-    ones (fast/vit_attention.py: not SDPA's bits; its error within 2x SDPA's).
+    ones (fast/vit_attention.py: not SDPA's bits; its error about 1.3x SDPA's, at most 2.5x).
 - bf16 where it is not (e.g. AVX2): products of 8 rows or more in float32 from the bf16 weights (fast/upcast.py).
 - the language model's int8 weights (Int8Linear, int4 models' int8 head included) on the CPU's integer dot
   products, the activations split exactly into digits (fast/int8_dot.py): oneDNN where the CPU has VNNI (3 bytes,

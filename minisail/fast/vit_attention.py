@@ -20,9 +20,10 @@ channel; within 2^-9 of the true maximum, which is all the shift needs). Then so
 for the last product) and p v, summed in float32 and rounded once. A scale that is a power of two is folded into q
 exactly; any other multiplies the shifted scores (small where it matters, so its rounding is too).
 
-The numbers: not SDPA's bits. Against a float64 attention its error is 1.1-1.7x SDPA's (root mean square) and
-within 2x at the worst element, over flat to peaky scores (tests/unit/test_vit_attention.py), where a naive bf16
-attention is 6x. float32 models never take this path.
+The numbers: not SDPA's bits. Against a float64 attention, over 800 random cases (flat to peaky scores, head
+sizes 16-128, every kind of scale), its error was 1.1-2.0x SDPA's in root mean square (median 1.3x) and up to
+2.3x at the worst element (median 1.5x); a naive bf16 attention is 5-6x in root mean square. The tests and the
+probe hold it to RMS_BOUND and WORST_BOUND below (tests/unit/test_vit_attention.py). float32 never takes this path.
 
 When: bf16 inputs on the CPU, where oneDNN runs bf16 natively (`packing_support()`, decided by trying) and the CPU
 has no AMX (there SDPA's flash kernel multiplies bf16 on AMX tiles itself: not measured here, so left to it), and
@@ -43,6 +44,8 @@ from torch import nn
 from minisail.fast.packing import amx_usable, packing_support
 from minisail.layers import vit_attention
 
+MAX_GROUP = 16  # heads per product at most: 3 x 16 x L x L bf16 temporaries (100 MB at L = 1025)
+
 
 def max_shifted_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, scale: float | None = None
@@ -51,17 +54,20 @@ def max_shifted_attention(
     as the module docstring says for bf16 CPU tensors; anything else goes to `vit_attention` itself, and so does a
     call that autograd records (a gradient through the pixels, say): the products here write into buffers."""
     recorded = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or recorded:
+    plain = q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.numel() == 0
+    if plain or recorded or torch.compiler.is_compiling():
         return vit_attention(q, k, v, num_heads, scale)
     N, L, C = q.shape
     D = C // num_heads
     scale = D**-0.5 if scale is None else scale
     q, k, v = (t.view(N, L, num_heads, D).transpose(1, 2).reshape(N * num_heads, L, D) for t in (q, k, v))
+    if scale < 0:  # the shift needs the row's maximum of the scaled scores: negate q instead (exact)
+        q, scale = -q, -scale
     folded = math.frexp(scale)[0] == 0.5  # a power of two: q * scale is exact in bf16
     if folded:
         q = q * scale
     heads = N * num_heads
-    group = max(1, min(torch.get_num_threads(), heads))  # heads per product: one per thread
+    group = max(1, min(torch.get_num_threads(), heads, MAX_GROUP))  # heads per product: one per thread
     out = torch.empty(heads, L, D, dtype=q.dtype)  # [N * heads, L, D]
     q_shifted = torch.zeros(group, L, D + 1, dtype=q.dtype)  # [q, -m]
     k_shifted = torch.zeros(group, L, D + 1, dtype=q.dtype)  # [k, 1]
@@ -85,7 +91,7 @@ class AttentionSupport:
     reason: str
 
 
-RMS_BOUND, WORST_BOUND = 2.0, 2.5  # the probe's error may be at most these multiples of SDPA's own (docstring)
+RMS_BOUND, WORST_BOUND = 2.5, 3.0  # error at most these multiples of SDPA's own (measured: 2.0, 2.3; docstring)
 
 
 def attention_errors(attend, q, k, v, num_heads: int, scale: float | None = None) -> tuple[float, float]:
@@ -104,11 +110,13 @@ def fast_attention_support() -> AttentionSupport:
     if amx_usable():
         return AttentionSupport(False, "vision attention stays on SDPA: its flash kernel uses AMX here")
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 130, 4 * 64, generator=generator).mul(3).to(torch.bfloat16) for _ in range(3))
-    ours = attention_errors(max_shifted_attention, q, k, v, 4)
-    sdpa = attention_errors(vit_attention, q, k, v, 4)
-    if not (ours[0] <= RMS_BOUND * sdpa[0] and ours[1] <= WORST_BOUND * sdpa[1]):
-        return AttentionSupport(False, f"vision attention stays on SDPA: bf16 products too far off here ({ours})")
+    for head_dim in (64, 128):  # a scale folded into q (1/8), and one multiplied after the shift (128^-0.5)
+        q, k, v = (torch.randn(2, 130, 4 * head_dim, generator=generator).mul(2).bfloat16() for _ in range(3))
+        ours = attention_errors(max_shifted_attention, q, k, v, 4)
+        sdpa = attention_errors(vit_attention, q, k, v, 4)
+        if not (ours[0] <= RMS_BOUND * sdpa[0] and ours[1] <= WORST_BOUND * sdpa[1]):
+            why = f"error {ours[0]:.2e} rms, {ours[1]:.2e} worst against SDPA's {sdpa[0]:.2e}, {sdpa[1]:.2e}"
+            return AttentionSupport(False, f"vision attention stays on SDPA: bf16 products too far off here ({why})")
     return AttentionSupport(True, "vision attention in bf16 products, scores shifted by their row maximum")
 
 

@@ -85,7 +85,10 @@ def test_decode_matmuls_are_the_decode_steps_linears(tmp_path):
         assert runner.decode_matmuls() > 0
         paired = runner.decode_step_and_matmuls(pairs=3)  # a real step after the prompt, beside the products
         assert paired["s"] > 0 and paired["step_s"] > 0
-        assert paired["outside_s"] < paired["step_s"]  # each pair's difference is below its step
+        steps, products = paired["pairs"]
+        assert len(steps) == len(products) == 3 and all(t > 0 for t in steps + products)
+        differences = sorted(step - alone for step, alone in zip(steps, products, strict=True))
+        assert paired["outside_s"] == differences[1] and paired["s"] == sorted(products)[1]  # pair by pair
 
 
 def test_official_checkpoint_is_sharded_bf16_and_round_trips(tmp_path):
@@ -215,7 +218,8 @@ def test_compile_mode_really_runs_the_decode_step_compiled(tmp_path):
         runner.setup(*bench_inputs(preset))
         assert hasattr(runner.model.language_model.decode_step, "_torchdynamo_orig_callable")
         times = runner.generate(6)
-    assert len(times) == 6
+        products = runner.decode_step_and_matmuls()  # the products alone: no step of another cache size
+    assert len(times) == 6 and products["s"] > 0 and "step_s" not in products
     assert counters["stats"]["unique_graphs"] == 1  # one graph for the whole generation, no recompiles
     assert counters["inductor"]["cpp_templated_kernel_counter"] > 0  # max-autotune's CPU GEMM templates ran
 
