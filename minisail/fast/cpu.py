@@ -7,8 +7,9 @@ Every path here keeps the numbers (or states its bound) and is chosen by what th
     weights faster there; each shape checked to give F.linear's bits), and stay plain for prefill;
   - every other bf16 Linear (vision tower, projector; the language model's too without AMX) is packed for oneDNN
     (fast/packing.py);
-  - without AMX, the vision towers' attention runs its products on oneDNN's bf16 kernels instead of SDPA's float32
-    ones (fast/vit_attention.py: not SDPA's bits; its error about 1.3x SDPA's, at most 2.5x).
+  - without AMX, the vision towers' attention runs its products as oneDNN's bf16 matrix products instead of SDPA's
+    flash kernel (bf16 no faster than float32 there) (fast/vit_attention.py: not SDPA's bits; its error about 1.3x
+    SDPA's, at most 2.5x).
 - bf16 where it is not (e.g. AVX2): products of 8 rows or more in float32 from the bf16 weights (fast/upcast.py).
 - the language model's int8 weights (Int8Linear, int4 models' int8 head included) on the CPU's integer dot
   products, the activations split exactly into digits (fast/int8_dot.py): oneDNN where the CPU has VNNI (3 bytes,

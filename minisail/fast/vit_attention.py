@@ -1,10 +1,11 @@
 """CPU fast path for the vision towers' bf16 attention: its three products on oneDNN's bf16 matrix kernels.
 
 A vision tower attends over every patch of a tile (1025 tokens for a 448px InternViT tile), so attention is about
-half of its time on the CPU: `F.scaled_dot_product_attention` (SDPA) runs its flash kernel, which without AMX
-computes bf16 inputs in float32 matrix products (measured on a 2-core Zen 5, 7 tiles x 16 heads x 1025 tokens x 64:
-~90 GFLOP/s, while oneDNN's bf16 products run 600-800 GFLOP/s on the same cores). Here the per-head products run
-in bf16 instead: softmax(q k^T * scale) v as bmm, softmax, bmm, a few heads at a time.
+half of its time on the CPU: `F.scaled_dot_product_attention` (SDPA) runs its flash kernel, which runs bf16 no
+faster than float32 on a CPU without AMX (measured on a 2-core Zen 5 with AVX-512 BF16, one layer of 7 tiles x 16
+heads x 1025 tokens x 64: 179 ms in bf16, 181 ms in float32, ~90 GFLOP/s, while oneDNN's bf16 products run
+600-800 GFLOP/s on the same cores: its blocks are small and it works in float32 between its products). Here the
+per-head products run in bf16 instead: softmax(q k^T * scale) v as bmm, softmax, bmm, a few heads at a time.
 
 What a bf16 product costs is its output's rounding: q k^T rounded to bf16 is off by up to 2^-9 of each score, and
 the softmax turns an absolute error in a score into a relative error in its weight, so a score of 30 rounded by
@@ -26,7 +27,8 @@ sizes 16-128, every kind of scale), its error was 1.1-2.0x SDPA's in root mean s
 probe hold it to RMS_BOUND and WORST_BOUND below (tests/unit/test_vit_attention.py). float32 never takes this path.
 
 When: bf16 inputs on the CPU, where oneDNN runs bf16 natively (`packing_support()`, decided by trying) and the CPU
-has no AMX (there SDPA's flash kernel multiplies bf16 on AMX tiles itself: not measured here, so left to it), and
+has no AMX (there oneDNN, which SDPA's kernel may call for its products, has AMX tiles: not measured here, so
+left to SDPA), and
 a probe attention comes out within those bounds once per process. Swapped per module, like the Linears:
 `use_fast_vit_attention(model)` sets the `attend` of every vision attention module (InternViT, SAIL-ViT, CLIP);
 anything else (a float32 or non-CPU tensor) still goes to `vit_attention`.
