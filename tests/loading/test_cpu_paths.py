@@ -113,3 +113,24 @@ def test_int8_decode_on_int8_dot_products_where_they_are_exact():
 def test_huge_pages_can_be_left_out():
     model = minisail.load(CASE, dtype=torch.float32)
     assert speed_up_on_cpu(model, move_to_huge_pages=False).huge_page_bytes == 0
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_vision_attention_moves_to_bf16_products_without_amx(onednn_packs_bf16, monkeypatch, amx):
+    from minisail.fast import vit_attention
+
+    monkeypatch.setattr(vit_attention, "amx_usable", lambda: amx)
+    model = minisail.load(CASE, dtype=torch.bfloat16)
+    done = speed_up_on_cpu(model)
+    attends = {m.attend for m in model.vision_model.modules() if hasattr(type(m), "attend")}
+    if amx:  # SDPA stays, and the log says why
+        assert done.vit_attention == 0 and attends == {vit_attention.vit_attention}
+        assert any("AMX" in reason for reason in done.reasons)
+    else:
+        assert done.vit_attention == len(model.vision_model.encoder.layers) and "vision attentions" in done.summary()
+        assert attends == {vit_attention.max_shifted_attention}
+
+
+def test_float32_models_keep_sdpa(onednn_packs_bf16):
+    model = minisail.load(CASE, dtype=torch.float32)
+    assert speed_up_on_cpu(model).vit_attention == 0
