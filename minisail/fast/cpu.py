@@ -75,12 +75,14 @@ def speed_up_on_cpu(model: nn.Module, *, move_to_huge_pages: bool = True) -> Cpu
             if language_model is not None:
                 done.matvec = matvec_linears(language_model)  # before packing: pack_linears skips what it swapped
             done.packed = pack_linears(model)
-            attention = fast_attention_support()
-            done.reasons.append(attention.reason)
-            if attention.available:
-                done.vit_attention = use_fast_vit_attention(model)
         else:
             done.upcast = upcast_linears(model)
+    towers = any(getattr(type(m), "attend", None) is not None for m in model.modules())  # vision attention
+    if towers and any(p.dtype == torch.bfloat16 for p in model.parameters()):  # in bf16 (an int8 tower's too)
+        attention = fast_attention_support()
+        done.reasons.append(attention.reason)
+        if attention.available:
+            done.vit_attention = use_fast_vit_attention(model)
     decoding = language_model if language_model is not None else model  # the vision tower never decodes
     if any(type(m) is Int8Linear and m.weight.device.type == "cpu" for m in decoding.modules()):
         support = dot_support()

@@ -134,3 +134,14 @@ def test_vision_attention_moves_to_bf16_products_without_amx(onednn_packs_bf16, 
 def test_float32_models_keep_sdpa(onednn_packs_bf16):
     model = minisail.load(CASE, dtype=torch.float32)
     assert speed_up_on_cpu(model).vit_attention == 0
+
+
+def test_vision_attention_moves_even_where_no_linear_is_bf16(onednn_packs_bf16, monkeypatch):
+    # An int8 checkpoint (bitsandbytes) may hold every Linear in int8: the tower's activations are still bf16.
+    from minisail.fast import cpu, vit_attention
+
+    monkeypatch.setattr(vit_attention, "amx_usable", lambda: False)
+    monkeypatch.setattr(cpu, "has_bf16_linears", lambda module: False)
+    model = minisail.load(CASE, dtype=torch.bfloat16)
+    done = speed_up_on_cpu(model)
+    assert done.packed == 0 and done.vit_attention > 0
