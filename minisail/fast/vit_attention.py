@@ -26,10 +26,9 @@ sizes 16-128, every kind of scale), its error was 1.1-2.0x SDPA's in root mean s
 2.3x at the worst element (median 1.5x); a naive bf16 attention is 5-6x in root mean square. The tests and the
 probe hold it to RMS_BOUND and WORST_BOUND below (tests/unit/test_vit_attention.py). float32 never takes this path.
 
-When: bf16 inputs on the CPU, where oneDNN runs bf16 natively (`packing_support()`, decided by trying) and the CPU
-has no AMX (there oneDNN, which SDPA's kernel may call for its products, has AMX tiles: not measured here, so
-left to SDPA), and
-a probe attention comes out within those bounds once per process. Swapped per module, like the Linears:
+When: bf16 inputs on the CPU, where oneDNN runs bf16 natively (`packing_support()`, decided by trying), the CPU
+has no AMX (there oneDNN, which SDPA's kernel may call for its products, has AMX tiles: not measured here, so left
+to SDPA) and a probe attention comes out within those bounds, once per process. Swapped per module, like the Linears:
 `use_fast_vit_attention(model)` sets the `attend` of every vision attention module (InternViT, SAIL-ViT, CLIP);
 anything else (a float32 or non-CPU tensor) still goes to `vit_attention`.
 """
@@ -110,7 +109,7 @@ def fast_attention_support() -> AttentionSupport:
     if not packing.available:
         return AttentionSupport(False, f"vision attention stays on SDPA: no native bf16 products ({packing.reason})")
     if amx_usable():
-        return AttentionSupport(False, "vision attention stays on SDPA: its flash kernel uses AMX here")
+        return AttentionSupport(False, "vision attention stays on SDPA: AMX here, which SDPA may use (unmeasured)")
     generator = torch.Generator().manual_seed(0)
     for head_dim in (64, 128):  # a scale folded into q (1/8), and one multiplied after the shift (128^-0.5)
         q, k, v = (torch.randn(2, 130, 4 * head_dim, generator=generator).mul(2).bfloat16() for _ in range(3))
