@@ -107,7 +107,7 @@ def fast_attention_support() -> AttentionSupport:
     """Decided by trying (module docstring): native bf16 products, no AMX, and a probe within the error bounds."""
     packing = packing_support()
     if not packing.available:
-        return AttentionSupport(False, f"vision attention stays on SDPA: no native bf16 products ({packing.reason})")
+        return AttentionSupport(False, "vision attention stays on SDPA: no native bf16 products (above)")
     if amx_usable():
         return AttentionSupport(False, "vision attention stays on SDPA: AMX here, which SDPA may use (unmeasured)")
     generator = torch.Generator().manual_seed(0)
