@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minisail.fast.memory import libc, madvise, release_mapped_pages
+from minisail.fast.memory import madvise, release_mapped_pages, trim_heap
 
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
 MADV_HUGEPAGE = 14  # Linux
@@ -115,15 +115,6 @@ def copy_releasing(fresh: torch.Tensor, old: torch.Tensor) -> None:
         for start in range(0, source.numel(), step):
             target[start : start + step].copy_(source[start : start + step])
             release_mapped_pages(source[start : start + step])
-
-
-def trim_heap() -> None:
-    """Give the C heap's free pages back to the OS (glibc's `malloc_trim`; elsewhere nothing). A freed tensor of
-    up to 32 MB may sit in the heap, where freeing it does not shrink the resident set: measured loading SAIL-VL-2B
-    in int8 and moving its weights, 0.3 GB stayed resident without this."""
-    trim = getattr(libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
 
 
 def _movable(tensor: torch.Tensor, min_bytes: int) -> bool:

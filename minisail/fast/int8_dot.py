@@ -65,6 +65,7 @@ from minisail.fast.int8_dot_kernels import (
     extreme_digits,
     sums_exact,
 )
+from minisail.fast.memory import trim_heap
 
 MANY_ROWS = 128  # rows of x from which oneDNN's weight is read back for the float path (3 bytes won at 64)
 
@@ -243,6 +244,7 @@ def dot_int8_linears(module: nn.Module, *, kernel: DigitKernel | None = None) ->
         twin = DotInt8Linear.from_int8_linear(getattr(parent, leaf), kernel)
         if twin is not None:
             setattr(parent, leaf, twin)  # the plain weight's last reference goes here
+            trim_heap()  # and its memory back to the OS before the next packed copy (fast/memory.py)
             swapped += 1
     return swapped
 

@@ -264,3 +264,17 @@ def test_the_swap_keeps_only_the_packed_weight(kernel):
     packed = {f"{i}.packed" for i in (0, 1)} if kernel is ONEDNN else set()  # fbgemm's is no tensor
     assert buffers == packed | {f"{i}.{name}" for i in (0, 1) for name in ("scale", "weight_zeros")}
     assert sum(module.opaque_weight_bytes for module in model) == (0 if kernel is ONEDNN else 16 * 64 + 8 * 16)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_each_freed_plain_weight_goes_back_to_the_os_before_the_next_copy(kernel, monkeypatch):
+    # A weight under glibc's 32 MB mmap threshold sits in the heap once freed: resident, unless the heap is trimmed.
+    from minisail.fast import int8_dot
+
+    model = torch.nn.Sequential(int8_linear(16, 64), int8_linear(8, 16), int8_linear(4, 8))
+    trims_before_each_swap = []
+    monkeypatch.setattr(
+        int8_dot, "trim_heap", lambda: trims_before_each_swap.append(type(model[len(trims_before_each_swap)]))
+    )
+    assert dot_int8_linears(model, kernel=kernel) == 3
+    assert trims_before_each_swap == [DotInt8Linear] * 3  # each trim right after its own swap
