@@ -272,9 +272,7 @@ def test_each_freed_plain_weight_goes_back_to_the_os_before_the_next_copy(kernel
     from minisail.fast import int8_dot
 
     model = torch.nn.Sequential(int8_linear(16, 64), int8_linear(8, 16), int8_linear(4, 8))
-    trims_before_each_swap = []
-    monkeypatch.setattr(
-        int8_dot, "trim_heap", lambda: trims_before_each_swap.append(type(model[len(trims_before_each_swap)]))
-    )
+    kind_at_each_trim = []
+    monkeypatch.setattr(int8_dot, "trim_heap", lambda: kind_at_each_trim.append(type(model[len(kind_at_each_trim)])))
     assert dot_int8_linears(model, kernel=kernel) == 3
-    assert trims_before_each_swap == [DotInt8Linear] * 3  # each trim right after its own swap
+    assert kind_at_each_trim == [DotInt8Linear] * 3  # each trim right after its own swap
