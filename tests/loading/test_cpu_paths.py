@@ -145,3 +145,15 @@ def test_vision_attention_moves_even_where_no_linear_is_bf16(onednn_packs_bf16, 
     model = minisail.load(CASE, dtype=torch.bfloat16)
     done = speed_up_on_cpu(model)
     assert done.packed == 0 and done.vit_attention > 0
+
+
+def test_int8_weights_are_packed_before_the_bf16_ones(onednn_packs_bf16, monkeypatch):
+    # Each int8 weight is held twice while it is packed: better before the bf16 packing makes the tower resident.
+    from minisail.fast import cpu
+
+    order = []
+    monkeypatch.setattr(cpu, "dot_int8_linears", lambda module: order.append("int8") or 0)
+    monkeypatch.setattr(cpu, "pack_linears", lambda module: order.append("bf16") or 0)
+    monkeypatch.setattr(cpu, "dot_support", lambda: type("Support", (), {"available": True, "reason": "forced"})())
+    speed_up_on_cpu(minisail.load(CASE, dtype=torch.bfloat16, quantize="int8"))
+    assert order == ["int8", "bf16"]
