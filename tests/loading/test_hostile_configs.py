@@ -421,7 +421,8 @@ def numeric_variants(value) -> list:
     """Edits of a number that stay plausible-looking: the boundary cases of every range check."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return [0, -1, math.nan]
-    variants = [0, -value, value + 1, value - 1, value * 10**6, float(value), math.nan, math.inf, -math.inf, True]
+    as_float = float(value) if abs(value) < 1e300 else math.inf  # repeated edits can grow an int past float range
+    variants = [0, -value, value + 1, value - 1, value * 10**6, as_float, math.nan, math.inf, -math.inf, True]
     return variants + ([value / 3, value * 2.0] if isinstance(value, float) else [10**30])
 
 
