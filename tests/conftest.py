@@ -101,3 +101,13 @@ def int8pack_fails(monkeypatch):
     monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", fail)
     yield
     _reset_fast_path_decisions()
+
+
+@pytest.fixture
+def views_of_any_size(monkeypatch):
+    """Every tensor taken as stored stays a zero-copy view, however small (minisail copies views under
+    SMALL_VIEW_BYTES out of the mapping, fast/memory.py): the tiny golden models' tensors are all small, and these
+    tests are about the views themselves."""
+    from minisail.fast import memory
+
+    monkeypatch.setattr(memory, "SMALL_VIEW_BYTES", 0)

@@ -23,6 +23,8 @@ from minisail.checkpoint.safetensors_header import parse_header
 from minisail.errors import CheckpointError
 from minisail.fast.memory import release_pages
 
+FOLIO = 2 << 20  # the largest page-cache folio a mapped read brings in (Linux 6.x, x86-64): what `release` spans
+
 
 def read_header(path: Path) -> tuple[dict, int]:
     """{name: (dtype, shape, begin, end)} (absolute byte offsets) of a safetensors file, and where its data begins.
@@ -64,11 +66,14 @@ class SafetensorsFile:
         return raw.view(dtype).reshape(shape)
 
     def release(self, name: str) -> None:
-        """Give back the resident pages of tensor `name` in the memory map (after converting or joining a view:
-        the process keeps only the result). Whole pages inside the tensor's own bytes only; the file's contents
-        come back if the view is read again (the mapping is private and never written)."""
+        """Give back the resident pages of tensor `name` in the memory map (after converting, joining or copying a
+        view: the process keeps only the result), with those of the 2 MiB-aligned span of the file around it:
+        reading a mapped byte maps the page cache's whole folio around it (up to FOLIO), neighbours included.
+        Safe for any byte of this mapping, which is private and never written: what is read again comes back
+        from the file (a neighbour still in use, an embedding table say, is simply read again)."""
         if self._bytes is not None:
             _, _, begin, end = self.entries[name]
+            begin, end = begin // FOLIO * FOLIO, min(-(-end // FOLIO) * FOLIO, self.file_size)  # file offsets
             release_pages(self._bytes.data_ptr() + begin, end - begin)
 
     def read(self, name: str) -> torch.Tensor:

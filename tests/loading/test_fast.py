@@ -53,7 +53,7 @@ def test_fp32_linears_are_left_alone():
     assert pack_linears(model) == 0
 
 
-def test_mapped_weights_are_found_and_given_back_without_changing_values():
+def test_mapped_weights_are_found_and_given_back_without_changing_values(views_of_any_size):
     model = minisail.load(GOLDEN / "internvl-qwen2-tiny" / "checkpoint", dtype=torch.float32)  # the file's dtype
     linear = model.language_model.layers[0].attn.o  # a plain rename: a zero-copy view into the checkpoint
     path, _offset = memory.file_backing(linear.weight.data_ptr())

@@ -115,7 +115,7 @@ def decoder_linears(model) -> list[nn.Module]:
 # --- bitsandbytes checkpoints -----------------------------------------------------------------------------------
 
 
-def test_prequantised_checkpoint_equals_its_dequantised_float_reference(int8_case):
+def test_prequantised_checkpoint_equals_its_dequantised_float_reference(int8_case, views_of_any_size):
     model, logits, tokens = run(int8_case.int8, int8_case.case, new_tokens=4, dtype=torch.float32)
     _, reference, reference_tokens = run(int8_case.reference, int8_case.case, new_tokens=4, dtype=torch.float32)
     linears = decoder_linears(model)

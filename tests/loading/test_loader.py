@@ -23,7 +23,7 @@ def copy_case(tmp_path, case=CASE):
     return shutil.copytree(GOLDEN / case / "checkpoint", tmp_path / case)
 
 
-def test_load_defaults_to_the_checkpoint_dtype_and_is_zero_copy():
+def test_load_defaults_to_the_checkpoint_dtype_and_is_zero_copy(views_of_any_size):
     model = minisail.load(GOLDEN / CASE / "checkpoint")
     assert model.language_model.embed.weight.dtype == torch.float32
     assert not any(p.requires_grad for p in model.parameters())
@@ -39,7 +39,9 @@ def test_load_casts_to_the_requested_dtype():
         minisail.load(GOLDEN / CASE / "checkpoint", dtype="float8")
 
 
-def test_converted_and_fused_weights_do_not_keep_their_mapped_sources_resident(tmp_path, monkeypatch):
+def test_converted_and_fused_weights_do_not_keep_their_mapped_sources_resident(
+    tmp_path, monkeypatch, views_of_any_size
+):
     """Conversions and joins read the zero-copy views, then give their pages back (and only theirs)."""
     from minisail.checkpoint.safetensors_mmap import SafetensorsFile
 

@@ -110,7 +110,7 @@ def test_a_failed_load_stops_its_reader(tmp_path, monkeypatch):
     assert len(made) == 1 and made[0].active and made[0]._stop.is_set() and not made[0].thread.is_alive()
 
 
-def test_kept_on_only_while_the_model_holds_views(monkeypatch):
+def test_kept_on_only_while_the_model_holds_views(monkeypatch, views_of_any_size):
     folder = GOLDEN / "internvl-qwen2-tiny" / "checkpoint"  # float32 on disk
     made = started(monkeypatch)
     minisail.load(folder)  # float32: zero-copy views, the read-ahead runs to the end of the files
