@@ -185,16 +185,13 @@ class MinisailRunner:
         turn: the median of each, and of each pair's difference (the step's work outside its products). Taken side
         by side, so a host whose speed drifts between samples moves both alike. A compiled step is not the sum of
         eager products (and a cache of another size would compile it again): there, the products alone."""
-        from minisail.generate import decode_step, prefill
-        from minisail.llm.decoder import positions_from_mask
+        from minisail.generate import decode_step
 
         if self.compile:
             return {"s": self.decode_matmuls()}
 
-        decoder, inputs = self.model.language_model, self.prepared
-        prompt = inputs.embeds.shape[1]
-        cache = decoder.new_cache(1, prompt + pairs + 1)
-        token = prefill(decoder, inputs, positions_from_mask(inputs.attention_mask), cache).argmax(-1, keepdim=True)
+        cache, logits = self._prefilled(spare_slots=pairs)
+        prompt, token = self.prepared.embeds.shape[1], logits.argmax(-1, keepdim=True)
         steps, matmuls = [], []
         for i in range(pairs):
             start = time.perf_counter()
@@ -219,12 +216,16 @@ class MinisailRunner:
         return self.model.encode_images(self.pixels[:tiles])
 
     def prefill(self):
+        return self._prefilled(spare_slots=1)[1].argmax(-1)
+
+    def _prefilled(self, spare_slots: int):
+        """(a KV cache holding the prompt with `spare_slots` free slots, the prompt's last logits [1, V])."""
         from minisail.generate import prefill
         from minisail.llm.decoder import positions_from_mask
 
         decoder, inputs = self.model.language_model, self.prepared
-        cache = decoder.new_cache(1, inputs.embeds.shape[1] + 1)
-        return prefill(decoder, inputs, positions_from_mask(inputs.attention_mask), cache).argmax(-1)
+        cache = decoder.new_cache(1, inputs.embeds.shape[1] + spare_slots)
+        return cache, prefill(decoder, inputs, positions_from_mask(inputs.attention_mask), cache)
 
     def generate(self, tokens: int) -> list[float]:
         """Seconds from the call to each new token. A compiled decode step is compiled by the first call; where

@@ -33,7 +33,7 @@ from minisail.fast.int8_dot import dot_int8_linears, dot_support
 from minisail.fast.matvec import matvec_linears
 from minisail.fast.packing import pack_linears, packing_support
 from minisail.fast.upcast import upcast_linears
-from minisail.fast.vit_attention import fast_attention_support, use_fast_vit_attention
+from minisail.fast.vit_attention import fast_attention_support, use_fast_vit_attention, vision_attentions
 
 
 @dataclass
@@ -85,8 +85,7 @@ def speed_up_on_cpu(model: nn.Module, *, move_to_huge_pages: bool = True) -> Cpu
             done.packed = pack_linears(model)
         else:
             done.upcast = upcast_linears(model)
-    towers = any(getattr(type(m), "attend", None) is not None for m in model.modules())  # vision attention
-    if towers and any(p.dtype == torch.bfloat16 for p in model.parameters()):  # in bf16 (an int8 tower's too)
+    if vision_attentions(model) and any(p.dtype == torch.bfloat16 for p in model.parameters()):  # bf16 towers
         attention = fast_attention_support()
         done.reasons.append(attention.reason)
         if attention.available:

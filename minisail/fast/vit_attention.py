@@ -121,15 +121,18 @@ def fast_attention_support() -> AttentionSupport:
     return AttentionSupport(True, "vision attention in bf16 products, scores shifted by their row maximum")
 
 
+def vision_attentions(model: nn.Module) -> list[nn.Module]:
+    """The vision attention modules under `model`: those whose class has an `attend` (the towers' attention)."""
+    return [module for module in model.modules() if getattr(type(module), "attend", None) is not None]
+
+
 def use_fast_vit_attention(model: nn.Module) -> int:
     """Point the `attend` of every vision attention module under `model` to `max_shifted_attention`; return how
     many. Undone by `use_sdpa_vit_attention`."""
-    swapped = 0
-    for module in model.modules():
-        if getattr(type(module), "attend", None) is not None:
-            module.attend = max_shifted_attention
-            swapped += 1
-    return swapped
+    modules = vision_attentions(model)
+    for module in modules:
+        module.attend = max_shifted_attention
+    return len(modules)
 
 
 def use_sdpa_vit_attention(model: nn.Module) -> None:
