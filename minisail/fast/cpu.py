@@ -14,6 +14,8 @@ Every path here keeps the numbers (or states its bound) and is chosen by what th
 - the language model's int8 weights (Int8Linear, int4 models' int8 head included) on the CPU's integer dot
   products, the activations split exactly into digits (fast/int8_dot.py): oneDNN where the CPU has VNNI (3 bytes,
   float32's precision), fbgemm where it has not (AVX2: 3 digits of 7 bits); faster than int8pack at decode.
+- int4 (Int4Linear) is torch's int4 kernel, chosen at load (fast/int4_checkpoint.py); that kernel has no AVX2 loop,
+  which the reasons say where it matters (fast/int4.py `kernel_note`: int8 is the faster format there).
 - any dtype, int8 and int4 included: the language model's weights move into transparent huge pages
   (fast/huge_pages.py), which a decode step streams faster.
 
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from minisail.fast import huge_pages
+from minisail.fast.int4 import Int4Linear, kernel_note
 from minisail.fast.int8 import Int8Linear
 from minisail.fast.int8_dot import dot_int8_linears, dot_support
 from minisail.fast.matvec import matvec_linears
@@ -76,6 +79,8 @@ def speed_up_on_cpu(model: nn.Module, *, move_to_huge_pages: bool = True) -> Cpu
         done.reasons.append(support.reason)
         if support.available:
             done.int8_dot = dot_int8_linears(decoding)  # before huge pages: the packed copies replace the plain ones
+    if any(type(m) is Int4Linear and m.kernel_layout for m in decoding.modules()):
+        done.reasons.append(kernel_note())  # nothing to swap: the load hook chose the layout; how fast it is, said
     if has_bf16_linears(model):
         support = packing_support()
         done.reasons.append(support.reason)

@@ -181,6 +181,22 @@ def _int4pack_works(key, codes: torch.Tensor, packed: torch.Tensor, scale_zeros:
     return _int4pack_checked[key]
 
 
+def kernel_note() -> str:
+    """What int4's CPU kernel does on this CPU, in words (for the fast-path reasons a session logs).
+
+    `_weight_int4pack_mm_for_cpu` has an AVX-512 loop and a plain one. Measured on the Zen 5 with torch held to AVX2
+    (ATEN_CPU_CAPABILITY=avx2), one row times a 17920 x 1536 weight, 2 threads: 1.40 ms (9.6 GB/s of codes) against
+    0.35 ms with AVX-512; the whole decode step of SAIL-VL-2B's language model, int4 11.99 tok/s against int8's
+    21.64 (fbgemm's integer kernel, fast/int8_dot.py). So where torch runs AVX2 kernels, int8 is the faster format."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX2":
+        return (
+            "int4 on torch's int4 kernel, which has no AVX2 loop (CPU capability AVX2): measured 4x slower per weight "
+            "than with AVX-512, and int8 (quantize='int8') decodes about 1.8x faster than int4 on such CPUs"
+        )
+    return f"int4 on torch's int4 kernel (CPU capability {capability})"
+
+
 class Int4Linear(nn.Module):
     """A Linear with group-wise int4 weights (see the module docstring); `kernel_layout`: `weight` is in the CPU
     kernel's layout (set by the load hook), else in the plain one."""

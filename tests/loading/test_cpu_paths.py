@@ -157,3 +157,19 @@ def test_int8_weights_are_packed_before_the_bf16_ones(onednn_packs_bf16, monkeyp
     monkeypatch.setattr(cpu, "dot_support", lambda: type("Support", (), {"available": True, "reason": "forced"})())
     speed_up_on_cpu(minisail.load(CASE, dtype=torch.bfloat16, quantize="int8"))
     assert order == ["int8", "bf16"]
+
+
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
+def test_an_int4_model_says_what_its_kernel_does_here(monkeypatch, capability):
+    model = minisail.load(CASE, dtype=torch.bfloat16, quantize="int4")
+    if not any(getattr(m, "kernel_layout", False) for m in model.modules()):
+        pytest.skip("torch's int4 kernel does not run on this CPU: the plain path, nothing to say")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    reasons = speed_up_on_cpu(model, move_to_huge_pages=False).reasons
+    (note,) = [reason for reason in reasons if reason.startswith("int4")]
+    assert (capability == "AVX2") == ("quantize='int8'" in note) and capability in note
+
+
+def test_a_float_model_says_nothing_about_int4():
+    model = minisail.load(CASE, dtype=torch.bfloat16)
+    assert not any(r.startswith("int4") for r in speed_up_on_cpu(model, move_to_huge_pages=False).reasons)
