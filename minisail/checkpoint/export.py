@@ -14,13 +14,15 @@ from minisail.checkpoint.keymaps import KeyMap, bnb_scale_key
 from minisail.errors import MinisailError
 from minisail.fast.int4 import Int4Linear
 from minisail.fast.int8 import Int8Linear
+from minisail.fast.int8_dot import DotInt8Linear
 
 
 def to_official_state_dict(model: nn.Module, keymap: KeyMap) -> dict[str, torch.Tensor]:
     """{official key: tensor} such that loading it through `keymap` gives back `model`'s weights."""
     if any(isinstance(module, Int4Linear) for module in model.modules()):
         raise MinisailError("an int4 model has no official checkpoint layout to write: export the float model")
-    int8_modules = {name for name, module in model.named_modules() if isinstance(module, Int8Linear)}
+    int8 = (Int8Linear, DotInt8Linear)  # a DotInt8Linear (sped up for this CPU) writes its Int8Linear's state
+    int8_modules = {name for name, module in model.named_modules() if isinstance(module, int8)}
     official: dict[str, torch.Tensor] = {}
     for name, value in model.state_dict().items():
         module, _, leaf = name.rpartition(".")

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisail.errors import MinisailError
-from minisail.fast.int4_layout import KernelLayout, unpack_codes, unpack_kernel_rows
+from minisail.fast.int4_layout import KernelLayout, find_kernel_layout, unpack_codes, unpack_kernel_rows
 from minisail.fast.int8 import swap_linears
 from minisail.fast.memory import scratch_buffer
 from minisail.fast.packing import packing_support
@@ -234,6 +234,48 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+    def plain_codes(self) -> torch.Tensor:
+        """The codes in the plain layout uint8 [out, in/2], from either layout (the kernel's read back)."""
+        if not self.kernel_layout:
+            return self.weight.detach()
+        if self.kernel_unpack is None:
+            raise MinisailError(
+                "this Int4Linear's weight is in a layout of torch's int4 kernel that minisail cannot read back "
+                f"(torch {torch.__version__}): load the model with dtype=torch.float32 to save or move its weights"
+            )
+        signed = unpack_kernel_rows(
+            self.weight.detach(),
+            self.kernel_unpack,
+            torch.empty(self.weight.shape[0], self.in_features, dtype=torch.int8),
+        )
+        q = signed.view(torch.uint8).add_(8)  # q - 8 in two's complement, plus 8: the codes 0..15
+        return q[:, 0::2] | (q[:, 1::2] << 4)
+
+    # A state dict holds the plain layout whatever this machine's kernel reads: the kernel's layout differs between
+    # CPUs (64-row blocks with AVX-512, 32 with AVX2), and a state dict saved on one must mean the same on another.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.plain_codes()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        loading = self.__dict__.pop("layout_from_loader", None)  # (kernel_layout, kernel_unpack) from the load hook
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if loading is not None:  # minisail.load: the weight comes in the layout its hook chose (int4_checkpoint.py)
+            self.kernel_layout, self.kernel_unpack = loading
+        elif self.kernel_layout and prefix + "weight" in state_dict:  # a state dict: plain codes, repacked as at load
+            codes = self.weight.detach().clone()
+            packed = pack_for_kernel(codes, self.scale_zeros, self.group_size)
+            self.kernel_layout = packed is not None
+            self.kernel_unpack = None if packed is None else find_kernel_layout(codes, packed)
+            self.weight.data = codes if packed is None else packed
+
+    def _apply(self, fn, recurse=True):
+        scale_zeros = self.scale_zeros
+        super()._apply(fn, recurse)
+        if self.scale_zeros.dtype != torch.bfloat16:  # the pairs stay bf16: their exact values, what the kernel reads
+            self.scale_zeros = scale_zeros.to(self.scale_zeros.device)
+        return self
 
     def extra_repr(self) -> str:
         return (

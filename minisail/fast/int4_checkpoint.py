@@ -96,7 +96,6 @@ class Int4Weights(LoadHook):
             return value
         scale_zeros = self.pending.pop(module)
         packed = pack_for_kernel(value, scale_zeros, self.modules[module].group_size) if self.kernel else None
-        linear = self.modules[module]
-        linear.kernel_layout = packed is not None
-        linear.kernel_unpack = None if packed is None else find_kernel_layout(value, packed)  # many-row calls
+        unpack = None if packed is None else find_kernel_layout(value, packed)  # for many-row calls
+        self.modules[module].layout_from_loader = (packed is not None, unpack)  # taken as the weight is assigned
         return value if packed is None else packed

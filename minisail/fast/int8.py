@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisail.fast.memory import scratch_buffer
+from minisail.fast.memory import scratch_buffer, thread_buffers
 from minisail.fast.packing import packing_support
 
 BLOCK_BYTES = 8 << 20  # float rows converted per matmul in the blocked path
@@ -198,9 +198,6 @@ def int8pack_fold(x: torch.Tensor, weight: torch.Tensor) -> int:
     return 1
 
 
-_fold_buffers: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (in, out, fold, dtype, device) -> buffers, views
-
-
 def folded_int8pack_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fold: int) -> torch.Tensor:
     """One row x [1, in] @ (weight * scale)^T -> [1, out] by one int8pack call on `fold` rows of inputs against
     the weight viewed as [out / fold, fold * in] (its row j is rows fold*j .. fold*j + fold - 1 side by side).
@@ -211,14 +208,14 @@ def folded_int8pack_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     scale and rounded to bf16 again. The inputs are one buffer per weight shape whose diagonal blocks alone are
     ever written, so they stay zero elsewhere; no call allocates more than its output."""
     out_features, in_features = weight.shape
-    key = (in_features, out_features, fold, x.dtype, x.device)
-    if key not in _fold_buffers:
+    key, buffers = (in_features, out_features, fold, x.dtype, x.device), thread_buffers("int8 fold")
+    if key not in buffers:
         with torch.inference_mode(False):  # normal tensors, writable both inside and outside inference mode
             inputs = torch.zeros(fold, fold * in_features, dtype=x.dtype, device=x.device)
             diagonal = inputs.as_strided((fold, in_features), ((fold + 1) * in_features, 1))  # block r of row r
             ones = torch.ones(out_features // fold, dtype=x.dtype, device=x.device)
-            _fold_buffers[key] = inputs, diagonal, ones
-    inputs, diagonal, ones = _fold_buffers[key]  # [fold, fold * in], [fold, in] inside it, [out / fold]
+            buffers[key] = inputs, diagonal, ones
+    inputs, diagonal, ones = buffers[key]  # [fold, fold * in], [fold, in] inside it, [out / fold]
     diagonal.copy_(x)  # x [1, in] broadcast to every diagonal block
     folded = weight.view(out_features // fold, fold * in_features)
     sums = torch.ops.aten._weight_int8pack_mm(inputs, folded, ones)  # [fold, out / fold]

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minisail.fast.int8 import Int8Linear, blocked_int8_matmul
+from minisail.fast.int8 import Int8Linear, blocked_int8_matmul, int8_linear
 from minisail.fast.int8_dot_kernels import (
     FBGEMM,
     ONEDNN,
@@ -65,7 +65,8 @@ from minisail.fast.int8_dot_kernels import (
     extreme_digits,
     sums_exact,
 )
-from minisail.fast.memory import trim_heap
+from minisail.fast.memory import release_mapped_pages, trim_heap
+from minisail.fast.prepared import refuse_move, refuse_state_dict_load
 
 MANY_ROWS = 128  # rows of x from which oneDNN's weight is read back for the float path (3 bytes won at 64)
 
@@ -164,6 +165,7 @@ class DotInt8Linear(nn.Module):
             _checked[key] = sums_exact(kernel, extreme_digits(kernel, weight.shape[1], generator), weight, packed)
         if not _checked[key]:
             return None
+        release_mapped_pages(weight)  # a bitsandbytes weight is a view into the file: its pages are a second copy
         return cls(kernel, packed, linear.scale, linear.bias, linear.in_features, linear.out_features)
 
     def plain_weight(self) -> torch.Tensor:
@@ -171,6 +173,8 @@ class DotInt8Linear(nn.Module):
         return self.kernel.unpack(self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # the integer kernels have no gradient: the plain path's
+            return int8_linear(x, self.plain_weight().contiguous(), self.scale, self.bias)
         rows = x.reshape(-1, self.in_features)  # [M, in]
         if rows.shape[0] == 0:  # nothing to multiply (the kernels would be handed an empty product)
             return x.new_empty(*x.shape[:-1], self.out_features)
@@ -195,7 +199,7 @@ class DotInt8Linear(nn.Module):
         if not math.isfinite(largest):  # an inf or nan in x: the float path, as defined
             return self._float_path(x, row)
         step = max(largest, 1e-30) / kernel.full_scale  # rounded to float32 by the division below, as a tensor's
-        unsigned = row.float().div_(step).round_().to(torch.int32).add_(kernel.offset)  # [1, in] U = T + offset
+        unsigned = row.to(torch.float32, copy=True).div_(step).round_().to(torch.int32).add_(kernel.offset)  # [1, in]
         sums = kernel.sums(kernel.digits(unsigned), self.packed, self.scale, self.weight_zeros)  # [levels, out]
         y = (kernel.place_values * step) @ sums  # [out] float32
         if self.bias is not None:
@@ -214,6 +218,18 @@ class DotInt8Linear(nn.Module):
         destination[prefix + "scale"] = self.scale
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        refuse_state_dict_load(self, state_dict, prefix)  # no plain weight to load into (fast/prepared.py)
+
+    def _apply(self, fn, recurse=True):
+        trial = fn(self.scale)  # what this call does to a tensor; the packed weight cannot follow a device change
+        if trial.device != self.scale.device:
+            refuse_move(self, trial.device)
+        scale = self.scale
+        super()._apply(fn, recurse)
+        self.scale = scale  # float32 whatever the model's dtype: the kernels take float32 scales
+        return self
 
     def to_int8_linear(self) -> Int8Linear:
         with torch.device("meta"):

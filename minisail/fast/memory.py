@@ -10,7 +10,7 @@ anything reads them again. Never for written or anonymous memory, where it would
 Two callers: `SafetensorsFile.release` (a tensor's byte range in its mapping, after the loader converted it:
 `ReleasePages` below decides when) and `release_mapped_pages` (a weight that is itself a view, after packing it).
 
-Also here: `scratch_buffer`, the one reused buffer per (device, dtype) into which the blocked float paths
+Also here: `scratch_buffer`, the one reused buffer per (device, dtype) and thread into which the blocked float paths
 (fast/int8.py, int4.py, upcast.py) convert a block of weight rows, so no call allocates (or faults in) fresh memory.
 """
 
@@ -20,6 +20,7 @@ import ctypes
 import functools
 import mmap
 import sys
+import threading
 
 import torch
 
@@ -122,14 +123,22 @@ class ReleasePages(LoadHook):
         return value
 
 
-_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_per_thread = threading.local()
+
+
+def thread_buffers(kind: str) -> dict:
+    """This thread's reused buffers of one kind, {key: tensors}: a model run from two threads at once never writes
+    into the other's buffers, and a thread's buffers go with it."""
+    return _per_thread.__dict__.setdefault(kind, {})
 
 
 def scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A reused 1-D buffer of at least `numel` elements per (device, dtype), shared by every blocked float path
-    (one product at a time: a caller needing two at once asks for two dtypes). Grown, never shrunk."""
-    buffer = _scratch.get((device, dtype))
+    (one product at a time: a caller needing two at once asks for two dtypes). Grown, never shrunk. One set per
+    thread: two models run from two threads never write into each other's products (freed with the thread)."""
+    buffers = thread_buffers("scratch")
+    buffer = buffers.get((device, dtype))
     if buffer is None or buffer.numel() < numel:
         with torch.inference_mode(False):  # a normal tensor, writable both inside and outside inference mode
-            buffer = _scratch[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+            buffer = buffers[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel]

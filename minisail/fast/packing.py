@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisail.fast.memory import release_mapped_pages
+from minisail.fast.prepared import apply_or_refuse, check_activation_dtype, refuse_state_dict_load
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,9 @@ class PackedLinear(nn.Module):
         return cls(packed, bias, weight.shape[1], weight.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # oneDNN's packed product has no gradient; the plain one
+            return F.linear(x, self.packed.to_dense(), self.bias)  # (the same numbers: `_same_numbers`)
+        check_activation_dtype(self, x, torch.bfloat16)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -168,6 +172,12 @@ class PackedLinear(nn.Module):
         destination[prefix + "weight"] = self.packed.to_dense()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        refuse_state_dict_load(self, state_dict, prefix)  # no plain weight to load into (fast/prepared.py)
+
+    def _apply(self, fn, recurse=True):
+        return apply_or_refuse(self, lambda: super(PackedLinear, self)._apply(fn, recurse))
 
     def to_linear(self) -> nn.Linear:
         with torch.device("meta"):

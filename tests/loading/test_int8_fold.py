@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from minisail.fast import int8 as int8_kernels
 from minisail.fast.int8 import folded_int8pack_mm, int8_linear, int8pack_fold, quantize_rows, reference_int8_linear
+from minisail.fast.memory import thread_buffers
 
 FOLD = int8_kernels.FOLDS[0]  # the most rows folded, where they fit
 U_BF16, U_FP32 = 2.0**-8, 2.0**-24  # unit roundoffs: bf16 keeps 8 significant bits, float32 24
@@ -140,7 +141,7 @@ def test_int8_linear_runs_the_fold_or_the_kernel_as_it_is(fold_forced, monkeypat
 def test_the_reused_inputs_stay_zero_off_the_diagonal(fold_forced, monkeypatch):
     # One buffer per weight shape, written only on its diagonal blocks: a second row of x leaves nothing of the
     # first, inside inference mode and out of it.
-    monkeypatch.setattr(int8_kernels, "_fold_buffers", {})  # made afresh, inside inference mode
+    thread_buffers("int8 fold").clear()  # made afresh, inside inference mode
     _, weight, scale = operands(7, 32, 48)
     rows = [operands(seed, 32, 48)[0] for seed in (8, 9)]
     with torch.inference_mode():
@@ -148,7 +149,7 @@ def test_the_reused_inputs_stay_zero_off_the_diagonal(fold_forced, monkeypatch):
     second = folded_int8pack_mm(rows[1], weight, scale, FOLD)
     for x, y in zip(rows, (first, second), strict=True):
         assert torch.equal(y, (unscaled_sums(x, weight).float() * scale).to(torch.bfloat16))
-    inputs = int8_kernels._fold_buffers[(48, 32, FOLD, torch.bfloat16, torch.device("cpu"))][0]
+    inputs = thread_buffers("int8 fold")[(48, 32, FOLD, torch.bfloat16, torch.device("cpu"))][0]
     blocks = inputs.view(FOLD, FOLD, 48)
     for r in range(FOLD):
         assert torch.equal(blocks[r, r], rows[1][0])
