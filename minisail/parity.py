@@ -14,6 +14,7 @@ A case passes when both max abs differences are within `tolerance` (1e-4 in floa
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from minisail.checkpoint.safetensors_mmap import SafetensorsFile
-from minisail.errors import CheckpointError
+from minisail.errors import CheckpointError, MinisailError
 
 # float32 cases: the official numbers to ~1e-5. A case recorded in bfloat16 (tests/tools/record_golden.py
 # --dtype bfloat16) only agrees to bf16 rounding: minisail's SDPA and the official eager attention round at
@@ -39,10 +40,18 @@ class CaseResult:
     expected_tokens: list
     generated_tokens: list
     passed: bool
-    tolerance: float
+    tolerance: float | None
     seconds: float
+    error: str | None = None  # why the case could not run (a minisail error), then nothing above was measured
+
+    @classmethod
+    def failed_to_run(cls, case_dir: str | Path, error: Exception, seconds: float) -> CaseResult:
+        name = Path(case_dir).name
+        return cls(name, math.nan, None, False, [], [], False, None, seconds, f"{type(error).__name__}: {error}")
 
     def line(self) -> str:
+        if self.error is not None:
+            return f"FAIL {self.case}: could not run: {self.error}"
         vision = "-" if self.vision_max_abs_diff is None else f"{self.vision_max_abs_diff:.2e}"
         verdict = "PASS" if self.passed else "FAIL"
         return (
@@ -52,7 +61,12 @@ class CaseResult:
         )
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The fields as standard JSON: a difference that is not a finite number (NaN logits) is null."""
+        fields = asdict(self)
+        for key, value in fields.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                fields[key] = None
+        return fields
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -132,6 +146,16 @@ def check_case_shapes(case_dir: Path, inputs: dict, expected: dict, context: int
         raise CheckpointError(f"{expected_path}: logits has shape {list(logits)} but input_ids {batch} rows")
 
 
+def run_case_or_report(case_dir: str | Path, *, tolerance: float | None = None, tp=None) -> CaseResult:
+    """`run_case`, with a case that cannot run (a minisail error: a missing file, a corrupt checkpoint, non-finite
+    logits) reported as a failed result naming it, so that the other cases of a run still run and report."""
+    start = time.perf_counter()
+    try:
+        return run_case(case_dir, tolerance=tolerance, tp=tp)
+    except MinisailError as error:
+        return CaseResult.failed_to_run(case_dir, error, time.perf_counter() - start)
+
+
 def run_case(case_dir: str | Path, *, tolerance: float | None = None, tp=None) -> CaseResult:
     """Run one case; `tp`: tensor parallel over the ranks of torch.distributed (`minisail.load`'s `tp`)."""
     from minisail import load
@@ -149,6 +173,12 @@ def run_case(case_dir: str | Path, *, tolerance: float | None = None, tp=None) -
     token_id = image_token_id(meta)
     if token_id is not None and model.image_token_id is None:
         model.image_token_id = token_id
+    if model.image_token_id is None and "pixel_values" in inputs:
+        missing = "is missing" if not (case_dir / "meta.json").is_file() else "does not name it"
+        raise CheckpointError(
+            f"{case_dir / 'meta.json'} {missing}: a case with images needs it for the image token id "
+            "(the golden checkpoints carry no tokenizer; see tests/golden/README.md)"
+        )
 
     inputs_path, expected_path = case_dir / "inputs.safetensors", case_dir / "expected.safetensors"
     input_ids, attention_mask = need(inputs, "input_ids", inputs_path), need(inputs, "attention_mask", inputs_path)

@@ -7,12 +7,15 @@ gathered. Rank 0 prints (minisail/parallel/)."""
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def _add_parity(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("cases", nargs="+", metavar="CASE_DIR", help="golden case folders (checkpoint/, inputs, ...)")
     parser.add_argument(
-        "--tolerance", type=float, help="max abs difference allowed (default 1e-4; 0.1 for cases recorded in bf16)"
+        "--tolerance",
+        type=_tolerance,
+        help="max abs difference allowed (default 1e-4; 0.1 for cases recorded in bf16)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object with every result as the last line")
     parser.add_argument(
@@ -24,12 +27,22 @@ def _add_parity(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    return value
+
+
 def _run_parity(args) -> int:
     import json
 
     from minisail.parallel import launch
     from minisail.parallel.data import map_over_ranks
-    from minisail.parity import run_case
+    from minisail.parity import run_case, run_case_or_report
 
     launch.start(args.tp)
     try:
@@ -37,12 +50,12 @@ def _run_parity(args) -> int:
             if args.tp is not None and args.tp > 1:  # every rank runs every case, each with its slices
                 results = []
                 for case in args.cases:
-                    results.append(run_case(case, tolerance=args.tolerance, tp=args.tp))
+                    results.append(run_case(case, tolerance=args.tolerance, tp=args.tp))  # an error stops every rank
                     print(results[-1].line(), flush=True)
             else:  # data parallel (or one process): each rank its own cases, gathered in order
                 single = launch.world_size() == 1
                 results = map_over_ranks(
-                    lambda case: run_case(case, tolerance=args.tolerance),
+                    lambda case: run_case_or_report(case, tolerance=args.tolerance),
                     args.cases,
                     on_result=(lambda result: print(result.line(), flush=True)) if single else None,
                 )
