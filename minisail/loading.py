@@ -68,7 +68,7 @@ DTYPE_NAMES = {
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None or dtype in (*DTYPE_NAMES.values(), torch.float64):  # float64: references, in tests
         return dtype
     if isinstance(dtype, str) and dtype.lower() in DTYPE_NAMES:
         return DTYPE_NAMES[dtype.lower()]
@@ -82,6 +82,8 @@ def resolve_device(device) -> torch.device | None:
         device = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ConfigError(f"unknown device {device!r} ({error}): use cpu, cuda, cuda:N or mps") from None
+    if device.type == "meta":  # a model there has shapes and no values: nothing could run
+        raise ConfigError("device meta holds no values: load onto cpu, cuda, cuda:N or mps")
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
     if available is not None and not available():
         raise ConfigError(f"device {device} is not available on this machine (this torch build or hardware)")

@@ -37,6 +37,9 @@ def _llm_kind(llm: dict, arch: str) -> str:
     return "llama"  # Yi-VL's language model, and any other LlamaForCausalLM-shaped config
 
 
+MAX_NTK_FACTOR = 1024.0  # far beyond any official config; an absurd factor gave an infinite context length
+
+
 def _rope(llm: dict, where: str, head_dim: int) -> tuple[float, float | None]:
     """(rope_theta, dynamic NTK factor or None). transformers 4.x writes rope_theta / rope_scaling; 5.x writes
     both into rope_parameters ({"rope_type": "default", "rope_theta": ...})."""
@@ -65,7 +68,8 @@ def _rope(llm: dict, where: str, head_dim: int) -> tuple[float, float | None]:
         )
     if head_dim <= 2:  # dynamic NTK raises the base to the power head_dim / (head_dim - 2)
         raise ConfigError(f"config.json: {where}: dynamic NTK RoPE needs a head_dim above 2, not {head_dim}")
-    return theta, real(scaling, "factor", scaling_where, above=1.0)
+    # Official InternLM2 configs use 2.0-3.0; the context is max_position_embeddings times this, a Python int
+    return theta, real(scaling, "factor", scaling_where, above=1.0, at_most=MAX_NTK_FACTOR)
 
 
 def _head_dim(llm: dict, where: str, kind: str, hidden: int, heads: int) -> int:

@@ -53,10 +53,12 @@ class TensorParallel:
     def resolve(tp) -> TensorParallel:
         """`tp`: a number of ranks (the whole default process group, which must have that size) or a
         torch.distributed ProcessGroup."""
+        if isinstance(tp, int) and not isinstance(tp, bool) and tp < 1:
+            raise ConfigError(f"tp={tp}: give a number of ranks, at least 1")
         if not dist.is_available() or not dist.is_initialized():
             raise ConfigError(
                 f"tp={tp!r} needs torch.distributed initialised: launch with `torchrun --nproc-per-node N` (the CLI "
-                "initialises it; from Python call minisail.parallel.launch.init_tensor_parallel(N) first)"
+                "initialises it; from Python, under torchrun, call minisail.parallel.launch.start(N) first)"
             )
         if isinstance(tp, int) and not isinstance(tp, bool):
             if tp != dist.get_world_size():

@@ -150,6 +150,7 @@ def test_mono_patch_model_ignores_the_vit_fields_it_has_no_use_for(tmp_path):
         (QWEN2, {"hidden_size": 66}, "hidden_size 66 is not divisible by 4 heads"),
         (QWEN2, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "type 'linear' is not supported"),
         (QWEN2, {"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "type 'yarn' is not supported"),
+        (INTERNLM2, {"rope_scaling": {"type": "dynamic", "factor": 1e308}}, "factor = 1e[+]?308 is out of range"),
     ],
 )
 def test_unimplemented_decoder_switches_are_refused(tmp_path, case, edit, message):

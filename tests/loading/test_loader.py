@@ -35,8 +35,9 @@ def test_load_defaults_to_the_checkpoint_dtype_and_is_zero_copy(views_of_any_siz
 def test_load_casts_to_the_requested_dtype():
     model = minisail.load(GOLDEN / CASE / "checkpoint", dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    with pytest.raises(ConfigError, match="unknown dtype"):
-        minisail.load(GOLDEN / CASE / "checkpoint", dtype="float8")
+    for dtype in ("float8", torch.int8, torch.float8_e4m3fn):  # a torch.dtype too: only float16 to float64 run
+        with pytest.raises(ConfigError, match="unknown dtype"):
+            minisail.load(GOLDEN / CASE / "checkpoint", dtype=dtype)
 
 
 def test_converted_and_fused_weights_do_not_keep_their_mapped_sources_resident(
@@ -258,6 +259,14 @@ def test_bad_device_is_refused_before_loading():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="not available"):
             minisail.load(GOLDEN / CASE / "checkpoint", device="cuda")
+    with pytest.raises(ConfigError, match="device meta holds no values"):  # it loaded, then nothing could run
+        minisail.load(GOLDEN / CASE / "checkpoint", device="meta")
+
+
+@pytest.mark.parametrize(("tp", "message"), [(0, "at least 1"), (2, "launch.start")])
+def test_tensor_parallel_without_a_process_group_is_refused_in_words(tp, message):
+    with pytest.raises(ConfigError, match=message):
+        minisail.load(GOLDEN / CASE / "checkpoint", tp=tp)
 
 
 def test_a_tied_head_shares_the_embedding_tensor(tmp_path):
