@@ -143,7 +143,7 @@ def _run_prompt(args) -> int:
             "num_patches_list": list(query.num_patches_list),
             "tokens_per_tile": tokens_per_tile,
         }
-        print(json.dumps(result, ensure_ascii=False))
+        print(json.dumps(result))  # ASCII escapes: one line whatever the text holds (U+2028 splits lines elsewhere)
         return 0
     tiles = ", ".join(map(str, query.num_patches_list)) or "none"
     print(f"template: {template.name}    images (tiles each): {tiles}    tokens per tile: {tokens_per_tile}")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as Backend
 
-from minisail.errors import TokenizerError
+from minisail.errors import PromptError, TokenizerError
 from minisail.text.sentencepiece import PieceDecoder
 from minisail.text.sentencepiece_model import SentencePieceModel
 from minisail.text.tokenizer_reader import (
@@ -52,6 +52,20 @@ def clean_up_tokenization(text: str) -> str:
     for before, after in CLEAN_UP:
         text = text.replace(before, after)
     return text
+
+
+def check_unicode(text: str) -> None:
+    """Refuse text the tokenizers library cannot take (it would blame the tokenizer file): lone surrogates, which
+    is how Python keeps bytes that were not UTF-8 (a terminal or file in another encoding, `surrogateescape`)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        char = text[error.start]
+        shown = f"byte 0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"{char!r}"
+        raise PromptError(
+            f"the text is not valid Unicode at character {error.start} ({shown}: bytes that were not UTF-8): "
+            "give the text in UTF-8 (e.g. a UTF-8 terminal or file)"
+        ) from None
 
 
 class Tokenizer:
@@ -129,6 +143,7 @@ class Tokenizer:
         """`tokenizer(text).input_ids`; `add_special_tokens` adds BOS / EOS as the checkpoint says."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode() takes a str, not {type(text).__name__}")
+        check_unicode(text)
         if self.nfc_first:
             text = unicodedata.normalize("NFC", text)
         parts = [text] if split_special_tokens else self._split_added(text)

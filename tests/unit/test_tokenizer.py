@@ -329,3 +329,12 @@ def test_bad_encode_and_decode_arguments(internlm2_tokenizer):
     with pytest.raises(TokenizerError, match="sequence of ints"):
         internlm2_tokenizer.decode([1.5])
     assert internlm2_tokenizer.id_to_token(-1) is None and internlm2_tokenizer.token_to_id("<nope>") is None
+
+
+@pytest.mark.parametrize("text", ["caf\udce9", "a\ud800b"])  # a byte that was not UTF-8 (surrogateescape), a lone half
+def test_text_that_is_not_valid_unicode_is_refused_as_the_texts_fault(text, sailvl2_tokenizer, internlm2_tokenizer):
+    from minisail.errors import PromptError
+
+    for tokenizer in (sailvl2_tokenizer, internlm2_tokenizer):
+        with pytest.raises(PromptError, match="not valid Unicode at character"):  # not "the file is probably corrupt"
+            tokenizer.encode(text)
