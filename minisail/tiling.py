@@ -21,6 +21,7 @@ if there is more than one tile (and the thumbnail is on), the whole image resize
 from __future__ import annotations
 
 import functools
+import numbers
 
 from minisail.errors import ImageError
 
@@ -39,9 +40,8 @@ def best_grid(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 1
     Raises ImageError for sizes or bounds that are not positive integers or are absurdly large.
     min_tiles > max_tiles is allowed and gives (1, 1), as upstream.
     """
-    _check_int("width", width, 1, MAX_SIDE)
-    _check_int("height", height, 1, MAX_SIDE)
-    _check_tile_bounds(min_tiles, max_tiles, image_size)
+    width, height = _check_int("width", width, 1, MAX_SIDE), _check_int("height", height, 1, MAX_SIDE)
+    min_tiles, max_tiles, image_size = _check_tile_bounds(min_tiles, max_tiles, image_size)
     aspect = width / height  # a Python float, as upstream: the comparisons below are in IEEE doubles
     area = width * height
     best, best_diff = (1, 1), float("inf")
@@ -107,14 +107,18 @@ def _candidates(min_tiles: int, max_tiles: int) -> tuple[Grid, ...]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    """`value` as a Python int: any integer type (NumPy's too), not a bool, between low and high."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ImageError(f"{name} must be an integer, got {value!r}")
     if not low <= value <= high:
         raise ImageError(f"{name} must be between {low} and {high}, got {value}")
+    return int(value)
 
 
-def _check_tile_bounds(min_tiles: int, max_tiles: int, image_size: int) -> None:
-    _check_int("min_tiles", min_tiles, 1, MAX_TILES_LIMIT)
-    _check_int("max_tiles", max_tiles, 1, MAX_TILES_LIMIT)
-    _check_int("image_size", image_size, 1, MAX_TILE_SIZE)
+def _check_tile_bounds(min_tiles: int, max_tiles: int, image_size: int) -> tuple[int, int, int]:
+    return (
+        _check_int("min_tiles", min_tiles, 1, MAX_TILES_LIMIT),
+        _check_int("max_tiles", max_tiles, 1, MAX_TILES_LIMIT),
+        _check_int("image_size", image_size, 1, MAX_TILE_SIZE),
+    )

@@ -10,6 +10,7 @@ import csv
 import platform
 import sys
 
+import numpy as np
 import pytest
 from helpers import paths
 from hypothesis import given
@@ -217,9 +218,17 @@ def test_thumbnail_rule(cols, rows, use_thumbnail):
         dict(width=10, height=10, image_size=0),
         dict(width=10, height=10, image_size=10**6),
         dict(width=10, height=10, max_tiles="12"),
+        dict(width=np.bool_(True), height=10),
+        dict(width=np.float64(10), height=10),
     ],
 )
 def test_nonsensical_requests_raise_image_error(kwargs):
     with pytest.raises(ImageError) as info:
         best_grid(**kwargs)
     assert isinstance(info.value, MinisailError) and "must be" in str(info.value)
+
+
+def test_numpy_integers_are_integers():
+    # sizes often come from arrays (image.shape, np.array(image).shape): NumPy's integer types are accepted
+    grid = best_grid(np.int64(1000), np.int32(747), min_tiles=np.int64(1), max_tiles=np.uint8(6), image_size=448)
+    assert grid == best_grid(1000, 747, max_tiles=6) and all(type(n) is int for n in grid)
