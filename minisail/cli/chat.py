@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from minisail.errors import MinisailError
+from minisail.errors import CheckpointError, MinisailError
+from minisail.tiling import MAX_TILES_LIMIT
 
 
 def _add_chat(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +22,10 @@ def _add_chat(parser: argparse.ArgumentParser) -> None:
         "--image", action="append", default=[], metavar="IMG", help="an image for the first question (repeatable)"
     )
     parser.add_argument(
-        "--max-tiles", type=int, metavar="N", help="most tiles per image (default: the checkpoint's own setting)"
+        "--max-tiles",
+        type=whole_number(1, MAX_TILES_LIMIT),
+        metavar="N",
+        help="most tiles per image (default: the checkpoint's own setting)",
     )
     parser.add_argument(
         "--dtype",
@@ -50,8 +55,27 @@ def _add_chat(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep this much probability")
     sampling.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens (default 50)")
     sampling.add_argument("--repetition-penalty", type=float, metavar="R", help="> 1 discourages repeats (1 = off)")
-    sampling.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="reply length cap (512)")
+    sampling.add_argument(
+        "--max-new-tokens", type=whole_number(1), default=512, metavar="N", help="reply length cap (512)"
+    )
     sampling.add_argument("--seed", type=int, help="seed for sampling (reproducible replies)")
+
+
+def whole_number(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high], refused before anything loads (a bad value should not cost a
+    model load)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            accepted = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"{value} is not {accepted}")
+        return value
+
+    return parse
 
 
 def _chat_turn(session, question: str, images, args) -> None:
@@ -92,10 +116,13 @@ def _chat_turn(session, question: str, images, args) -> None:
 
 def _run_chat(args) -> int:
     from minisail.image.preprocess import open_image
-    from minisail.loading import resolve_device, resolve_dtype
+    from minisail.loading import read_model_config, resolve_device, resolve_dtype
     from minisail.parallel import launch
 
     resolve_dtype(args.dtype), resolve_device(args.device)  # a bad --dtype / --device fails before any reading
+    if not Path(args.model).is_dir():
+        raise CheckpointError(f"checkpoint folder {args.model} does not exist")
+    read_model_config(args.model)  # not a checkpoint (no or a bad config.json): said first, before the tokenizer
     images = [open_image(path) for path in args.image]  # an unreadable image fails before the model loads
     launch.start(args.tp, args.device)
     try:

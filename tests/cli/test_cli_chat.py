@@ -180,3 +180,20 @@ def test_a_bad_dtype_or_device_is_refused_before_anything_is_read(flag, capsys, 
     monkeypatch.setattr(minisail.loading, "read_config", no_reading)
     code, _out, err = run(capsys, "--model", tmp_path, *flag, "--image", "missing.png", "Hi")
     assert code == 2 and "minisail: error:" in err and flag[1] in err
+
+
+@pytest.mark.parametrize("flag", [["--max-new-tokens", "0"], ["--max-tiles", "5000"], ["--max-tiles", "x"]])
+def test_a_bad_length_or_tile_count_is_refused_before_anything_is_read(flag, capsys, monkeypatch, tmp_path):
+    import minisail.loading
+
+    monkeypatch.setattr(minisail.loading, "read_config", lambda *a, **k: pytest.fail("read something"))
+    with pytest.raises(SystemExit) as exit:
+        main(["chat", "--model", str(tmp_path), *flag, "Hi"])
+    assert exit.value.code == 2 and flag[0] in capsys.readouterr().err
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_named_as_such(capsys, tmp_path):
+    code, _, err = run(capsys, "--model", tmp_path, "Hi")  # it was told it had no tokenizer files
+    assert code == 2 and "has no config.json" in err
+    code, _, err = run(capsys, "--model", tmp_path / "missing", "Hi")
+    assert code == 2 and "checkpoint folder" in err and "does not exist" in err
