@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 
 def _add_parity(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +69,10 @@ def _run_parity(args) -> int:
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     if args.json:
         print(json.dumps({"results": [r.to_json() for r in results], "failed": failed}))
-    return 1 if failed else 0
+    errors = [r for r in results if r.error is not None]
+    for result in errors:  # also where errors go: a case that could not run is an error, exit status 2
+        print(f"minisail: error: {result.case}: {result.error}", file=sys.stderr)
+    return 2 if errors else 1 if failed else 0
 
 
 COMMAND = (

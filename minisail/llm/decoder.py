@@ -203,7 +203,11 @@ class Decoder(nn.Module):
             kv_length = positions.shape[1]
         else:
             slots = cache.begin_step(attention_mask)
-            mask = attention_mask_4d(cache.valid, slots)
+            # A decode step (T = 1) may be the compiled one, which attends every slot; a prefill (always eager)
+            # attends the slots written so far, so its [T, S] mask is not sized by the capacity (which can be
+            # far larger than the prompt: T x capacity masks once took more memory than the cache)
+            key_valid = cache.valid if positions.shape[1] == 1 else cache.valid[:, : cache.length]
+            mask = attention_mask_4d(key_valid, slots)
             kv_length = cache.length  # keys cached so far, this step's included
         cos, sin = self.rotary.tables(positions, kv_length, dtype)  # [B, T, D]
         return Step(additive_mask(mask, dtype), cos[:, None], sin[:, None])

@@ -34,9 +34,9 @@ def test_a_case_that_cannot_run_fails_by_name_and_the_others_still_report(capsys
     broken = tmp_path / "no-meta"
     shutil.copytree(WITH_IMAGES, broken)
     (broken / "meta.json").unlink()  # its image token id is in meta.json: the case cannot run without it
-    code, out, _ = run(capsys, GOOD, broken, GOOD, "--json")
+    code, out, err = run(capsys, GOOD, broken, GOOD, "--json")
     lines = out.strip().splitlines()
-    assert code == 1
+    assert code == 2 and "minisail: error: no-meta:" in err  # an error, as a case alone would be
     assert lines[0].startswith("PASS internvl-qwen2-textonly") and lines[2].startswith("PASS")
     assert lines[1].startswith("FAIL no-meta: could not run") and "meta.json is missing" in lines[1]
     assert lines[3] == "2 passed, 1 failed"

@@ -75,6 +75,18 @@ def test_a_cache_much_larger_than_needed_changes_nothing_and_is_not_read():
     torch.testing.assert_close(logits[T + steps], logits[T + steps + 500], atol=2e-5, rtol=0)
 
 
+def test_a_prefill_mask_is_sized_by_the_slots_written_not_by_the_capacity():
+    """A prompt of T tokens into a cache of 10**6 slots: its [T, S] mask covers the T slots written (a capacity-wide
+    mask of T x 10**6 once took more memory than the cache); a decode step's mask covers every slot, for the
+    compiled step, which attends all of them (tests/generation/test_compile.py)."""
+    model = minisail.load(GOLDEN / "internvl-qwen2-textonly" / "checkpoint", dtype=torch.float32)
+    decoder = model.language_model
+    cache = decoder.new_cache(1, 10**6)
+    prompt = decoder.begin_step(torch.arange(7)[None], cache)
+    assert prompt.mask.shape == (1, 1, 7, 7)
+    assert decoder.begin_step(torch.tensor([[7]]), cache).mask.shape == (1, 1, 1, 10**6)
+
+
 def test_padded_row_decodes_like_the_unpadded_row():
     model = minisail.load(GOLDEN / "internvl-qwen2-textonly" / "checkpoint")
     input_ids, attention_mask, _ = case_inputs("internvl-qwen2-textonly")
