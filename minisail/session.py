@@ -22,7 +22,7 @@ import torch
 
 from minisail.chat import ChatPrompt, prepare_chat
 from minisail.checkpoint.paths import read_json_object
-from minisail.errors import MinisailError
+from minisail.errors import ConfigError, MinisailError
 from minisail.generate import GenerationConfig, generate_stream
 from minisail.models.registry import family_of
 from minisail.text.prompt import append_history, decode_reply
@@ -36,6 +36,7 @@ from minisail.text.replies import (  # the reply parsing, re-exported: the CLI a
     split_thinking,
 )
 from minisail.text.templates import get_template
+from minisail.tiling import MAX_TILES_LIMIT
 
 __all__ = [  # with the reply-parsing names of text/replies.py that this module re-exports
     "THINK_CLOSE",
@@ -62,13 +63,27 @@ def sampling_config(base: GenerationConfig | None = None, **options) -> Generati
     return (base or GenerationConfig()).with_options(**options)
 
 
+def tile_count(processor: dict, key: str, folder, default: int) -> int:
+    """A tile bound from preprocessor_config.json (null or absent: `default`), refused naming the file and key."""
+    value = processor.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TILES_LIMIT:
+        raise ConfigError(
+            f"{Path(folder) / 'preprocessor_config.json'}: {key} = {value!r} is not a whole number between 1 and "
+            f"{MAX_TILES_LIMIT}"
+        )
+    return value
+
+
 def tile_limits(model, min_tiles=None, max_tiles=None) -> tuple[int, int]:
     """(min, max) tiles: the override, else preprocessor_config.json (SAIL-VL2 says 10 there), else config.json."""
     low, high = model.config.min_dynamic_patch, model.config.max_dynamic_patch
     folder = model.checkpoint_folder  # None for a model built rather than loaded
     if folder is not None:
         processor = read_json_object(folder, "preprocessor_config.json", "preprocessor config") or {}
-        low, high = processor.get("min_dynamic_patch", low), processor.get("max_dynamic_patch", high)
+        low = tile_count(processor, "min_dynamic_patch", folder, low)
+        high = tile_count(processor, "max_dynamic_patch", folder, high)
     return (low if min_tiles is None else min_tiles), (high if max_tiles is None else max_tiles)
 
 

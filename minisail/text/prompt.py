@@ -80,7 +80,11 @@ def build_query(
     (question, answer) pairs as a previous call returned them.
     """
     if template.sep_style == SINGLE:
-        raise PromptError(f"template {template.name!r} is Yi-VL's; build its prompt with build_yivl_query")
+        raise PromptError(
+            f"template {template.name!r} is Yi-VL's (one image spliced in as a single id) and cannot render this "
+            "model's prompt: pick another template (or none: the checkpoint's own); in Python, Yi-VL prompts are "
+            "built with build_yivl_query"
+        )
     if image_style not in IMAGE_STYLES:
         raise PromptError(f"image_style must be one of {IMAGE_STYLES}, not {image_style!r}")
     tiles = check_tiles(num_patches_list, tokens_per_tile)

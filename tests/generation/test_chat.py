@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import minisail
 from minisail.chat import batch_chat, chat, prepare_chat
-from minisail.errors import PromptError
+from minisail.errors import ConfigError, PromptError
 from minisail.generate import greedy_generate
 from minisail.image.preprocess import internvl_pixel_values
 from minisail.session import Session, tile_limits
@@ -201,6 +201,18 @@ def test_tile_limits_follow_preprocessor_config_then_the_override(tmp_path):
     model.checkpoint_folder = tmp_path
     assert tile_limits(model) == (1, 10)  # SAIL-VL2: the processor's 10, not config.json's 12
     assert tile_limits(model, max_tiles=4) == (1, 4)
+    (tmp_path / "preprocessor_config.json").write_text('{"max_dynamic_patch": null}')
+    assert tile_limits(model) == (1, 12)  # null: not given
+
+
+@pytest.mark.parametrize("value", ['"12"', "0", "3.5", "true", "5000"])
+def test_a_bad_tile_bound_in_preprocessor_config_names_the_file_and_key(tmp_path, value):
+    model = SimpleNamespace(
+        config=SimpleNamespace(min_dynamic_patch=1, max_dynamic_patch=12), checkpoint_folder=tmp_path
+    )
+    (tmp_path / "preprocessor_config.json").write_text(f'{{"max_dynamic_patch": {value}}}')
+    with pytest.raises(ConfigError, match=r"preprocessor_config.json: max_dynamic_patch = .* is not a whole number"):
+        tile_limits(model)
 
 
 class CharTokenizer:

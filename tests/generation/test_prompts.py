@@ -224,8 +224,9 @@ def test_batch_needs_one_tile_count_per_question():
 
 
 def test_yivl_template_is_not_built_as_chatml():
-    with pytest.raises(PromptError, match="build_yivl_query"):
+    with pytest.raises(PromptError, match="pick another template") as refused:  # words for the CLI's --template
         build_query(get_template("mm_default"), "q")
+    assert "build_yivl_query" in str(refused.value)  # and for Python
 
 
 def test_unknown_image_style():
