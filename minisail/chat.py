@@ -91,6 +91,7 @@ def prepare_chat(model, tokenizer, pixel_values, questions, *, history=None, num
     """chat()'s prompt for one question (`batch=False`), or batch_chat()'s for a list of single-turn questions."""
     family = family_of(model)
     template = template or family.chat_template(model.config)
+    check_chat_inputs(model, pixel_values, history)
     questions = list(questions) if batch else [questions]
     queries, input_ids, attention_mask = family.encode_prompt(
         model,
@@ -108,6 +109,29 @@ def prepare_chat(model, tokenizer, pixel_values, questions, *, history=None, num
     eos = chat_eos_token_id(tokenizer, template)
     return ChatPrompt(queries, input_ids.to(weight.device), attention_mask.to(weight.device), pixel_values, template,
                       eos)  # fmt: skip
+
+
+def check_chat_inputs(model, pixel_values, history) -> None:
+    """Refuse, in words, what chat() / batch_chat() callers can get wrong before it reaches a layer: pixel_values
+    that are not [tiles, 3, S, S] float tiles of this model's size S, or not finite; a history that is not
+    (question, answer) pairs of strings."""
+    if pixel_values is not None:
+        size = model.config.image_size
+        expected = f"a float tensor [tiles, 3, {size}, {size}] (the images' tiles, concatenated)"
+        if not isinstance(pixel_values, torch.Tensor):
+            raise PromptError(f"pixel_values must be {expected}, not a {type(pixel_values).__name__}")
+        if pixel_values.dim() != 4 or pixel_values.shape[0] < 1 or pixel_values.shape[1] != 3:
+            raise PromptError(f"pixel_values must be {expected}, not of shape {list(pixel_values.shape)}")
+        if tuple(pixel_values.shape[2:]) != (size, size):
+            raise PromptError(
+                f"pixel_values hold {pixel_values.shape[2]}x{pixel_values.shape[3]} tiles but this model takes "
+                f"{size}x{size}: preprocess the images with its image size ({size})"
+            )
+        if not pixel_values.is_floating_point() or not bool(torch.isfinite(pixel_values).all()):
+            raise PromptError("pixel_values must be finite floats: the image preprocessing produced NaN, Inf or ints")
+    for i, turn in enumerate(history or ()):
+        if not (isinstance(turn, (tuple, list)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise PromptError(f"history[{i}] must be a (question, answer) pair of strings, not {str(turn)[:80]!r}")
 
 
 def _check_image_tokens(start: str, end: str, context: str) -> None:

@@ -293,3 +293,26 @@ def test_right_padded_batches_are_refused(loaded):
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     with pytest.raises(PromptError, match="left-padded"):
         generate(model, ids, mask, None, dict(max_new_tokens=2))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda pv: pv[:, :2], r"must be a float tensor \[tiles, 3, 56, 56\]"),  # 2 channels
+        (lambda pv: pv[0], r"not of shape \[3, 56, 56\]"),  # one tile without its tile axis
+        (lambda pv: [pv], "not a list"),
+        (lambda pv: torch.nn.functional.interpolate(pv, size=64), "64x64 tiles but this model takes 56x56"),
+        (lambda pv: torch.full_like(pv, float("nan")), "must be finite floats"),
+    ],
+)
+def test_pixel_values_that_cannot_be_tiles_of_this_model_are_refused_in_words(loaded, pixel_values, make, message):
+    model, tokenizer = loaded
+    with pytest.raises(PromptError, match=message):
+        model.chat(tokenizer, make(pixel_values), "<image>\nhi", dict(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("history", [[("a",)], [("a", 1)], ["ab"], [{"q": "a"}]])
+def test_a_history_that_is_not_question_answer_pairs_is_refused_in_words(loaded, history):
+    model, tokenizer = loaded
+    with pytest.raises(PromptError, match=r"history\[0\] must be a \(question, answer\) pair of strings"):
+        model.chat(tokenizer, None, "hi", dict(max_new_tokens=2), history=history)
