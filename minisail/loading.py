@@ -151,7 +151,8 @@ def load(path, *, dtype=None, device=None, quantize=None, tp=None):
     model.eval()
     model.tensor_parallel = tp  # None, or this rank's place
     model.checkpoint_folder = folder
-    model.image_token_id = image_token_id_from_tokenizer(folder, model.image_token_id)
+    if model.image_token_id is None or model.image_token_id >= 0:  # Yi-VL's -200 is its own, no tokenizer's token
+        model.image_token_id = image_token_id_from_tokenizer(folder, model.image_token_id)
     return model
 
 

@@ -321,3 +321,12 @@ def test_batch_matches_rows_run_alone(model, inputs):
             torch.testing.assert_close(logits[b, -len(alone) :], alone, atol=1e-5, rtol=0)
             alone_tokens = greedy_generate(model, row[None], None, row_pixels, max_new_tokens=6)
             assert tokens[b].tolist() == alone_tokens[0].tolist()
+
+
+def test_a_tokenizer_with_an_img_context_token_does_not_replace_the_placeholder(tmp_path):
+    # Yi-VL's image placeholder is the fixed id -200, outside the vocabulary: a tokenizer folder that happens to
+    # define <IMG_CONTEXT> (an InternVL one, copied in) must not move it
+    folder = shutil.copytree(TINY / "checkpoint", tmp_path / "checkpoint")
+    table = {"added_tokens_decoder": {"151667": {"content": "<IMG_CONTEXT>", "special": True}}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(table))
+    assert minisail.load(folder).image_token_id == YIVL_IMAGE_TOKEN_INDEX
