@@ -121,6 +121,7 @@ def load(path, *, dtype=None, device=None, quantize=None, tp=None):
     family, config, parsed = checked.family, checked.config, checked.parsed
     tensors = family.open_tensors(folder, config)  # headers only: the data stays on disk until the fill
     check_layer_counts(family, parsed, tensors)  # before the build, which loops over the layers
+    stored = sum(math.prod(tensors.shape(key)) for key in tensors.keys())  # whatever int8/int4 or tp make of it
     if tp is not None:  # this rank's decoder config: its heads and MLP columns
         from minisail.parallel.tensor import DecoderShard, TensorParallel, shard_model
 
@@ -151,6 +152,7 @@ def load(path, *, dtype=None, device=None, quantize=None, tp=None):
     model.eval()
     model.tensor_parallel = tp  # None, or this rank's place
     model.checkpoint_folder = folder
+    model.checkpoint_parameters = stored  # the checkpoint's parameters (a tied head once), for a log line
     if model.image_token_id is None or model.image_token_id >= 0:  # Yi-VL's -200 is its own, no tokenizer's token
         model.image_token_id = image_token_id_from_tokenizer(folder, model.image_token_id)
     return model

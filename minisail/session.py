@@ -138,7 +138,7 @@ class Session:
             log(f"loading the checkpoint {folder}")
             start = time.perf_counter()
             model = load(folder, dtype=dtype, device=device, quantize=quantize, tp=tp)
-            count = sum(p.numel() for p in model.parameters())
+            count = model.checkpoint_parameters  # not the modules' own: int4 packs two weights a byte, etc.
             weight = next(model.parameters())
             seconds = time.perf_counter() - start
             dtype_name = str(weight.dtype).removeprefix("torch.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -14,6 +15,7 @@ from minisail.checkpoint.export import to_official_state_dict
 from minisail.checkpoint.keymaps import internlm2_wqkv
 from minisail.errors import CheckpointError, ConfigError
 from minisail.llm.decoder import DecoderConfig
+from minisail.loading import QUANTIZE
 from minisail.models.registry import FAMILIES, FAMILY_API, detect_family, family_of
 
 CASE = "internvl-qwen2-tiny"
@@ -279,3 +281,13 @@ def test_a_tied_head_shares_the_embedding_tensor(tmp_path):
     for dtype in (torch.float32, torch.bfloat16):  # as stored (a view) and converted (a copy)
         model = minisail.load(folder, dtype=dtype)
         assert model.language_model.lm_head.weight is model.language_model.embed.weight
+
+
+def test_the_parameter_count_is_the_checkpoints_whatever_int8_or_int4_make_of_it():
+    from safetensors import safe_open
+
+    folder = GOLDEN / CASE / "checkpoint"
+    with safe_open(folder / "model.safetensors", "pt") as file:
+        stored = sum(math.prod(file.get_slice(key).get_shape()) for key in file.keys())
+    counts = {quantize: minisail.load(folder, quantize=quantize).checkpoint_parameters for quantize in QUANTIZE}
+    assert set(counts.values()) == {stored}  # int4 once counted its packed bytes, a quantised tied head twice
