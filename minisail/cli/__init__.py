@@ -4,7 +4,8 @@ Argument parsing only; every command calls into the library. Each command is one
 parity, chat) with an `_add_<name>` function that declares its arguments and a `_run_<name>` function
 that does the work, exported as `COMMAND = (help, add, run)`.
 A command that takes `--json` prints one JSON object as its last line of standard output.
-A `MinisailError` is printed as `minisail: error: ...` with exit status 2, never as a traceback.
+A `MinisailError` is printed as `minisail: error: ...` with exit status 2, never as a traceback (with `--json`,
+the last line of standard output is then {"error": ..., "kind": the error's class}).
 Output piped into a reader that stops early (`python -m minisail prompt ... | head -1`) ends the command
 quietly with status 141 (128 + SIGPIPE, what a shell reports for a command killed by it).
 """
@@ -12,6 +13,7 @@ quietly with status 141 (128 + SIGPIPE, what a shell reports for a command kille
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -49,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
         where = f"rank {rank} of {world}: " if rank is not None and world != "1" else ""  # under torchrun: who
         print(f"minisail: error: {where}{error}", file=sys.stderr)
+        if getattr(args, "json", False):  # --json: the last line is one JSON object, on failure too
+            try:
+                print(json.dumps({"error": f"{where}{error}", "kind": type(error).__name__}), flush=True)
+            except BrokenPipeError:
+                _silence_stdout()
         return 2
     except KeyboardInterrupt:
         return 130

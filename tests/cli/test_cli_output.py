@@ -24,3 +24,13 @@ def test_a_terminal_that_is_not_utf8_gets_escapes_not_a_traceback(qwen25_tokeniz
     done = subprocess.run([sys.executable, "-m", "minisail", *argv], capture_output=True, text=True, env=env)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert "\\u4e2d" in done.stdout  # the question, escaped
+
+
+def test_with_json_a_failure_still_ends_in_one_json_object(capsys, tmp_path):
+    code = main(["tiles", str(tmp_path / "missing.jpg"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "minisail: error: image file not found" in err
+    assert json.loads(out.splitlines()[-1]) == {
+        "error": f"image file not found: {tmp_path / 'missing.jpg'}",
+        "kind": "ImageError",
+    }
