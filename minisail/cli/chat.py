@@ -118,11 +118,16 @@ def _run_chat(args) -> int:
     from minisail.image.preprocess import open_image
     from minisail.loading import read_model_config, resolve_device, resolve_dtype
     from minisail.parallel import launch
+    from minisail.text.templates import get_template
 
     resolve_dtype(args.dtype), resolve_device(args.device)  # a bad --dtype / --device fails before any reading
     if not Path(args.model).is_dir():
         raise CheckpointError(f"checkpoint folder {args.model} does not exist")
-    read_model_config(args.model)  # not a checkpoint (no or a bad config.json): said first, before the tokenizer
+    checked = read_model_config(args.model)  # not a checkpoint (no or a bad config.json): said before the tokenizer
+    if args.template is None:  # the conversation template: an unknown one is refused before the weights load
+        checked.family.chat_template(checked.parsed)
+    else:
+        get_template(args.template)
     images = [open_image(path) for path in args.image]  # an unreadable image fails before the model loads
     launch.start(args.tp, args.device)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import sys
 from types import SimpleNamespace
@@ -197,3 +198,17 @@ def test_a_folder_that_is_not_a_checkpoint_is_named_as_such(capsys, tmp_path):
     assert code == 2 and "has no config.json" in err
     code, _, err = run(capsys, "--model", tmp_path / "missing", "Hi")
     assert code == 2 and "checkpoint folder" in err and "does not exist" in err
+
+
+def test_an_unknown_template_is_refused_before_the_weights_load(checkpoint, capsys, monkeypatch, tmp_path):
+    import minisail.loading
+
+    monkeypatch.setattr(minisail.loading, "fill_from_checkpoint", lambda *a, **k: pytest.fail("loaded weights"))
+    code, _, err = run(capsys, "--model", checkpoint, "--template", "nope", "Hi")
+    assert code == 2 and "unknown conversation template 'nope'" in err
+    folder = shutil.copytree(checkpoint, tmp_path / "bad-template")
+    config = json.loads((folder / "config.json").read_text())
+    config["template"] = "nope"
+    (folder / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "--model", folder, "Hi")
+    assert code == 2 and "unknown conversation template 'nope'" in err
