@@ -78,12 +78,13 @@ class ChatPrompt:
         """Where a streamed reply ends: the text postprocess_reply cuts at."""
         return [self.template.sep if self.template.sep_style == SINGLE else self.template.sep.strip()]
 
-    def generate(self, model, tokenizer, config: GenerationConfig, image_embeds=None) -> torch.Tensor:
+    def generate(self, model, tokenizer, config: GenerationConfig, image_embeds=None, **options) -> torch.Tensor:
         """New ids [B, n] as the upstream generate() on embeddings makes them (penalty over new tokens only).
-        `image_embeds`: the images already encoded (a session), used instead of encoding pixel_values again."""
+        `image_embeds`: the images already encoded (a session), used instead of encoding pixel_values again.
+        `options`: more of generate_steps' keywords (on_context_end)."""
         pixel_values = self.pixel_values if image_embeds is None else None
         return generate(model, self.input_ids, self.attention_mask, pixel_values, config, image_embeds=image_embeds,
-                        penalize_prompt=False, tokenizer=tokenizer)  # fmt: skip
+                        penalize_prompt=False, tokenizer=tokenizer, **options)  # fmt: skip
 
 
 def prepare_chat(model, tokenizer, pixel_values, questions, *, history=None, num_patches_list=None, template=None,

@@ -96,6 +96,7 @@ def generate_steps(
     tokenizer=None,  # needed for stop_strings
     limit_context: bool = True,  # refuse prompts longer than the model's context, stop new tokens at its end
     image_embeds: torch.Tensor | None = None,  # already encoded images, instead of pixel_values (a chat session)
+    on_context_end=None,  # called with the context length when a reply is cut at its end (else it looks finished)
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, [B], step by step, until every row has stopped."""
     config = GenerationConfig.from_dict(config)
@@ -129,6 +130,8 @@ def generate_steps(
         if config.stop_strings:
             finished |= _hits_stop_string(rows, token, finished, config.stop_strings, tokenizer)
         if bool(finished.all()) or step == max_new - 1:
+            if on_context_end is not None and not bool(finished.all()) and max_new < config.max_new_tokens:
+                on_context_end(context)  # stopped by the context, before max_new_tokens and any stop
             return
         if seen is not None:
             seen.scatter_(1, token[:, None], True)

@@ -117,7 +117,7 @@ class Session:
         generation: GenerationConfig | None = None,
         log=None,
     ):
-        log = log or (lambda message: None)
+        log = self.log = log or (lambda message: None)
         if isinstance(model, tuple):
             model, tokenizer = model
         if isinstance(model, (str, os.PathLike)):
@@ -203,7 +203,7 @@ class Session:
         image_embeds = torch.cat(self._embeds + new_embeds) if all_images else None
         if stream:
             return self._stream(prompt, config, new, new_embeds, image_embeds, think)
-        ids = prompt.generate(self.model, self.tokenizer, config, image_embeds=image_embeds)
+        ids = prompt.generate(self.model, self.tokenizer, config, image_embeds=image_embeds, on_context_end=self._cut)
         reply = decode_reply(self.tokenizer, ids[0].tolist(), prompt.template)
         self._remember(prompt, new, new_embeds, reply)
         return split_thinking(reply) if think else reply
@@ -224,6 +224,7 @@ class Session:
             on_token=ids.append,
             penalize_prompt=False,
             image_embeds=image_embeds,
+            on_context_end=self._cut,
         )
         reply_stream = ReplyStream(prompt.cut_strings, think=think)
         for piece in pieces:
@@ -232,6 +233,12 @@ class Session:
         for kind, text in reply_stream.finish():
             yield (kind, text) if think else text
         self._remember(prompt, new_images, new_embeds, decode_reply(self.tokenizer, ids, prompt.template))
+
+    def _cut(self, context: int) -> None:
+        self.log(
+            f"the reply was cut at the end of the model's context ({context} tokens): /reset or ask with less "
+            "history, fewer images or tiles"
+        )
 
     def _remember(self, prompt: ChatPrompt, new_images, new_embeds, reply: str) -> None:
         self._images += new_images

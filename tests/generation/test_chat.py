@@ -7,6 +7,8 @@ vocab_size = len(tokenizer) = 151674, so the real tokenizer, template and image 
 
 from __future__ import annotations
 
+import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -316,3 +318,20 @@ def test_a_history_that_is_not_question_answer_pairs_is_refused_in_words(loaded,
     model, tokenizer = loaded
     with pytest.raises(PromptError, match=r"history\[0\] must be a \(question, answer\) pair of strings"):
         model.chat(tokenizer, None, "hi", dict(max_new_tokens=2), history=history)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_cut_at_the_end_of_the_context_is_said_in_the_log(checkpoint, tmp_path, stream):
+    folder = shutil.copytree(checkpoint, tmp_path / "short-context")
+    config = json.loads((folder / "config.json").read_text())
+    config["llm_config"]["max_position_embeddings"] = 64  # the prompt takes ~46 of them
+    (folder / "config.json").write_text(json.dumps(config))
+    said = []
+    session = Session(str(folder), log=said.append)
+    for max_new_tokens, cut in ((4, False), (100, True)):  # stopped by max_new_tokens: nothing to say
+        said.clear()
+        reply = session.ask("Tell me a long story.", stream=stream, max_new_tokens=max_new_tokens)
+        if stream:
+            "".join(reply)  # the stream runs to its end
+        session.reset()
+        assert any("cut at the end of the model's context (64 tokens)" in line for line in said) == cut
