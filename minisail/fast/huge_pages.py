@@ -91,6 +91,7 @@ def to_huge_pages(module: nn.Module, min_bytes: int = 2 * HUGE_PAGE) -> int:
             continue
         copy_releasing(fresh, old)
         new = nn.Parameter(fresh, requires_grad=False) if isinstance(old, nn.Parameter) else fresh
+        new.minisail_huge_pages = True  # moved already: a second call (speed_up_on_cpu again) leaves it
         for table, name in places:
             table[name] = new
         total += old.numel() * old.element_size()
@@ -118,6 +119,8 @@ def copy_releasing(fresh: torch.Tensor, old: torch.Tensor) -> None:
 
 
 def _movable(tensor: torch.Tensor, min_bytes: int) -> bool:
+    if getattr(tensor, "minisail_huge_pages", False):
+        return False
     return tensor.device.type == "cpu" and not tensor.is_mkldnn and tensor.numel() * tensor.element_size() >= min_bytes
 
 

@@ -40,6 +40,8 @@ def test_large_tensors_move_with_their_values_and_sharing():
     assert model["small"].weight is small
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
+    moved_once = model["embed"].weight
+    assert to_huge_pages(model) == 0 and model["embed"].weight is moved_once  # a second call copies nothing again
 
 
 def test_nothing_moves_where_thp_is_off(monkeypatch):
