@@ -99,19 +99,25 @@ def kernel_sums_exactly(kernel: DigitKernel) -> str | None:
 
 @functools.cache
 def dot_support() -> DotSupport:
-    """Decided by trying (module docstring): oneDNN where torch reports AVX-512 VNNI, else fbgemm; the kernel's ops
-    exist and a probe that would saturate 16-bit pair sums comes out exact."""
+    """Decided by trying (module docstring): oneDNN where torch reports AVX-512 VNNI, then fbgemm; the first whose
+    ops exist and whose probe (which would saturate 16-bit pair sums) comes out exact."""
     if sys.byteorder != "little":  # the digit splits read an int32's low byte first
         return DotSupport(None, "a big-endian CPU")
     vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
-    kernel = ONEDNN if vnni and torch.backends.cpu.get_cpu_capability() == "AVX512" else FBGEMM
-    if not kernel.exists():
-        return DotSupport(None, f"this torch build has no {kernel.name} int8 linear")
-    refusal = kernel_sums_exactly(kernel)
-    if refusal is not None:
-        return DotSupport(None, refusal)
-    why = "AVX-512 VNNI: 3 bytes" if kernel is ONEDNN else "no VNNI: 3 digits of 7 bits, which 16-bit pair sums hold"
-    return DotSupport(kernel, f"int8 decode on {kernel.name}'s integer kernels, activations split exactly ({why})")
+    candidates = [ONEDNN, FBGEMM] if vnni and torch.backends.cpu.get_cpu_capability() == "AVX512" else [FBGEMM]
+    refusals = []
+    for kernel in candidates:
+        refusal = (
+            kernel_sums_exactly(kernel) if kernel.exists() else f"this torch build has no {kernel.name} int8 linear"
+        )
+        if refusal is None:
+            why = "AVX-512 VNNI: 3 bytes" if kernel is ONEDNN else "3 digits of 7 bits, which 16-bit pair sums hold"
+            tried = f"; {'; '.join(refusals)}" if refusals else ""
+            return DotSupport(
+                kernel, f"int8 decode on {kernel.name}'s integer kernels, activations split exactly ({why}{tried})"
+            )
+        refusals.append(refusal)
+    return DotSupport(None, "; ".join(refusals))
 
 
 _checked: dict[tuple[str, int, int], bool] = {}  # (kernel, out, in) -> exact sums on a real weight of that shape?
