@@ -122,6 +122,8 @@ def load(path, *, dtype=None, device=None, quantize=None, tp=None):
     tensors = family.open_tensors(folder, config)  # headers only: the data stays on disk until the fill
     check_layer_counts(family, parsed, tensors)  # before the build, which loops over the layers
     stored = sum(math.prod(tensors.shape(key)) for key in tensors.keys())  # whatever int8/int4 or tp make of it
+    if isinstance(tp, int) and not isinstance(tp, bool) and tp == 1:
+        tp = None  # one rank: the plain model (as the CLI's --tp 1)
     if tp is not None:  # this rank's decoder config: its heads and MLP columns
         from minisail.parallel.tensor import DecoderShard, TensorParallel, shard_model
 

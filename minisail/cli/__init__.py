@@ -5,7 +5,8 @@ parity, chat) with an `_add_<name>` function that declares its arguments and a `
 that does the work, exported as `COMMAND = (help, add, run)`.
 A command that takes `--json` prints one JSON object as its last line of standard output.
 A `MinisailError` is printed as `minisail: error: ...` with exit status 2, never as a traceback (with `--json`,
-the last line of standard output is then {"error": ..., "kind": the error's class}).
+the last line of standard output is then {"error": ..., "kind": the error's class}; a usage error, which exits
+with status 2 as argparse does, ends it with {"error": ..., "kind": "UsageError"}).
 Output piped into a reader that stops early (`python -m minisail prompt ... | head -1`) ends the command
 quietly with status 141 (128 + SIGPIPE, what a shell reports for a command killed by it).
 """
@@ -26,8 +27,19 @@ COMMANDS: dict[str, tuple[str, object, object]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, its usage error kept on the SystemExit, for --json's last line."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        exit = SystemExit(2)
+        exit.usage_error = f"{self.prog}: error: {message}"
+        print(exit.usage_error, file=sys.stderr)
+        raise exit
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minisail", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m minisail", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, _run) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
@@ -38,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a terminal that is not UTF-8 gets escapes, not a traceback
         if callable(getattr(stream, "reconfigure", None)):
             stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # a usage error (status 2); --help exits 0 without one
+        given = sys.argv[1:] if argv is None else [str(a) for a in argv]
+        if getattr(exit, "usage_error", None) is not None and "--json" in given:
+            print(json.dumps({"error": exit.usage_error, "kind": "UsageError"}), flush=True)
+        raise
     _help, _add, run = COMMANDS[args.command]
     try:
         code = int(run(args) or 0)

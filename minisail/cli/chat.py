@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from minisail.errors import CheckpointError, MinisailError
+from minisail.errors import CheckpointError, MinisailError, PromptError
 from minisail.tiling import MAX_TILES_LIMIT
 
 
@@ -118,16 +118,16 @@ def _run_chat(args) -> int:
     from minisail.image.preprocess import open_image
     from minisail.loading import read_model_config, resolve_device, resolve_dtype
     from minisail.parallel import launch
-    from minisail.text.templates import get_template
+    from minisail.text.templates import SINGLE, get_template
 
     resolve_dtype(args.dtype), resolve_device(args.device)  # a bad --dtype / --device fails before any reading
     if not Path(args.model).is_dir():
         raise CheckpointError(f"checkpoint folder {args.model} does not exist")
     checked = read_model_config(args.model)  # not a checkpoint (no or a bad config.json): said before the tokenizer
-    if args.template is None:  # the conversation template: an unknown one is refused before the weights load
-        checked.family.chat_template(checked.parsed)
-    else:
-        get_template(args.template)
+    own = checked.family.chat_template(checked.parsed)  # an unknown template is refused before the weights load
+    if args.template is not None and (get_template(args.template).sep_style == SINGLE) != (own.sep_style == SINGLE):
+        kind = "Yi-VL's (one image spliced in as a single id)" if own.sep_style != SINGLE else "not Yi-VL's"
+        raise PromptError(f"--template {args.template} is {kind}; this checkpoint takes templates like {own.name!r}")
     images = [open_image(path) for path in args.image]  # an unreadable image fails before the model loads
     launch.start(args.tp, args.device)
     try:

@@ -228,10 +228,14 @@ class DotInt8Linear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args):
         refuse_state_dict_load(self, state_dict, prefix)  # no plain weight to load into (fast/prepared.py)
 
-    def _apply(self, fn, recurse=True):
-        trial = fn(self.scale)  # what this call does to a tensor; the packed weight cannot follow a device change
+    def check_conversion(self, fn) -> None:
+        """Raise a MinisailError where `fn` would move the weight: a packed one cannot follow a device change."""
+        trial = fn(self.scale)  # what this call does to a tensor
         if trial.device != self.scale.device:
             refuse_move(self, trial.device)
+
+    def _apply(self, fn, recurse=True):
+        self.check_conversion(fn)
         scale = self.scale
         super()._apply(fn, recurse)
         self.scale = scale  # float32 whatever the model's dtype: the kernels take float32 scales

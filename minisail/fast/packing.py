@@ -176,8 +176,13 @@ class PackedLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args):
         refuse_state_dict_load(self, state_dict, prefix)  # no plain weight to load into (fast/prepared.py)
 
+    def check_conversion(self, fn) -> None:
+        """Raise a MinisailError where `fn` (what .to()/.float() apply) cannot apply to the packed weight."""
+        apply_or_refuse(self, lambda: fn(self.packed))
+
     def _apply(self, fn, recurse=True):
-        return apply_or_refuse(self, lambda: super(PackedLinear, self)._apply(fn, recurse))
+        self.check_conversion(fn)
+        return super()._apply(fn, recurse)
 
     def to_linear(self) -> nn.Linear:
         with torch.device("meta"):

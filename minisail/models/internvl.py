@@ -29,6 +29,7 @@ from minisail.chat import ChatMixin
 from minisail.checkpoint import keymaps
 from minisail.config import MAX_IMAGE_SIZE, choice, flag, optional, positive, real, require
 from minisail.errors import ConfigError, PromptError
+from minisail.fast.prepared import WholeModelRefusals  # a sped-up model refuses as a whole
 from minisail.layers import hidden_state_depth
 from minisail.llm.decoder import Decoder, positions_from_mask
 from minisail.llm.decoder_config import DecoderConfig
@@ -124,7 +125,7 @@ class PreparedInputs:
     visual_mask: torch.Tensor | None = None  # [B, T] bool, Mono-InternVL's FFN routing; None: no experts
 
 
-class InternVLChatModel(ChatMixin, nn.Module):
+class InternVLChatModel(ChatMixin, WholeModelRefusals, nn.Module):
     """`vision_model`: any tower with `forward(pixel_values, select_layer) -> [N, (S/p)^2, C]` (default InternViT)."""
 
     family = NAME

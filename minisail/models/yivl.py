@@ -33,6 +33,7 @@ from torch import nn
 
 from minisail.chat import ChatMixin
 from minisail.errors import PromptError
+from minisail.fast.prepared import WholeModelRefusals  # a sped-up model refuses as a whole
 from minisail.image.preprocess import yivl_pixel_values
 from minisail.llm.decoder import Decoder, positions_from_mask
 from minisail.merge import LayerNormMLPProjector
@@ -89,7 +90,7 @@ def splice_images(input_ids, attention_mask, text_embeds, image_embeds, image_to
 # --- the model --------------------------------------------------------------------------------------------------
 
 
-class YiVLModel(ChatMixin, nn.Module):
+class YiVLModel(ChatMixin, WholeModelRefusals, nn.Module):
     family = NAME
 
     def __init__(self, config: YiVLConfig):

@@ -212,3 +212,11 @@ def test_an_unknown_template_is_refused_before_the_weights_load(checkpoint, caps
     (folder / "config.json").write_text(json.dumps(config))
     code, _, err = run(capsys, "--model", folder, "Hi")
     assert code == 2 and "unknown conversation template 'nope'" in err
+
+
+def test_a_template_of_the_other_kind_is_refused_before_the_weights_load(checkpoint, capsys, monkeypatch):
+    import minisail.loading
+
+    monkeypatch.setattr(minisail.loading, "fill_from_checkpoint", lambda *a, **k: pytest.fail("loaded weights"))
+    code, _, err = run(capsys, "--model", checkpoint, "--template", "mm_default", "Hi")  # Yi-VL's, on InternVL
+    assert code == 2 and "mm_default is Yi-VL's" in err and "'internvl2_5'" in err

@@ -59,8 +59,11 @@ def test_non_finite_logits_in_a_case_are_standard_json(capsys, tmp_path):
 @pytest.mark.parametrize("tolerance", ["inf", "nan", "-1", "abc"])
 def test_a_tolerance_that_is_not_a_finite_number_at_least_zero_is_refused(capsys, tolerance):
     with pytest.raises(SystemExit) as exit:
-        main(["parity", str(GOOD), "--tolerance", tolerance])
-    assert exit.value.code == 2 and "finite number >= 0" in capsys.readouterr().err
+        main(["parity", str(GOOD), "--tolerance", tolerance, "--json"])
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2 and "finite number >= 0" in err
+    refusal = strict_json(out.splitlines()[-1])  # a usage error ends --json's output in one JSON object too
+    assert refusal["kind"] == "UsageError" and "finite number >= 0" in refusal["error"]
 
 
 def test_a_result_that_could_not_run_is_standard_json():

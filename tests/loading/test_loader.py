@@ -265,6 +265,11 @@ def test_bad_device_is_refused_before_loading():
         minisail.load(GOLDEN / CASE / "checkpoint", device="meta")
 
 
+def test_tp_1_is_the_plain_model():  # one rank: nothing to shard, no process group needed (as the CLI's --tp 1)
+    model = minisail.load(GOLDEN / CASE / "checkpoint", tp=1)
+    assert model.tensor_parallel is None
+
+
 @pytest.mark.parametrize(("tp", "message"), [(0, "at least 1"), (2, "launch.start")])
 def test_tensor_parallel_without_a_process_group_is_refused_in_words(tp, message):
     with pytest.raises(ConfigError, match=message):

@@ -114,18 +114,46 @@ def test_a_sped_up_int8_model_exports_as_before():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def tensors_of(model) -> dict[str, tuple]:
+    """(dtype, device, the tensor object) of every parameter and buffer: what a conversion would replace."""
+    return {name: (t.dtype, t.device, id(t)) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
 @pytest.mark.skipif(not packing_support().available, reason="oneDNN cannot pack bf16 weights on this CPU")
-def test_a_packed_model_refuses_another_dtype_or_device_and_stays_usable():
+def test_a_packed_model_refuses_another_dtype_or_device_as_a_whole_and_stays_usable():
     model = minisail.load(FOLDER, dtype=torch.bfloat16)
     expected = last_logits(model)
     speed_up_on_cpu(model, move_to_huge_pages=False)
+    before = tensors_of(model)
     for change in (lambda m: m.float(), lambda m: m.to("meta")):
         with pytest.raises(MinisailError, match="cannot change dtype or device"):
             change(model)
+        assert tensors_of(model) == before  # nothing changed anywhere (the vision tower's plain modules included)
     packed = next(m for m in model.modules() if isinstance(m, PackedLinear))
     with pytest.raises(MinisailError, match="float32 activations"):
         packed(torch.randn(2, packed.in_features))
     assert torch.equal(last_logits(model), expected)
+
+
+def test_a_refused_state_dict_load_changes_no_weight(onednn_packs_bf16):
+    model = minisail.load(FOLDER, dtype=torch.bfloat16)
+    speed_up_on_cpu(model, move_to_huge_pages=False)
+    state = {name: torch.zeros_like(value) for name, value in model.state_dict().items()}
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(MinisailError, match="prepared for this CPU"):
+        model.load_state_dict(state)
+    after = model.state_dict()
+    assert all(torch.equal(after[name], before[name]) for name in before)  # not even the modules loaded before
+
+
+def test_a_model_with_prepacked_int8_linears_refuses_to_move_as_a_whole():
+    model = minisail.load(FOLDER, dtype=torch.bfloat16, quantize="int8")
+    if not speed_up_on_cpu(model, move_to_huge_pages=False).int8_dot:
+        pytest.skip("no integer kernel sums exactly here: nothing was swapped")
+    before = tensors_of(model)
+    with pytest.raises(MinisailError, match="packed for this CPU"):  # the first refusal found: either kind
+        model.to("meta")
+    assert tensors_of(model) == before
 
 
 def test_a_prepacked_int8_linear_keeps_float32_scales_and_refuses_to_move():
