@@ -121,7 +121,6 @@ def load(path, *, dtype=None, device=None, quantize=None, tp=None):
     family, config, parsed = checked.family, checked.config, checked.parsed
     tensors = family.open_tensors(folder, config)  # headers only: the data stays on disk until the fill
     check_layer_counts(family, parsed, tensors)  # before the build, which loops over the layers
-    stored = sum(math.prod(tensors.shape(key)) for key in tensors.keys())  # whatever int8/int4 or tp make of it
     if isinstance(tp, int) and not isinstance(tp, bool) and tp == 1:
         tp = None  # one rank: the plain model (as the CLI's --tp 1)
     if tp is not None:  # this rank's decoder config: its heads and MLP columns
@@ -133,6 +132,9 @@ def load(path, *, dtype=None, device=None, quantize=None, tp=None):
     with torch.device("meta"):
         model = family.build(parsed)
     keymap = family.weight_map(parsed)
+    # The checkpoint's parameters the model uses (not the keys its weight map ignores: Yi-VL's unused tower copy),
+    # counted from the headers whatever int8 / int4 or tensor parallelism make of them
+    stored = sum(math.prod(tensors.shape(key)) for key in tensors.keys() if not keymap.is_ignored(key))
     if tp is not None:  # swap in the sharded modules; read only this rank's slices
         tensors = shard_model(model, shard, keymap, tensors, tp)
     bnb = "quantization_config" in config
