@@ -173,8 +173,11 @@ class PackedLinear(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias
 
-    def _load_from_state_dict(self, state_dict, prefix, *args):
+    def check_state_dict_load(self, state_dict, prefix: str) -> None:
         refuse_state_dict_load(self, state_dict, prefix)  # no plain weight to load into (fast/prepared.py)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        self.check_state_dict_load(state_dict, prefix)
 
     def check_conversion(self, fn) -> None:
         """Raise a MinisailError where `fn` (what .to()/.float() apply) cannot apply to the packed weight."""

@@ -9,9 +9,8 @@ failed inside oneDNN. Both are done on the plain model: before `speed_up_on_cpu`
 (fast/packing.py `unpack_linears`, fast/int8_dot.py `undot_int8_linears`).
 
 Each such module has `check_conversion(fn)` (raises where `fn`, what .to()/.float() apply, cannot apply to it) and
-refuses by itself; `WholeModelRefusals`, a mixin of every minisail model class, checks all of them first, so that a
-refused conversion or load changes nothing anywhere (by itself a module is reached only after the modules visited
-before it have changed).
+`check_state_dict_load(state_dict, prefix)`, and refuses by itself; minisail's model classes ask all of them first
+(minisail/whole_model.py), so that a refused conversion or load changes nothing anywhere.
 """
 
 from __future__ import annotations
@@ -48,25 +47,6 @@ def apply_or_refuse(module: nn.Module, apply) -> nn.Module:
             f"a {type(module).__name__} holds its weight packed for this CPU, which cannot change dtype or device "
             f"({reason}); {UNDO}"
         ) from error
-
-
-class WholeModelRefusals:
-    """Mixin for a whole model: a conversion or state-dict load that a prepared module inside would refuse is
-    refused before any module changes (see the module docstring)."""
-
-    def _apply(self, fn, recurse=True):
-        if recurse:
-            for module in self.modules():
-                check = getattr(module, "check_conversion", None)
-                if check is not None:
-                    check(fn)
-        return super()._apply(fn, recurse)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        for name, module in self.named_modules():
-            if getattr(module, "check_conversion", None) is not None:
-                refuse_state_dict_load(module, state_dict, f"{name}." if name else "")
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def refuse_move(module: nn.Module, device: torch.device) -> None:

@@ -29,7 +29,6 @@ from minisail.chat import ChatMixin
 from minisail.checkpoint import keymaps
 from minisail.config import MAX_IMAGE_SIZE, choice, flag, optional, positive, real, require
 from minisail.errors import ConfigError, PromptError
-from minisail.fast.prepared import WholeModelRefusals  # a sped-up model refuses as a whole
 from minisail.layers import hidden_state_depth
 from minisail.llm.decoder import Decoder, positions_from_mask
 from minisail.llm.decoder_config import DecoderConfig
@@ -46,6 +45,7 @@ from minisail.models.family_parts import (
 from minisail.text.templates import Template
 from minisail.vision.intern_vit import InternViT, InternViTConfig
 from minisail.vision.sail_vit import SailViTConfig
+from minisail.whole_model import WholeModelRefusals
 
 NAME = "internvl"
 

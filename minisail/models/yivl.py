@@ -33,7 +33,6 @@ from torch import nn
 
 from minisail.chat import ChatMixin
 from minisail.errors import PromptError
-from minisail.fast.prepared import WholeModelRefusals  # a sped-up model refuses as a whole
 from minisail.image.preprocess import yivl_pixel_values
 from minisail.llm.decoder import Decoder, positions_from_mask
 from minisail.merge import LayerNormMLPProjector
@@ -43,6 +42,7 @@ from minisail.models.yivl_checkpoint import YiVLConfig
 from minisail.text.prompt import YIVL_IMAGE_TOKEN_INDEX, Query, build_yivl_query, encode_yivl_query
 from minisail.text.templates import Template, template_for_config
 from minisail.vision.clip_vit import CLIPVisionTower
+from minisail.whole_model import WholeModelRefusals
 
 NAME = "yi-vl"
 
