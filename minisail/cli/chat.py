@@ -125,6 +125,8 @@ def _run_chat(args) -> int:
         raise CheckpointError(f"checkpoint folder {args.model} does not exist")
     checked = read_model_config(args.model)  # not a checkpoint (no or a bad config.json): said before the tokenizer
     own = checked.family.chat_template(checked.parsed)  # an unknown template is refused before the weights load
+    if own.sep_style == SINGLE and len(args.image) > 1:
+        raise PromptError(f"Yi-VL takes one image per conversation, not {len(args.image)}: give one --image")
     if args.template is not None and (get_template(args.template).sep_style == SINGLE) != (own.sep_style == SINGLE):
         kind = "Yi-VL's (one image spliced in as a single id)" if own.sep_style != SINGLE else "not Yi-VL's"
         raise PromptError(f"--template {args.template} is {kind}; this checkpoint takes templates like {own.name!r}")

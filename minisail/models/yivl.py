@@ -198,5 +198,7 @@ def encode_prompt(model, tokenizer, pixel_values, questions: list[str], *, histo
 def add_image_placeholders(question: str, images_before: int, new_images: int) -> str:
     """The question unchanged (build_yivl_query places the image); a second image in a conversation is refused."""
     if images_before + new_images > 1:
-        raise PromptError("Yi-VL takes one image per conversation: start a new one (/reset) for another")
+        raise PromptError(
+            "Yi-VL takes one image per conversation: start a new one for another (Session.reset(), /reset in chat)"
+        )
     return question

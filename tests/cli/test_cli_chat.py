@@ -220,3 +220,14 @@ def test_a_template_of_the_other_kind_is_refused_before_the_weights_load(checkpo
     monkeypatch.setattr(minisail.loading, "fill_from_checkpoint", lambda *a, **k: pytest.fail("loaded weights"))
     code, _, err = run(capsys, "--model", checkpoint, "--template", "mm_default", "Hi")  # Yi-VL's, on InternVL
     assert code == 2 and "mm_default is Yi-VL's" in err and "'internvl2_5'" in err
+
+
+def test_two_images_for_yi_vl_are_refused_before_the_weights_load(capsys, monkeypatch):
+    from helpers.checkpoints import GOLDEN
+
+    import minisail.loading
+
+    monkeypatch.setattr(minisail.loading, "fill_from_checkpoint", lambda *a, **k: pytest.fail("loaded weights"))
+    yi_vl = GOLDEN / "yi-vl-tiny" / "checkpoint"
+    code, _, err = run(capsys, "--model", yi_vl, "--image", IMAGE, "--image", IMAGE, "Hi")
+    assert code == 2 and "Yi-VL takes one image per conversation, not 2" in err
