@@ -35,6 +35,7 @@ FORMAT = 2  # bump when the written checkpoints change: older entries are then d
 DEFAULT_CACHE = Path.home() / ".cache" / "minisail" / "bench"
 ENTRY = re.compile(r"(?P<preset>[a-z0-9.-]+)-v(?P<version>\d+)")
 PARTIAL = re.compile(r"\.(?P<kind>official|transformers|gguf-[A-Z0-9_]+)\.partial-(?P<pid>\d+)")
+KIND = re.compile(r"official|transformers|gguf-[A-Z0-9_]+")  # the folders an entry holds
 
 
 def log(message: str) -> None:
@@ -79,15 +80,27 @@ def tidy_cache(cache: Path) -> None:
                 shutil.rmtree(part, ignore_errors=True)
 
 
-def clean_cache(cache: Path) -> list[Path]:
-    """Delete every benchmark entry under `cache` (nothing else); return what was removed."""
+def clean_cache(cache: Path, presets=None) -> list[Path]:
+    """Delete the benchmark's entries under `cache` and nothing else; return what was removed. An entry is a folder
+    `<preset>-v<N>` of a known preset (of `presets`, if given) that holds only what the benchmark writes (official/,
+    transformers/, gguf-<TYPE>/, partial folders): a folder of the same shape of name with anything else in it is
+    someone else's and is left alone."""
     cache, removed = Path(cache), []
     if cache.is_dir():
         for entry in cache.iterdir():
-            if ENTRY.fullmatch(entry.name) and entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
+            match = ENTRY.fullmatch(entry.name)
+            if not match or not entry.is_dir() or match["preset"] not in (presets or PRESETS):
+                continue
+            if not all(_written_by_the_bench(part) for part in entry.iterdir()):
+                log(f"left {entry} alone: it holds files the benchmark does not write")
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
     return removed
+
+
+def _written_by_the_bench(part: Path) -> bool:
+    return part.is_dir() and (KIND.fullmatch(part.name) is not None or PARTIAL.fullmatch(part.name) is not None)
 
 
 def _check_disk(folder: Path, needed: int) -> None:

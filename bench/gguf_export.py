@@ -39,7 +39,7 @@ from bench.presets import Preset
 from minisail.checkpoint.files import open_safetensors_folder
 from minisail.checkpoint.keymaps import KeyMap, Rule
 
-# The bench's dtype -> the llama.cpp file type it is compared with (minisail int4 <-> Q4_0 once the bench has it).
+# The bench's dtype -> the llama.cpp file type it is compared with.
 GGUF_TYPES = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
 FILE_TYPES = {"F32": 0, "BF16": 32, "Q8_0": 7, "Q4_0": 2}  # llama.cpp's llama_ftype (LLAMA_FTYPE_ALL_F32, ...)
 HEAD_TYPES = {"Q4_0": "Q8_0"}  # the output head's type where it is not the file's (see the module docstring)

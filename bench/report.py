@@ -19,10 +19,11 @@ def _cell(value, fmt: str) -> str:
 
 def format_table(report: dict) -> str:
     m = report["machine"]
+    threads = report["settings"].get("threads") or m["torch_threads"]  # what the workers ran with (--threads)
     lines = [
         f"minisail bench: {report['preset']} at real shapes, random weights "
         f"({report['settings']['parameters'] / 1e9:.2f} B parameters)",
-        f"machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['ram_gb']} GB RAM, "
+        f"machine: {m['cpu']}, {m['cores']} cores ({threads} threads per worker), {m['ram_gb']} GB RAM, "
         f"torch {m['torch']}, transformers {m['transformers'] or 'not installed'}, "
         f"llama-cpp-python {m.get('llama_cpp') or 'not installed'}, "
         f"1-min load average {m['load_average_1min']} at start, {m.get('load_average_1min_end')} at the end",

@@ -177,6 +177,38 @@ def test_cache_is_reused_and_tidied(tmp_path):
     assert removed and not checkpoints.entry_folder(tmp_path, preset).exists() and unrelated.exists()
 
 
+def test_clean_removes_the_benchmarks_entries_only(tmp_path, capsys):
+    # --clean once removed every folder named like <name>-v<N>: node-v18, a thesis-v2 with a user's files in it
+    others = [tmp_path / "node-v18" / "lib", tmp_path / "thesis-v2", tmp_path / "tiny-v7" / "my-notes"]
+    for folder in others:
+        folder.mkdir(parents=True)
+    (tmp_path / "thesis-v2" / "chapter1.tex").write_text("important")
+    ours = [tmp_path / f"tiny-v{checkpoints.FORMAT}" / "official", tmp_path / "sail-vl-2b-v1" / "gguf-Q8_0"]
+    for folder in ours:
+        folder.mkdir(parents=True)
+    assert main(["--clean", "--preset", "tiny", "--cache", str(tmp_path)]) == 0  # that preset's entries only
+    assert not ours[0].exists() and ours[1].exists()
+    assert main(["--clean", "--cache", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["removed"] == [str(ours[1].parent)] and all(folder.exists() for folder in others)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cache", ""], "--cache is empty"),
+        (["--new-tokens", "1"], "--new-tokens must be at least 2"),
+        (["--cache", "FILE"], "is a file, not a folder"),
+    ],
+)
+def test_bad_options_end_in_a_json_error_before_any_work(tmp_path, capsys, argv, message):
+    (tmp_path / "FILE").write_text("")
+    argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
+    assert main(["--preset", "tiny", "--quick", "--no-transformers", "--dtype", "bf16", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert message in err and message in json.loads(out.strip().splitlines()[-1])["error"]
+
+
 def test_presets_have_the_real_shapes():
     from bench.models import build_on_meta
 
