@@ -325,4 +325,7 @@ def serve(spec: dict) -> None:
 
 
 if __name__ == "__main__":
-    serve(json.loads(sys.argv[1]))
+    try:
+        serve(json.loads(sys.argv[1]))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent says so, once (status 130)
+        sys.exit(130)
