@@ -260,8 +260,9 @@ def run_bench(preset: Preset, cache: Path, settings: Settings) -> dict:
         rows, notes[dtype] = run_dtype(preset, dtype, dtype_folders, settings, params, failures)
         if rows:
             results[dtype] = rows
-    bandwidths.append(streaming_bandwidth())  # again at the end: a busy moment lowers one reading, not both
-    bandwidth = max(bandwidths)  # the higher reading is the machine's; the roofline errs towards demanding
+        # again after each dtype (the last one: at the end): on a drifting host a busy moment lowers one reading
+        bandwidths.append(streaming_bandwidth())
+    bandwidth = max(bandwidths)  # the highest reading is the machine's; the roofline errs towards demanding
     machine["bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
     machine["bandwidth_readings_gb_s"] = [round(b / 1e9, 2) for b in bandwidths]
     machine["load_average_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
