@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
+from minisail.cli import BROKEN_PIPE_STATUS, silence_stdout
 from minisail.errors import MinisailError
 
 
@@ -126,9 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"error": str(error), "kind": type(error).__name__}), flush=True)
         return 2
     except BrokenPipeError:  # the reader stopped early (| head): quietly, as the minisail command does
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141
+        silence_stdout()
+        return BROKEN_PIPE_STATUS
     except KeyboardInterrupt:
         return 130
 

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, inside the try: a closed pipe shows up on the last write
         return code
     except BrokenPipeError:
-        _silence_stdout()
+        silence_stdout()
         return BROKEN_PIPE_STATUS
     except MinisailError as error:
         rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 print(json.dumps({"error": f"{where}{error}", "kind": type(error).__name__}), flush=True)
             except BrokenPipeError:
-                _silence_stdout()
+                silence_stdout()
         return 2
     except KeyboardInterrupt:
         return 130
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 BROKEN_PIPE_STATUS = 141
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's own flush at exit does not hit the closed pipe again
     (the recipe in Python's signal module documentation, "Note on SIGPIPE")."""
     try:
