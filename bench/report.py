@@ -122,7 +122,7 @@ def format_table(report: dict) -> str:
         lines.append(f"{name}: its worker {reason}; no figures for it")
     if report["targets"]:
         lines.append("")
-        lines.append("targets (issue 9):")
+        lines.append("targets (issues 9 and 17):")
         for name, t in report["targets"].items():
             verdict = {True: "met", False: "NOT met", None: "-"}[t["met"]]
             sign = "<=" if "rss" in name else ">="

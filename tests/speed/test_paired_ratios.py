@@ -39,3 +39,13 @@ def test_paired_figures_are_used_where_both_ran_the_same_rounds():
     targets = evaluate(results, {"bf16": 20.0}, notes)
     assert targets["bf16_decode_vs_llama_cpp_BF16"] == {"value": 0.956, "target": 1.0, "met": False}
     assert targets["bf16_decode_vs_transformers"]["value"] == 3.5
+
+
+def test_issue_17_targets_cover_int8_roofline_and_time_to_first_token():
+    results = {
+        "bf16": {"minisail": {"ttft_s": 2.0}, "transformers": {"ttft_s": 2.1}},
+        "int8": {"minisail": {"decode_tok_s": 30.0}},
+    }
+    targets = evaluate(results, {"bf16": 20.0, "int8": 40.0}, {})
+    assert targets["int8_decode_vs_roofline"] == {"value": 0.75, "target": 0.7, "met": True}
+    assert targets["bf16_ttft_vs_transformers"] == {"value": 1.05, "target": 1.1, "met": False}
