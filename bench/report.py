@@ -70,7 +70,14 @@ def format_table(report: dict) -> str:
         note, roofline = report["notes"].get(dtype, {}), report["roofline_decode_tok_s"].get(dtype)
         decode = rows["minisail"].get("decode_tok_s")
         parts = []
-        if decode and roofline:
+        share = note.get("minisail_decode_vs_round_roofline")
+        if share is not None:
+            readings = ", ".join(f"{b:.1f}" for b in note.get("round_bandwidth_gb_s", []))
+            parts.append(
+                f"minisail decodes at {share:.0%} of the roofline (median of the rounds, each against the bandwidth "
+                f"read just before it: {readings} GB/s)"
+            )
+        elif decode and roofline:
             parts.append(f"minisail decodes at {decode / roofline:.0%} of the {roofline:.2f} tok/s roofline")
         peak, base = rows["minisail"].get("peak_rss_gb"), note.get("minisail_baseline_rss_gb")
         if peak and base is not None and note.get("weights_gb"):

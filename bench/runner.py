@@ -61,6 +61,9 @@ class Settings:
         return cls(**{**quick, "seven_tiles": False, "warmup": False, "llama": False, **overrides})
 
 
+ROUND_PROBE_GIB = 0.5  # the bandwidth reading before each generation round: 16x the L3 of the CPUs seen, ~0.1 s
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -69,7 +72,7 @@ def median(values):
 def measure(workers: list[Worker], preset: Preset, settings: Settings, failures: dict) -> dict[str, dict[str, list]]:
     """Run every timed operation `repeats` times on each worker, alternating the order each round. A peer that
     dies is recorded in `failures` and left out from then on (record_peer_death); minisail's death stops the run."""
-    extra = ["cpu_share", "decode_matmuls_s", "decode_step_s", "decode_outside_s"]
+    extra = ["cpu_share", "decode_matmuls_s", "decode_step_s", "decode_outside_s", "round_bandwidth"]
     samples = {w.name: {m: [] for m in [*METRICS[2:], *extra]} for w in workers}
     plan = [("vision_1tile_s", {"op": "vision", "tiles": 1}, settings.repeats)]
     if settings.seven_tiles:
@@ -106,6 +109,9 @@ def measure(workers: list[Worker], preset: Preset, settings: Settings, failures:
             ask(w, op="generate", tokens=4 if settings.warmup else 2)  # a prefill and decode steps
     for metric, command, repeats in plan:
         for r in range(repeats):
+            # the bandwidth just before each generation round: its decode is set against this reading (the host's
+            # bandwidth drifts by 1.5x within minutes here, so one reading for the whole run misjudges the rounds)
+            reading = streaming_bandwidth(ROUND_PROBE_GIB, repeats=5) if metric == "generate" else None
             for w in workers if r % 2 == 0 else workers[::-1]:
                 if metric == "decode_matmuls_s" and w.framework != "minisail":
                     continue
@@ -121,6 +127,7 @@ def measure(workers: list[Worker], preset: Preset, settings: Settings, failures:
                 if metric == "generate":
                     samples[w.name]["ttft_s"].append(answer["ttft_s"])
                     samples[w.name]["decode_tok_s"].append(answer["decode_tok_s"])
+                    samples[w.name]["round_bandwidth"].append(reading)
                     log(f"{w.name}: ttft {answer['ttft_s']:.2f} s, decode {answer['decode_tok_s']:.2f} tok/s {share}")
                 else:
                     samples[w.name][metric].append(answer["s"])
@@ -209,6 +216,12 @@ def run_dtype(
         fw: {m: paired(mine[m], samples[f"{dtype} {fw}"][m], m) for m in TIMED} for fw in frameworks if fw != "minisail"
     }
     notes["decode_gb"] = ours.get("decode_gb") or None
+    if notes["decode_gb"]:  # each round's decode against the bandwidth read just before it (measure)
+        rounds = zip(mine["decode_tok_s"], mine["round_bandwidth"], strict=False)
+        shares = [tok * notes["decode_gb"] * 1e9 / bw for tok, bw in rounds if tok and bw]
+        if shares:
+            notes["minisail_decode_vs_round_roofline"] = round(median(shares), 3)
+            notes["round_bandwidth_gb_s"] = [round(bw / 1e9, 2) for bw in mine["round_bandwidth"] if bw]
     if "compile_s" in ours:  # the compiled decode step: its one-off cost and the memory its constants take
         notes["minisail_compile_s"], notes["minisail_rss_after_compile_gb"] = (
             ours["compile_s"],

@@ -55,6 +55,16 @@ def evaluate(results: dict, roofline: dict, notes: dict) -> dict:
     def get(dtype, fw, metric):
         return results.get(dtype, {}).get(fw, {}).get(metric)
 
+    def roofline_share(dtype):
+        """Decode over the roofline: the median of the rounds' own shares, each against the bandwidth read just
+        before it (runner.measure), else against the run's one roofline (the highest reading)."""
+        paired_share = notes.get(dtype, {}).get("minisail_decode_vs_round_roofline")
+        return (
+            paired_share
+            if paired_share is not None
+            else ratio(get(dtype, "minisail", "decode_tok_s"), roofline.get(dtype))
+        )
+
     def target(value, goal, higher_is_better=True):
         met = None if value is None else (value >= goal if higher_is_better else value <= goal)
         return {"value": value, "target": goal, "met": met}
@@ -62,8 +72,8 @@ def evaluate(results: dict, roofline: dict, notes: dict) -> dict:
     targets = {
         "bf16_decode_vs_transformers": target(compared(results, notes, "bf16", "transformers", "decode_tok_s"), 1.5),
         # issue 17: decode at >= 70% of the measured-bandwidth roofline, in bf16 and in int8
-        "bf16_decode_vs_roofline": target(ratio(get("bf16", "minisail", "decode_tok_s"), roofline.get("bf16")), 0.7),
-        "int8_decode_vs_roofline": target(ratio(get("int8", "minisail", "decode_tok_s"), roofline.get("int8")), 0.7),
+        "bf16_decode_vs_roofline": target(roofline_share("bf16"), 0.7),
+        "int8_decode_vs_roofline": target(roofline_share("int8"), 0.7),
         "int8_decode_vs_transformers_bf16": target(
             compared(results, notes, "int8", "transformers", "decode_tok_s", their_dtype="bf16"), 2.5
         ),

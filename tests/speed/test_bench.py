@@ -66,6 +66,11 @@ def test_quick_bench_prints_one_json_object_of_the_documented_form(tmp_path, cap
     assert notes["minisail_decode_matmuls_ms"] > 0 and notes["minisail_decode_step_ms"] > 0
     assert "minisail_decode_outside_ms" in notes  # the step beside its products: their difference
     assert "matrix products alone take" in "\n".join(out[:-1]) and "measured beside them" in "\n".join(out[:-1])
+    # decode against the bandwidth read just before its round: one reading per round, the target from them
+    assert len(notes["round_bandwidth_gb_s"]) == 1 and notes["round_bandwidth_gb_s"][0] > 0
+    share = notes["minisail_decode_vs_round_roofline"]
+    assert share > 0 and report["targets"]["bf16_decode_vs_roofline"]["value"] == share
+    assert "each against the bandwidth read just before it" in "\n".join(out[:-1])
 
 
 def test_decode_matmuls_are_the_decode_steps_linears(tmp_path):
