@@ -7,7 +7,11 @@
 generation_config)`):
 - the prompt: minisail.text.prompt (the `<image>\\n` rule, image expansion, history, left-padded batches);
 - eos: the template's `sep.strip()` id, written into the caller's `generation_config` dict as upstream does;
-  generation as transformers does it on `inputs_embeds` (repetition penalty over the new tokens only);
+  generation as transformers does it on `inputs_embeds` (repetition penalty over the new tokens only; the
+  generation_config keys transformers' generate() takes that change the tokens, min_new_tokens and a `streamer`
+  such as TextIteratorStreamer included: minisail/sampling.py);
+- the context: a prompt longer than the model's context (max_position_embeddings, times the dynamic-NTK factor) is
+  refused, and a reply that reaches it stops there with a MinisailWarning (upstream would go on past it);
 - the reply: decoded without special tokens, cut at the sep, stripped; the history gets (question as used, reply);
 - the system message: `config.system_message` when set, except SAIL-VL2, whose code always uses the template's;
 - Yi-VL, which has no chat() upstream, follows Yi's `single_inference.py` instead: `<image_placeholder>` spliced
@@ -20,13 +24,15 @@ The idiomatic API (multi-turn sessions, images as paths, streaming, thinking rep
 
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from minisail.errors import PromptError
+from minisail.errors import MinisailWarning, PromptError
 from minisail.generate import GenerationConfig, generate
 from minisail.text.image_tokens import IMAGE_PLACEHOLDER, IMG_CONTEXT, IMG_END, IMG_START
 from minisail.text.prompt import (
@@ -35,6 +41,7 @@ from minisail.text.prompt import (
     chat_eos_token_id,
     decode_reply,
 )
+from minisail.text.replies import ReplyStream
 from minisail.text.templates import SINGLE, Template
 
 
@@ -73,10 +80,12 @@ class ChatPrompt:
             config = config.with_options(stop_strings=[self.template.stop_str])  # Yi-VL stops on "###"
         return config
 
-    @property
-    def cut_strings(self) -> list[str]:
-        """Where a streamed reply ends: the text postprocess_reply cuts at."""
-        return [self.template.sep if self.template.sep_style == SINGLE else self.template.sep.strip()]
+    def reply_stream(self, *, think: bool = False) -> ReplyStream:
+        """A streamed reply that ends as postprocess_reply ends the whole one: chatml cuts at `sep.strip()`
+        (<|im_end|>), Yi-VL drops a trailing `###` (text after an inner one stays, as upstream keeps it)."""
+        if self.template.sep_style == SINGLE:
+            return ReplyStream(think=think, trailing=self.template.sep)
+        return ReplyStream([self.template.sep.strip()], think=think)
 
     def generate(self, model, tokenizer, config: GenerationConfig, image_embeds=None, **options) -> torch.Tensor:
         """New ids [B, n] as the upstream generate() on embeddings makes them (penalty over new tokens only).
@@ -140,6 +149,27 @@ def _check_image_tokens(start: str, end: str, context: str) -> None:
         raise PromptError(f"minisail builds prompts with the standard {IMG_START} {IMG_END} {IMG_CONTEXT} tokens only")
 
 
+def _warn_context_end(context: int) -> None:
+    """chat() and batch_chat() return plain strings (upstream's API), so a reply cut at the context end says so
+    as a warning; the reply would otherwise look finished."""
+    warnings.warn(
+        f"the reply was cut at the model's context end ({context} tokens, prompt included) before a stop token or "
+        "max_new_tokens: shorten the question or the history, or use fewer images or tiles",
+        MinisailWarning,
+        stacklevel=_caller_level(),
+    )
+
+
+def _caller_level() -> int:
+    """warnings.warn's stacklevel for the first frame outside minisail (the caller of chat(), model.chat(), ...);
+    torch's frames between them (inference_mode's generator wrapper) are skipped too."""
+    packages = (str(Path(__file__).parent), str(Path(torch.__file__).parent))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(packages):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _write_eos(generation_config: dict | GenerationConfig, eos: int) -> None:
     """Upstream chat() writes eos_token_id into the caller's dict; callers rely on seeing it there."""
     if isinstance(generation_config, dict):
@@ -160,7 +190,9 @@ def chat(model, tokenizer, pixel_values, question, generation_config: dict | Gen
     _write_eos(generation_config, prompt.eos_token_id)
     if verbose and pixel_values is not None:
         print(f"dynamic ViT batch size: {pixel_values.shape[0]}")
-    ids = prompt.generate(model, tokenizer, prompt.generation_config(generation_config))
+    ids = prompt.generate(
+        model, tokenizer, prompt.generation_config(generation_config), on_context_end=_warn_context_end
+    )
     response = decode_reply(tokenizer, ids[0].tolist(), prompt.template)
     history = append_history(history, prompt.queries[0].question, response)
     if return_history:
@@ -177,13 +209,17 @@ def batch_chat(model, tokenizer, pixel_values, questions, generation_config: dic
     """Upstream `model.batch_chat(...)`: one reply per question (question i gets num_patches_list[i] tiles)."""
     if history is not None or return_history:
         raise PromptError("batch_chat does not support history (upstream neither): use chat() for multi-turn")
+    if isinstance(questions, str):  # a list is iterated: a string would be one question per character
+        raise PromptError("batch_chat takes a list of questions; for one question use chat() or pass [question]")
     _check_image_tokens(IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
     num_patches_list = image_counts if image_counts is not None else num_patches_list  # the deprecated name
     prompt = prepare_chat(model, tokenizer, pixel_values, questions, num_patches_list=num_patches_list, batch=True)
     if verbose and pixel_values is not None:
         print(f"dynamic ViT batch size: {pixel_values.shape[0]}")
     _write_eos(generation_config, prompt.eos_token_id)
-    ids = prompt.generate(model, tokenizer, prompt.generation_config(generation_config))
+    ids = prompt.generate(
+        model, tokenizer, prompt.generation_config(generation_config), on_context_end=_warn_context_end
+    )
     return [decode_reply(tokenizer, row.tolist(), prompt.template) for row in ids]
 
 

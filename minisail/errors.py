@@ -36,3 +36,7 @@ class NumericsError(MinisailError, ArithmeticError):
 
 class ParallelError(MinisailError):
     """A multi-process run that cannot go on: --tp and the launcher disagree, or another rank failed or timed out."""
+
+
+class MinisailWarning(UserWarning):
+    """Something the caller should know that is not an error: e.g. a chat() reply cut at the model's context end."""

@@ -100,6 +100,17 @@ def generate_steps(
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, [B], step by step, until every row has stopped."""
     config = GenerationConfig.from_dict(config)
+    try:
+        yield from _steps(model, input_ids, attention_mask, pixel_values, config, generator, penalize_prompt,
+                          tokenizer, limit_context, image_embeds, on_context_end)  # fmt: skip
+    finally:  # also when generation fails or stops early: a reader waiting on the streamer is not left hanging
+        if config.streamer is not None:
+            config.streamer.end()
+
+
+def _steps(model, input_ids, attention_mask, pixel_values, config: GenerationConfig, generator, penalize_prompt,
+           tokenizer, limit_context, image_embeds, on_context_end) -> Iterator[torch.Tensor]:  # fmt: skip
+    """generate_steps' loop (it ends the streamer, whatever happens here)."""
     if config.stop_strings and tokenizer is None:
         raise ConfigError("generation config: stop_strings need a tokenizer to read the text")
     if attention_mask is not None and not bool(attention_mask[:, -1].all()):
@@ -122,9 +133,15 @@ def generate_steps(
     finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
     rows: list[list[int]] = [[] for _ in range(B)]  # new ids per row, kept only to look for stop strings
     next_position = positions[:, -1:] + 1  # [B, 1]
+    streamer = config.streamer
+    if streamer is not None:  # transformers' order: the prompt's ids first (none: the prompt is embeddings)
+        streamer.put(torch.empty(B, 0, dtype=torch.long))
     for step in range(max_new):
         check_finite(logits, step)
-        token = next_tokens(logits, config, seen, generator).masked_fill(finished, pad)  # [B]
+        suppressed = stop_ids if step < config.min_new_tokens else None
+        token = next_tokens(logits, config, seen, generator, suppressed).masked_fill(finished, pad)  # [B]
+        if streamer is not None:
+            streamer.put(token.cpu())
         yield token
         finished |= torch.isin(token, stop_ids)
         if config.stop_strings:

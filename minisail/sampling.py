@@ -2,6 +2,7 @@
 
     float32 logits [B, V]
       -> repetition penalty on tokens already seen (RepetitionPenaltyLogitsProcessor: positive / p, negative * p)
+      -> the stop ids at -inf while fewer than min_new_tokens are made (MinNewTokensLengthLogitsProcessor)
       -> if do_sample: / temperature -> top-k -> top-p (TemperatureLogitsWarper, TopK..., TopP...) -> softmax
          -> one multinomial draw from a torch.Generator (a seed makes it reproducible); else argmax
 
@@ -27,6 +28,7 @@ class GenerationConfig:
     """Sampling settings with transformers' names and defaults (top_k 50 applies only when sampling)."""
 
     max_new_tokens: int = 512
+    min_new_tokens: int = 0  # the stop ids cannot be chosen before this many new tokens (MinNewTokensLength...)
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -36,6 +38,10 @@ class GenerationConfig:
     pad_token_id: int | None = None  # what finished rows emit (default: the first stop id, as transformers)
     stop_strings: list[str] = field(default_factory=list)  # stop once the new text contains one (needs a tokenizer)
     seed: int | None = None  # minisail's addition: seeds the sampling generator
+    # transformers' streamer protocol: put(ids) with the prompt's (none: generation starts from embeddings, as
+    # every upstream chat() does), then each step's new ids [B]; end() when generation stops (e.g. its
+    # TextIteratorStreamer, which the model cards pass to chat() in generation_config)
+    streamer: object | None = field(default=None, compare=False)
 
     def __post_init__(self):
         def bad(key, value, rule):
@@ -45,21 +51,34 @@ class GenerationConfig:
             bad("max_new_tokens", self.max_new_tokens, "must be a whole number >= 1")
         if self.do_sample and not self.temperature > 0:
             bad("temperature", self.temperature, "must be > 0 when sampling (use do_sample=False for greedy)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", self.top_p, "must be in (0, 1]")
+        if isinstance(self.min_new_tokens, bool) or not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            bad("min_new_tokens", self.min_new_tokens, "must be a whole number >= 0")
+        if not 0 <= self.top_p <= 1:  # 0 keeps only the most likely token, as transformers' TopPLogitsWarper
+            bad("top_p", self.top_p, "must be in [0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             bad("top_k", self.top_k, "must be a whole number >= 0 (0 = no top-k)")
         if not self.repetition_penalty > 0:
             bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1.0 = no penalty)")
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
+        if self.streamer is not None and not (
+            callable(getattr(self.streamer, "put", None)) and callable(getattr(self.streamer, "end", None))
+        ):
+            bad(
+                "streamer",
+                type(self.streamer).__name__,
+                "must have put(ids) and end() (transformers' streamer protocol)",
+            )
 
     @classmethod
     def from_dict(cls, options: Mapping | GenerationConfig | None) -> GenerationConfig:
         """The dict users pass to upstream `chat()`, e.g. `dict(max_new_tokens=1024, do_sample=True)`."""
         if isinstance(options, GenerationConfig):
             return options
-        options = {key: value for key, value in dict(options or {}).items() if value is not None}  # None: unset
+        options = dict(options or {})
+        if "top_k" in options and options["top_k"] is None:  # transformers: an explicit None turns top-k off
+            options["top_k"] = 0
+        options = {key: value for key, value in options.items() if value is not None}  # None: unset
         known = {f.name for f in fields(cls)}
         for key, required in INERT_KEYS.items():
             if key in options and required is not None and options[key] != required:
@@ -106,10 +125,17 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
 
 
-def next_tokens(logits, config: GenerationConfig, seen=None, generator=None) -> torch.Tensor:
-    """logits [B, V] float32 -> token ids [B]."""
+def suppress_tokens(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] with the columns `ids` set to -inf (MinNewTokensLengthLogitsProcessor on the stop ids)."""
+    return logits.index_fill(-1, ids, float("-inf"))
+
+
+def next_tokens(logits, config: GenerationConfig, seen=None, generator=None, suppressed=None) -> torch.Tensor:
+    """logits [B, V] float32 -> token ids [B]; `suppressed`: ids that cannot be chosen at this step."""
     if seen is not None and config.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+    if suppressed is not None and suppressed.numel():
+        logits = suppress_tokens(logits, suppressed)
     if not config.do_sample:
         return logits.argmax(-1)
     logits = logits / config.temperature

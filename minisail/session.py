@@ -226,7 +226,7 @@ class Session:
             image_embeds=image_embeds,
             on_context_end=self._cut,
         )
-        reply_stream = ReplyStream(prompt.cut_strings, think=think)
+        reply_stream = prompt.reply_stream(think=think)
         for piece in pieces:
             for kind, text in reply_stream.feed(piece):
                 yield (kind, text) if think else text

@@ -55,15 +55,17 @@ def _prompt_sources(args):
     from minisail.errors import CheckpointError, TokenizerError
     from minisail.loading import read_model_config
     from minisail.merge import tokens_per_tile
-    from minisail.text.templates import get_template, template_for_config
+    from minisail.text.templates import get_template
 
     if args.model:
         if not Path(args.model).is_dir():
             raise CheckpointError(f"checkpoint folder {args.model} does not exist")
         # the same family detection and config checks as minisail.load (no weights read): a config that load
         # refuses gets no prompt either, with the same error
-        config = read_model_config(args.model).config
-        template = get_template(args.template) if args.template else template_for_config(config)
+        checked = read_model_config(args.model)
+        config = checked.config
+        # the template chat() uses for this model (its family decides: SAIL-VL2 ignores config.json's system_message)
+        template = get_template(args.template) if args.template else checked.family.chat_template(checked.parsed)
         folder = args.tokenizer or args.model
         vision = config.get("vision_config") or {}
         size, patch = config.get("force_image_size") or vision.get("image_size"), vision.get("patch_size")

@@ -4,7 +4,8 @@ Thinking models (SAIL-VL2-2B-Thinking, SAIL-VL2-8B-Thinking) are asked with THIN
 question, as their model cards do, and reply `<think>reasoning</think> answer with \\boxed{...}`.
 `split_thinking` separates a whole reply into a ThoughtReply (reasoning, response, the `\\boxed{}` content);
 `ReplyStream` does the same to a reply arriving in decoded pieces, as `Session.ask(stream=True)` and
-`python -m minisail chat --think` show it, cut where chat() cuts the reply (`<|im_end|>`, Yi-VL's `###`).
+`python -m minisail chat --think` show it, ending where chat()'s reply ends (cut at `<|im_end|>`; Yi-VL's reply
+loses a trailing `###`).
 There is no upstream code for this: it follows the model cards' instruction and chat()'s reply clean-up
 (`minisail.text.prompt.postprocess_reply`). Both are linear in the reply (tests/generation/test_hostile_inputs.py).
 """
@@ -104,10 +105,14 @@ class ReplyStream:
     (is it `<think>...`?), then the reasoning (up to `</think>`) and the answer, each stripped as it arrives.
     """
 
-    def __init__(self, cut_at: Sequence[str] = (), *, think: bool = False):
+    def __init__(self, cut_at: Sequence[str] = (), *, think: bool = False, trailing: str | None = None):
         self.cut_at = [s for s in cut_at if s]
         self.think = think
-        self.watch = self.cut_at + ([THINK_OPEN, THINK_CLOSE] if think else [])
+        # Yi-VL's rule (postprocess_reply): a reply ending in `trailing` ("###") loses it, text after a "###" stays.
+        # So from its first occurrence the rest is held back to the end, then released by that rule.
+        self.trailing = trailing or None
+        self.tail: str | None = None  # the text from the first `trailing` on (None: not seen yet)
+        self.watch = self.cut_at + ([THINK_OPEN, THINK_CLOSE] if think else []) + ([trailing] if trailing else [])
         self.unreleased = ""  # the end of the text not visible yet (shorter than the longest watched string)
         self.cut = False  # a cut string was found: everything after it is ignored
         self.head = ""  # visible text while undecided, leading whitespace dropped
@@ -118,10 +123,16 @@ class ReplyStream:
     def feed(self, piece: str) -> list[tuple[str, str]]:
         if self.cut:
             return []
+        if self.tail is not None:
+            self.tail += piece
+            return []
         text = self.unreleased + piece
         found = [i for i in (text.find(cut) for cut in self.cut_at) if i >= 0]
         if found:  # the reply ends at the first cut string
             text, self.cut = text[: min(found)], True
+        start = text.find(self.trailing) if self.trailing else -1
+        if start >= 0:
+            text, self.tail = text[:start], text[start:]
         held = max((n for s in self.watch for n in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:n])),
                    default=0)  # fmt: skip
         self.unreleased = text[len(text) - held :]
@@ -129,6 +140,9 @@ class ReplyStream:
 
     def finish(self) -> list[tuple[str, str]]:
         text, self.unreleased = self.unreleased, ""
+        if self.tail is not None:  # the reply's end as postprocess_reply leaves it: stripped, one `trailing` dropped
+            tail, self.tail = self.tail.rstrip(), None
+            text += tail.removesuffix(self.trailing).rstrip() if tail.endswith(self.trailing) else tail
         return self._release(text, final=True)
 
     def _release(self, visible: str, final: bool) -> list[tuple[str, str]]:

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers.chat_checkpoint import CONTEXT, IMAGE, build_chat_checkpoint
 from helpers.checkpoints import GOLDEN
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import minisail
-from minisail.chat import batch_chat, chat, prepare_chat
-from minisail.errors import ConfigError, PromptError
+from minisail.chat import ChatPrompt, batch_chat, chat, prepare_chat
+from minisail.errors import ConfigError, MinisailWarning, PromptError
 from minisail.generate import greedy_generate
 from minisail.image.preprocess import internvl_pixel_values
 from minisail.session import Session, tile_limits
-from minisail.text.prompt import build_query, decode_reply, encode_queries
+from minisail.text.prompt import build_query, decode_reply, encode_queries, postprocess_reply
 from minisail.text.replies import THINK_INSTRUCTION, ReplyStream, ThoughtReply, boxed_content, split_thinking
 from minisail.text.templates import get_template
 
@@ -184,6 +188,20 @@ def test_reply_stream_cuts_at_a_stop_string_split_across_pieces():
     assert "".join(text for _, text in events) == "Two cats"
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="#ab \n", max_size=24), st.lists(st.integers(1, 6), max_size=12))
+def test_yivl_reply_stream_joins_to_the_reply_chat_returns(text, sizes):
+    # Yi-VL's reply (postprocess_reply): stripped, one trailing "###" dropped, stripped; text after an inner "###"
+    # stays (a stop token such as "####" or "###Human" ends generation with it). The stream shows that same text.
+    template = get_template("mm_default")
+    stream, events, start = ChatPrompt([], None, None, None, template, 0).reply_stream(), [], 0
+    for size in [*sizes, len(text)]:
+        events += stream.feed(text[start : start + size])
+        start += size
+    events += stream.finish()
+    assert "".join(piece for _, piece in events) == postprocess_reply(text, template)
+
+
 def test_reply_parsing_is_still_importable_from_session():
     from minisail import session
     from minisail.text import replies
@@ -335,3 +353,45 @@ def test_a_reply_cut_at_the_end_of_the_context_is_said_in_the_log(checkpoint, tm
             "".join(reply)  # the stream runs to its end
         session.reset()
         assert any("cut at the end of the model's context (64 tokens)" in line for line in said) == cut
+
+
+def test_chat_warns_when_its_reply_is_cut_at_the_end_of_the_context(checkpoint, tmp_path):
+    folder = shutil.copytree(checkpoint, tmp_path / "short-context")
+    config = json.loads((folder / "config.json").read_text())
+    config["llm_config"]["max_position_embeddings"] = 64  # the prompt takes ~46 of them
+    (folder / "config.json").write_text(json.dumps(config))
+    model, tokenizer = minisail.load(folder), minisail.load_tokenizer(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # stopped by max_new_tokens: no warning
+        model.chat(tokenizer, None, "Tell me a long story.", dict(max_new_tokens=4))
+    with pytest.warns(MinisailWarning, match=r"cut at the model's context end \(64 tokens") as caught:
+        model.chat(tokenizer, None, "Tell me a long story.", dict(max_new_tokens=100))
+    assert caught[0].filename == __file__  # pointed at the caller's line, not at minisail's internals
+    with pytest.warns(MinisailWarning, match="context end"):
+        model.batch_chat(tokenizer, None, ["Tell me a long story.", "And another."], dict(max_new_tokens=100))
+
+
+def test_batch_chat_refuses_one_question_given_as_a_string(loaded):
+    model, tokenizer = loaded
+    with pytest.raises(PromptError, match="list of questions"):
+        model.batch_chat(tokenizer, None, "Hi?", dict(max_new_tokens=2))
+
+
+def test_chat_streams_through_transformers_text_iterator_streamer_as_the_model_cards_do(loaded):
+    transformers = pytest.importorskip("transformers")
+    model, tokenizer = loaded
+    expected = model.chat(tokenizer, None, "Describe a cat.", dict(max_new_tokens=8, do_sample=False))
+    streamer = transformers.TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
+    config = dict(max_new_tokens=8, do_sample=False, streamer=streamer)
+    thread = threading.Thread(target=model.chat, args=(tokenizer, None, "Describe a cat.", config))
+    thread.start()
+    pieces = list(streamer)  # ends when chat() ends the streamer
+    thread.join()
+    assert "".join(pieces).strip().removesuffix("<|im_end|>").strip() == expected
+
+
+def test_min_new_tokens_from_internvl_evaluation_code_is_honoured(loaded):
+    # internvl_chat/eval/vqa/evaluate_vqa.py passes these to model.chat()
+    model, tokenizer = loaded
+    config = dict(num_beams=1, max_new_tokens=10, min_new_tokens=1, do_sample=False, temperature=0.0)
+    assert isinstance(model.chat(tokenizer, None, "Hello", config), str)

@@ -198,8 +198,69 @@ def test_generation_config_reads_upstream_dicts():
         GenerationConfig.from_dict({"max_length": 20})
     with pytest.raises(ConfigError, match="temperature"):
         GenerationConfig(do_sample=True, temperature=0)
-    with pytest.raises(ConfigError, match="top_p"):
-        GenerationConfig(top_p=0)
+    for top_p in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="top_p"):
+            GenerationConfig(top_p=top_p)
+
+
+def test_top_k_none_turns_top_k_off_and_top_p_zero_keeps_the_most_likely_token():
+    # transformers: an explicit top_k=None builds no TopKLogitsWarper (dropping the key would keep the default 50)
+    assert GenerationConfig.from_dict({"top_k": None}).top_k == 0
+    assert GenerationConfig.from_dict({}).top_k == 50
+    flat = torch.zeros(1, 1000)
+    flat[0, 7] = 1e-3  # near-flat: top-k 50 would show as at most 50 distinct draws
+    generator = torch.Generator().manual_seed(0)
+    config = GenerationConfig.from_dict({"top_k": None, "do_sample": True})
+    draws = {int(next_tokens(flat, config, generator=generator)[0]) for _ in range(400)}
+    assert len(draws) > 50
+    # top_p=0 is accepted (TopPLogitsWarper takes [0, 1]) and keeps only the most likely token
+    config = GenerationConfig(do_sample=True, top_p=0.0, top_k=0)
+    assert {int(next_tokens(flat, config, generator=generator)[0]) for _ in range(50)} == {7}
+
+
+def test_min_new_tokens_keeps_the_stop_ids_out_until_that_many_tokens(textonly):
+    model, input_ids, attention_mask, _ = textonly
+    free = generate(model, input_ids, attention_mask, None, dict(max_new_tokens=6))
+    stop = int(free[0, 0])  # greedy's first token as the stop id: generation ends at once
+    assert generate(model, input_ids, attention_mask, None, dict(max_new_tokens=6, eos_token_id=stop)).shape[1] == 1
+    held = generate(model, input_ids, attention_mask, None, dict(max_new_tokens=6, eos_token_id=stop, min_new_tokens=3))
+    assert stop not in held[0, :3].tolist() and held.shape[1] >= 3
+    # each held step is the argmax with the stop id at -inf (MinNewTokensLengthLogitsProcessor), then free again
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask, None)[:, -1]
+    assert int(held[0, 0]) == int(logits.index_fill(-1, torch.tensor([stop]), float("-inf")).argmax())
+    for value in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="min_new_tokens"):
+            GenerationConfig(min_new_tokens=value)
+
+
+class RecordingStreamer:
+    """transformers' streamer protocol: put(ids) and end()."""
+
+    def __init__(self):
+        self.puts, self.ended = [], 0
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ended += 1
+
+
+def test_a_streamer_gets_the_empty_prompt_then_every_new_token_then_end(textonly):
+    model, input_ids, attention_mask, _ = textonly
+    streamer = RecordingStreamer()
+    ids = generate(model, input_ids, attention_mask, None, dict(max_new_tokens=5, streamer=streamer))
+    assert streamer.puts[0].shape == (input_ids.shape[0], 0)  # generation starts from embeddings: no prompt ids
+    assert torch.equal(torch.stack(streamer.puts[1:], dim=1), ids) and streamer.ended == 1
+    # a failed generation still ends the streamer (a thread iterating over it would otherwise wait forever)
+    streamer = RecordingStreamer()
+    context = model.config.llm.max_position_embeddings
+    with pytest.raises(PromptError):
+        generate(model, input_ids.repeat(1, context), None, None, dict(max_new_tokens=2, streamer=streamer))
+    assert streamer.ended == 1
+    with pytest.raises(ConfigError, match="streamer"):
+        GenerationConfig(streamer=object())
 
 
 # --- streaming ---------------------------------------------------------------------------------------------------

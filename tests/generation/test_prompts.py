@@ -509,12 +509,22 @@ def test_cli_model_folder(capsys, tmp_path, sailvl2_tokenizer_dir):
     assert result["eos_token_id"] == call["eos_token_id"]
 
 
-def test_cli_model_folder_system_message_and_tokens_per_tile(capsys, tmp_path, sailvl2_tokenizer_dir):
+def test_cli_model_folder_system_message_and_tokens_per_tile(
+    capsys, tmp_path, sailvl2_tokenizer_dir, qwen25_tokenizer_dir
+):
+    # SAIL-VL2's chat() uses its template's system message whatever config.json says (modeling_sailvl.py:
+    # self.system_message = self.conv_template.system_message): the prompt command shows what chat() sends
     folder = checkpoint_folder(tmp_path, sailvl2_tokenizer_dir, sailvl2_config(224, system_message="Be brief."))
     code, out, _ = run_prompt(capsys, "--model", str(folder), "--tiles", "2", "Hi", "--json")
     result = last_json(out)
     assert code == 0 and result["tokens_per_tile"] == 64 and result["query"].count(IMG_CONTEXT) == 128
-    assert result["query"].startswith("<|im_start|>system\nBe brief.<|im_end|><|im_start|>user\n<img>")
+    system = get_template("univl-chat").system_message
+    assert result["query"].startswith(f"<|im_start|>system\n{system}<|im_end|><|im_start|>user\n<img>")
+    # InternVL's chat() reads config.system_message: there the command shows the config's
+    config = json.loads((GOLDEN / "internvl-qwen2-textonly" / "checkpoint" / "config.json").read_text(encoding="utf-8"))
+    folder = checkpoint_folder(tmp_path / "internvl", qwen25_tokenizer_dir, {**config, "system_message": "Be brief."})
+    code, out, _ = run_prompt(capsys, "--model", str(folder), "Hi", "--json")
+    assert code == 0 and last_json(out)["query"].startswith("<|im_start|>system\nBe brief.<|im_end|>")
 
 
 def test_cli_yivl_splices_the_image_index(capsys, internlm2_tokenizer_dir):
