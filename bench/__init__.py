@@ -5,7 +5,7 @@
 
 Run from the repository root. This package is not installed with minisail (pyproject includes only minisail*):
 it compares with `transformers`, which nothing under minisail/ imports. Its worker processes are started as
-`python -m bench.worker` with the repository root on PYTHONPATH (runner.py), so a clean clone needs no install
+`python -m bench.worker` with the repository root on PYTHONPATH (processes.py), so a clean clone needs no install
 of its own.
 
 What it does (issue 9):
@@ -13,9 +13,10 @@ What it does (issue 9):
    the official layout (and, with transformers installed, renamed to its native names by hf_names.py's table)
    in a cache folder (checkpoints.py);
 2. measures this machine's weight-streaming bandwidth and the decode roofline it implies (machine.py);
-3. per dtype (fp32, bf16, int8 weight-only), starts one process per framework (worker.py; transformers' side
-   in hf_side.py) and records: cold load time and peak RSS, vision encoding of 1 and 7 tiles, prefill of
-   256 image + 30 text tokens, time to first token and decode tokens/s, interleaved, as medians (runner.py);
+3. per dtype (fp32, bf16, int8 and int4 weight-only), starts one process per framework (worker.py; transformers'
+   side in hf_side.py; llama.cpp's, on a GGUF of the same weights, in llama_side.py) and records: cold load time
+   and peak RSS, vision encoding of 1 and 7 tiles, prefill of 256 image + 30 text tokens, time to first token
+   and decode tokens/s, interleaved, as medians (runner.py);
 4. prints a table (report.py), then one JSON line: {"preset", "machine", "roofline_decode_tok_s",
    "results": {dtype: {"minisail": {...}, "transformers": {...}}}, "ratios", "targets", "notes", "settings"}.
 """

@@ -10,7 +10,7 @@ loading it exercises exactly the path of a real checkpoint. Weights are seeded: 
 benchmarks the same numbers.
 
 Cache policy (the folders are large: 4 GB per copy for SAIL-VL-2B, 11 GB for InternViT-6B):
-- default folder ~/.cache/bench (`--cache DIR` to move it); `--clean` deletes it (only our entries);
+- default folder ~/.cache/minisail/bench (`--cache DIR` to move it); `--clean` deletes only our entries in it;
 - a folder is complete once its COMPLETE marker exists: it is built under a temporary name and renamed, so an
   interrupted run never leaves a half-written checkpoint that a later run would trust;
 - entries of other format versions and temporary folders of dead runs are deleted when the bench starts;

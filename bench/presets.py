@@ -1,8 +1,8 @@
 """The benchmark's model presets: official `config.json` dicts at the real shapes of released checkpoints.
 
 The weights are random (`bench/checkpoints.py` writes them once in the official layout), so a preset
-is only its config: the same dict `minisail.load` reads from a downloaded folder. Sizes are those of
-/work/shared/FACTS.md section 2 (the official configs):
+is only its config: the same dict `minisail.load` reads from a downloaded folder. Sizes are those of the
+released checkpoints' official config.json files (their Hugging Face repositories):
 
 - `sail-vl-2b`: InternViT-300M (24 layers, 1024 wide, LayerNorm, qkv bias) + mlp1 + Qwen2.5-1.5B (28 layers,
   1536 wide, 12 / 2 heads, SwiGLU 8960, vocab 151936, its own lm_head). About 2.09 B parameters.
@@ -92,7 +92,7 @@ QWEN25_1_5B = {
     "hidden_act": "silu",
 }
 
-QWEN3_8B = {  # FACTS.md 2.2 / 6: Qwen3-8B, SAIL-VL2-8B's language model (untied, its own lm_head)
+QWEN3_8B = {  # Qwen3-8B's official config: SAIL-VL2-8B's language model (untied, its own lm_head)
     "architectures": ["Qwen3ForCausalLM"],
     "model_type": "qwen3",
     "vocab_size": 151936,
@@ -193,7 +193,7 @@ PRESETS = {
         Preset(
             "sail-vl2-8b",
             _sail_vl2(QWEN3_8B),
-            image_token_id=151671,  # <IMG_CONTEXT> in SAIL-VL2's tokenizer (FACTS.md 10)
+            image_token_id=151671,  # <IMG_CONTEXT> in SAIL-VL2's tokenizer (its added_tokens)
             transformers=False,  # hf_side.py compares InternVL + Qwen2 only
             about="SAIL-ViT-Huge + Qwen3-8B: the largest checkpoint a 24 GB machine holds (int4 / int8)",
         ),

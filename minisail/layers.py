@@ -59,7 +59,9 @@ def vit_attention(
 
     `scale` defaults to head_dim^-0.5; CLIP passes 1.0 because it has already scaled q before the product, as
     upstream does (scaling q first rounds differently from scaling the product). Heads are the consecutive
-    head_dim-wide slices of C. The softmax runs in the activation dtype, as in every tower's upstream code.
+    head_dim-wide slices of C. Upstream's eager paths take the softmax in the activation dtype; SDPA's CPU kernels
+    take it in float32 between their products (for bf16 inputs: closer to exact, not the same bits; float32 is the
+    logit-for-logit mode).
     """
     N, L, C = q.shape
     q, k, v = (t.view(N, L, num_heads, C // num_heads).transpose(1, 2) for t in (q, k, v))  # [N, heads, L, d]

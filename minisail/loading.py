@@ -1,4 +1,5 @@
-"""`minisail.load(path, *, dtype=None, device=None, quantize=None)`: an official checkpoint folder -> a ready model.
+"""`minisail.load(path, *, dtype=None, device=None, quantize=None, tp=None)`: an official checkpoint folder -> a
+ready model.
 
 1. read config.json and pick the family module from its sub-configs (models/registry.py), then read the files
    the config points to (Yi-VL: the vision folder's own config.json), and check every value the math depends

@@ -1,8 +1,9 @@
 """The one interface the loader and its hooks read checkpoint tensors through: `TensorSource`.
 
-Three classes implement it: `files.CheckpointTensors` (safetensors files, zero-copy views into private memory
-maps), `torch_bin.BinTensors` (PyTorch .bin files, memory-mapped by torch.load) and `files.NamespacedTensors`
-(several folders seen as one, Yi-VL's main checkpoint plus its vision tower under "vit."). Sharded folders of
+Four classes implement it: `files.CheckpointTensors` (safetensors files, zero-copy views into private memory
+maps), `torch_bin.BinTensors` (PyTorch .bin files, memory-mapped by torch.load), `files.NamespacedTensors`
+(several folders seen as one, Yi-VL's main checkpoint plus its vision tower under "vit.") and
+`parallel.plan.ShardedTensors` (a tensor-parallel rank's slices of another source). Sharded folders of
 either format are opened through one index reader (paths.read_shards).
 """
 

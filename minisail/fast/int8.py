@@ -6,7 +6,7 @@
 
 which is a float Linear on the dequantised weights. The int8 weights come from either
 - a bitsandbytes LLM.int8 checkpoint (InternVL-Chat-V1-5-Int8): `X.weight` int8 and `X.SCB` = each row's absmax,
-  so scale = SCB / 127 (checkpoint/loader.py); or
+  so scale = SCB / 127 (fast/int8_checkpoint.py); or
 - `minisail.load(..., quantize="int8")`, which quantises a float checkpoint as it is read with the same rule
   (`quantize_rows`): absmax = max |w| over the row, weight = round(w * 127 / absmax).
 

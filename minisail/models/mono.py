@@ -20,7 +20,8 @@ rows) would take the visual FFN here and the text FFN there, which is what upstr
 same sequence is replayed without a cache.
 
 float16 is refused: the upstream model overflows to NaN in float16 (lmdeploy refuses it too, PR #2727).
-Loading with dtype float16, or casting a loaded model to it, is a ConfigError; use bfloat16 or float32.
+Loading with dtype float16, or casting a loaded model to it (`.half()`, `.to(torch.float16)`: refused before any
+weight changes), is a ConfigError; use bfloat16 or float32.
 """
 
 from __future__ import annotations
@@ -69,10 +70,20 @@ class MonoInternVLChatModel(InternVLChatModel):
 
         Called for the prompt and for every decoded token, so one rule routes them all. Without a known
         <IMG_CONTEXT> id no token can be visual (and no image can be placed: place_images refuses)."""
-        refuse_float16(self.language_model.embed.weight.dtype)  # also after a model.half() following load
+        refuse_float16(self.language_model.embed.weight.dtype)  # a model whose weights became float16 elsewhere
         if self.image_token_id is None:
             return None
         return input_ids == self.image_token_id
+
+    def check_conversion(self, fn) -> None:
+        """`.half()` / `.to(torch.float16)` refused before any weight changes (asked by WholeModelRefusals):
+        `fn` is tried on an empty tensor like the weights."""
+        weight = self.language_model.embed.weight
+        try:
+            converted = fn(torch.empty(0, dtype=weight.dtype, device=weight.device))
+        except Exception:  # e.g. a device this machine lacks: the conversion itself will say so
+            return
+        refuse_float16(converted.dtype)
 
 
 # --- the family: patch embedding (no ViT layers) + InternLM2 with FFN visual experts --------------------------------

@@ -1,7 +1,7 @@
 """Yi-VL's checkpoint: its config (config.json + the vision folder's), its tensors (two folders), its weight map.
 
 The Yi-VL family module is models/yivl.py; this is the part of it that reads a checkpoint, kept apart to keep
-each file small. Mirrors Yi `VL/llava/model/builder.py` (load_pretrained_model), `llava_arch.py`
+each file small. Mirrors Yi `VL/llava/mm_utils.py` (load_pretrained_model), `llava_arch.py`
 (build_vision_tower, build_vision_projector) and `clip_encoder/clip_encoder.py` (the tower's folder), at github
 01-ai/Yi @ f73194c.
 

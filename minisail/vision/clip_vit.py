@@ -13,7 +13,8 @@ Parameter names are the official ones under `vision_model.`, so the vit folder's
       -> hidden_states[depth]: [N, 1 + g*g, C] (CLS still first; the caller picks the patch rows)
 
 - attention: separate q/k/v/out projections, all with biases; q is multiplied by head_dim^-0.5 *before*
-  q k^T, as upstream does (not folded into the softmax); the softmax runs in the activation dtype (no upcast);
+  q k^T, as upstream does (not folded into the softmax); upstream's softmax runs in the activation dtype, SDPA's
+  in float32 (the same in float32);
 - MLP: fc1 -> GELU -> fc2 with `hidden_act` "gelu" (exact erf, Yi-VL) or "quick_gelu" (x * sigmoid(1.702 x),
   the CLIPVisionConfig default);
 - `post_layernorm` only feeds the pooled CLS output, which LLaVA never uses: it is not built (its keys are

@@ -12,7 +12,8 @@ parameter names are the official ones, so the checkpoint's `vision_model.*` keys
 
 Two variants, set by the config: InternViT-300M uses LayerNorm and a qkv bias; InternViT-6B uses RMSNorm, no
 qkv bias, and RMS-normalises q and k over all heads at once (one norm of width heads*head_dim, not per head).
-There is no final norm. Attention softmax runs in the activation dtype, as upstream's naive path.
+There is no final norm. Attention is SDPA (layers.vit_attention): upstream's naive path takes the softmax in the
+activation dtype, SDPA in float32 (the same in float32; in bf16 slightly closer to exact).
 """
 
 from __future__ import annotations

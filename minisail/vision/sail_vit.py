@@ -22,7 +22,8 @@ What `select_layer` means here (upstream `SAILVLModel.extract_feature`, which di
 Every output row is a patch token: there is no CLS token to drop.
 
 Biases follow the config as upstream: `qkv_bias` for qkv, `use_bias` for proj and the three MLP matrices
-(both false in the releases). Norm statistics run in float32; attention runs in the activation dtype.
+(both false in the releases). Norm statistics run in float32; attention's products run in the activation dtype
+(SDPA: its softmax in float32).
 """
 
 from __future__ import annotations

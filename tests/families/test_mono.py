@@ -221,7 +221,14 @@ def test_float16_is_refused_at_load_and_after_a_cast(tiny):
         logits = model(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
         assert torch.isfinite(logits).all()
         assert (logits - expected["logits"]).abs().max().item() < 0.05  # bf16 rounding, |logits| <= 0.61
-        model.half()
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.float16), lambda m: m.to("cpu", torch.float16)):
+        with pytest.raises(ConfigError, match="float16"):
+            cast(model)  # refused before any weight changes
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    model.float()  # other conversions go through
+    assert model.language_model.embed.weight.dtype == torch.float32
+    with torch.no_grad():  # float16 weights that got there some other way are still refused at the first forward
+        model.language_model.embed.weight.data = model.language_model.embed.weight.data.half()
         with pytest.raises(ConfigError, match="float16"):
             model(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
 
