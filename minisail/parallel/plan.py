@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from minisail.errors import ConfigError
+from minisail.errors import CheckpointError, ConfigError
 from minisail.llm.decoder_config import DecoderConfig
 
 
@@ -38,10 +38,12 @@ class Slice:
 
     dim: int
     ranges: tuple[tuple[int, int], ...]
+    extent: int | None = None  # the whole tensor's size along `dim` that the split was planned for (the config's)
 
     @staticmethod
-    def of(dim: int, ranges, unit: int = 1) -> Slice:
-        """Ranges in units of `unit` (a head's head_dim rows), adjacent ones merged (so a run is one view)."""
+    def of(dim: int, ranges, unit: int = 1, extent: int | None = None) -> Slice:
+        """Ranges in units of `unit` (a head's head_dim rows), adjacent ones merged (so a run is one view);
+        `extent`, in the same units: the tensor's size along `dim` by the config (checked against the file)."""
         merged: list[tuple[int, int]] = []
         for start, stop in ranges:
             start, stop = start * unit, stop * unit
@@ -49,7 +51,7 @@ class Slice:
                 merged[-1] = (merged[-1][0], stop)
             elif stop > start:
                 merged.append((start, stop))
-        return Slice(dim, tuple(merged))
+        return Slice(dim, tuple(merged), None if extent is None else extent * unit)
 
     def is_view(self) -> bool:
         return self.dim == 0 and len(self.ranges) == 1
@@ -83,23 +85,37 @@ class ShardedTensors:
     def dtype(self, name: str) -> torch.dtype:
         return self.base.dtype(name)
 
+    def _slice(self, name: str) -> Slice:
+        """The slice of `name`, once its whole tensor is checked along the split: one process checks every tensor
+        whole against the model, a rank only its slices, so without this a config.json that contradicts the
+        weights (a smaller intermediate_size or vocab_size) would load and run as another model."""
+        part, whole = self.slices[name], self.base.shape(name)
+        if part.extent is not None and (len(whole) <= part.dim or whole[part.dim] != part.extent):
+            raise CheckpointError(
+                f"{self.description}: tensor {name} has shape {tuple(whole)}, but the model's config.json asks for "
+                f"{part.extent} along dimension {part.dim}: the config does not match the weights"
+            )
+        return part
+
     def shape(self, name: str) -> list[int]:
-        whole = self.base.shape(name)
         if name not in self.slices:
-            return whole
-        return list(self.slices[name](torch.empty(whole, device="meta")).shape)
+            return self.base.shape(name)
+        return list(self._slice(name)(torch.empty(self.base.shape(name), device="meta")).shape)
 
     def view(self, name: str) -> torch.Tensor:
         if name not in self.slices:
             return self.base.view(name)
-        part = self.slices[name](self.base.view(name))
-        if not self.slices[name].is_view():
+        part = self._slice(name)
+        value = part(self.base.view(name))
+        if not part.is_view():
             self.base.release(name)  # the copy is all this rank keeps: the mapped pages can go
-        return part
+        return value
 
     def read(self, name: str) -> torch.Tensor:
-        value = self.base.read(name)
-        return self.slices[name](value).clone() if name in self.slices else value
+        if name not in self.slices:
+            return self.base.read(name)
+        part = self._slice(name)
+        return part(self.base.read(name)).clone()
 
     def release(self, name: str) -> None:
         self.base.release(name)
@@ -168,19 +184,22 @@ class DecoderShard:
         c, d = self.config, self.config.head_dim
         (q0, q1), (k0, k1) = self.q_heads, self.kv_heads
         if sources == 3:
-            return [Slice.of(0, [(q0, q1)], d), Slice.of(0, [(k0, k1)], d), Slice.of(0, [(k0, k1)], d)]
+            q, kv = c.num_heads, c.num_kv_heads
+            return [Slice.of(0, [(q0, q1)], d, q), Slice.of(0, [(k0, k1)], d, kv), Slice.of(0, [(k0, k1)], d, kv)]
         g = c.num_heads // c.num_kv_heads
         ranges = []
         for k in range(k0, k1):  # this rank's query heads of group k, then k's key and value head
             group = k * (g + 2)
             first, last = max(q0, k * g) - k * g, min(q1, (k + 1) * g) - k * g
             ranges += [(group + first, group + last), (group + g, group + g + 2)]
-        return [Slice.of(0, ranges, d)]
+        return [Slice.of(0, ranges, d, c.num_kv_heads * (g + 2))]
 
     def o_slice(self) -> Slice:
         q0, q1 = self.q_heads
-        return Slice.of(1, [(q0, q1)], self.config.head_dim)  # the input columns of this rank's heads
+        c = self.config
+        return Slice.of(1, [(q0, q1)], c.head_dim, c.num_heads)  # the input columns of this rank's heads
 
     def mlp_slices(self) -> tuple[Slice, Slice]:
         """(rows of gate and of up, columns of down)."""
-        return Slice.of(0, [self.columns]), Slice.of(1, [self.columns])
+        width = self.config.intermediate_size
+        return Slice.of(0, [self.columns], extent=width), Slice.of(1, [self.columns], extent=width)

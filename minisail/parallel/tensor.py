@@ -192,9 +192,9 @@ def _shard_modules(model, decoder: DecoderShard, keymap: KeyMap, tensors, tp: Te
     sizes = [b - a for a, b in (split_range(vocab, tp.size, r) for r in range(tp.size))]
     rows = split_range(vocab, tp.size, tp.rank)
     llm.embed, llm.lm_head = VocabParallelEmbedding(rows, hidden, tp), VocabParallelHead(sizes, hidden, tp)
-    take("language_model.embed.weight", [Slice.of(0, [rows])])
+    take("language_model.embed.weight", [Slice.of(0, [rows], extent=vocab)])
     if keymap.resolve("language_model.lm_head.weight")[1][0] in tensors:  # else tied: it reads the embedding's
-        take("language_model.lm_head.weight", [Slice.of(0, [rows])])
+        take("language_model.lm_head.weight", [Slice.of(0, [rows], extent=vocab)])
     for name, module in model.language_model.named_modules():
         name = f"language_model.{name}"
         if isinstance(module, Attention):
@@ -222,8 +222,9 @@ def shard_intern_vit(vit: InternViT, prefix: str, tp: TensorParallel, take) -> N
     H, d = config.num_heads, config.hidden_size // config.num_heads
     h0, h1 = heads = split_range(H, tp.size, tp.rank)
     columns = split_range(config.intermediate_size, tp.size, tp.rank)
-    own = Slice.of(0, [heads], d)
-    qkv = Slice.of(0, [(h0, h1), (H + h0, H + h1), (2 * H + h0, 2 * H + h1)], d)  # its heads of q, of k, of v
+    own = Slice.of(0, [heads], d, H)
+    qkv = Slice.of(0, [(h0, h1), (H + h0, H + h1), (2 * H + h0, 2 * H + h1)], d, 3 * H)  # its heads of q, k, v
+    width = config.intermediate_size
     for index, layer in enumerate(vit.encoder.layers):
         if not isinstance(layer.attn, InternAttention) or not isinstance(layer.mlp, InternMLP):
             raise ConfigError(f"InternViT layer {index}: already sharded")
@@ -236,7 +237,7 @@ def shard_intern_vit(vit: InternViT, prefix: str, tp: TensorParallel, take) -> N
         if config.qk_normalization:
             take(f"{name}attn.q_norm.weight", [own])
             take(f"{name}attn.k_norm.weight", [own])
-        take(f"{name}attn.proj.weight", [Slice.of(1, [heads], d)])
-        take(f"{name}mlp.fc1.weight", [Slice.of(0, [columns])])
-        take(f"{name}mlp.fc1.bias", [Slice.of(0, [columns])])
-        take(f"{name}mlp.fc2.weight", [Slice.of(1, [columns])])
+        take(f"{name}attn.proj.weight", [Slice.of(1, [heads], d, H)])
+        take(f"{name}mlp.fc1.weight", [Slice.of(0, [columns], extent=width)])
+        take(f"{name}mlp.fc1.bias", [Slice.of(0, [columns], extent=width)])
+        take(f"{name}mlp.fc2.weight", [Slice.of(1, [columns], extent=width)])

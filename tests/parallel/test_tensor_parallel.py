@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -164,3 +165,29 @@ def test_chat_over_two_ranks_says_what_one_process_says(tmp_path):
                          text=True, timeout=300)  # fmt: skip
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert one.stdout.strip() and two.stdout == one.stdout
+
+
+@pytest.mark.parametrize(
+    ("llm", "vision", "tensor"),
+    [
+        ({"intermediate_size": 64}, {}, "mlp.gate_proj.weight"),  # 128 stored: half the MLP would load silently
+        ({"vocab_size": 384}, {}, "embed_tokens.weight"),  # 400 stored: 16 rows of the vocabulary dropped
+        ({}, {"intermediate_size": 64}, "mlp.fc1.weight"),  # the vision tower's MLP, sharded too
+    ],
+)
+def test_a_config_that_contradicts_the_weights_is_refused_as_one_process_refuses_it(tmp_path, llm, vision, tensor):
+    """Each rank sees only its slices; the whole tensor's size along the split is checked against the config."""
+    folder = shutil.copytree(GOLDEN / "internvl-qwen2-tiny", tmp_path / "case")
+    config = json.loads((folder / "checkpoint" / "config.json").read_text())
+    config["llm_config"].update(llm)
+    config["vision_config"].update(vision)
+    (folder / "checkpoint" / "config.json").write_text(json.dumps(config))
+    one = subprocess.run([sys.executable, "-m", "minisail", "parity", str(folder)], env=env(), capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    two = subprocess.run([*TORCHRUN, "-m", "minisail", "parity", str(folder), "--tp", "2"], env=env(),
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert "CheckpointError" in one.stdout + one.stderr and "the config does not match the weights" in one.stderr
+    assert two.returncode != 0, two.stdout + two.stderr[-2000:]  # torchrun: 1 when a rank exits 2
+    for rank in (0, 1):
+        assert f"rank {rank} of 2: " in two.stderr and tensor in two.stderr
+    assert "the config does not match the weights" in two.stderr and "collective" not in two.stderr
