@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
-from minisail.parallel.launch import rank, world_size
+from minisail.parallel.launch import collective, rank, waiting_group, world_size
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -50,7 +50,8 @@ def map_over_ranks(
         everything = [mine]
     else:
         everything = [None] * world_size()
-        dist.all_gather_object(everything, mine)
+        with collective():
+            dist.all_gather_object(everything, mine, group=waiting_group())  # others may still be working: no bound
     done = sorted((entry for part in everything for entry in part), key=lambda entry: entry[0])
     for _index, _result, error in done:
         if error is not None:

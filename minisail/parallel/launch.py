@@ -6,9 +6,12 @@ RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in its environment (a
 
 - gloo on the CPU; NCCL when the device is a CUDA GPU (each rank on cuda:LOCAL_RANK). The code is
   device-agnostic, but the NCCL path has not been run: this project is tested on CPUs only;
-- a timeout on everything (joining, and every collective afterwards; default 300 s, `MINISAIL_DIST_TIMEOUT`
-  seconds in the environment): a rank that died or never came makes the others stop with a `ParallelError`
-  that says so, instead of waiting forever;
+- a timeout on joining and on every collective of the work (default 300 s, `MINISAIL_DIST_TIMEOUT` seconds in
+  the environment): a rank that died or never came makes the others stop with a `ParallelError` that says so,
+  instead of waiting forever. Two waits are not failures and run in a second group without that bound
+  (`waiting_group`, IDLE_TIMEOUT): the other ranks waiting while rank 0 waits for the user's next line in an
+  interactive chat, and a rank that finished its data-parallel share waiting for the others' results. A rank
+  that dies during them still ends the wait at once (its connections close);
 - rank 0 prints; the other ranks' standard output goes to /dev/null (their errors still reach stderr, prefixed
   with their rank by the CLI).
 """
@@ -27,6 +30,9 @@ import torch.distributed as dist
 from minisail.errors import ParallelError
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
+IDLE_TIMEOUT = timedelta(days=7)  # waiting for a person or for other ranks' work, not for a failure
+
+_waiting_group = None  # the second process group (waiting_group), made by `start`
 
 
 def world_size_from_env() -> int | None:
@@ -87,9 +93,17 @@ def start(tp: int | None, device=None) -> bool:
             f"(MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): "
             f"{_first_line(error)}; did every rank start? (MINISAIL_DIST_TIMEOUT sets the timeout)"
         ) from None
+    global _waiting_group
+    _waiting_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)  # every rank makes it, in the same order
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (kept open for the life of the process)
     return True
+
+
+def waiting_group():
+    """The group for waits that are not failures (module docstring): gloo, IDLE_TIMEOUT. The default group when
+    the process group was made elsewhere (a user's own init_process_group)."""
+    return _waiting_group
 
 
 def rank() -> int:
@@ -104,28 +118,46 @@ def finish() -> None:
     """The end of a command that succeeded on this rank: wait for every rank before anyone leaves. Without it a
     rank that destroys the group while a peer's gloo threads still talk to it aborts ("terminate called")."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        with collective():
+            dist.barrier()
 
 
 def stop() -> None:
     """Leave the process group (the end of a command, successful or not: call `finish` first on success)."""
+    global _waiting_group
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the waiting one included
+        _waiting_group = None
         gc.collect()  # drop the group's last references now, not in the interpreter's teardown
 
 
 @contextlib.contextmanager
-def peers_failing():
-    """Turn what torch.distributed raises when another rank died, hung or timed out into a `ParallelError`."""
+def collective():
+    """Around one call that talks to the other ranks: what it raises (gloo's RuntimeError when a peer closed its
+    connection, a timeout) becomes a `ParallelError` saying another rank stopped. Only errors raised inside a
+    collective are put on the peers: a rank's own error (a bad input, a bug) stays its own, with its traceback."""
     try:
         yield
     except (RuntimeError, dist.DistError) as error:
-        if not dist.is_initialized() or isinstance(error, ParallelError):
+        if isinstance(error, ParallelError):
             raise
         raise ParallelError(
             f"a collective with the other ranks failed ({_first_line(error)}): "
             "another rank stopped (see its error above) or timed out (MINISAIL_DIST_TIMEOUT)"
         ) from None
+
+
+@contextlib.contextmanager
+def peers_failing():
+    """Around a whole command: torch.distributed's own typed errors (DistError: network, store, backend) raised
+    outside a `collective()` become a `ParallelError` too; any other error is this rank's and passes through."""
+    try:
+        yield
+    except dist.DistError as error:
+        if not dist.is_initialized():
+            raise
+        with collective():
+            raise error
 
 
 def read_line(stream=None) -> str:
@@ -134,7 +166,8 @@ def read_line(stream=None) -> str:
     if world_size() == 1:
         return stream.readline()
     box = [stream.readline() if rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
+    with collective():
+        dist.broadcast_object_list(box, src=0, group=waiting_group())  # a person may take longer than the timeout
     return box[0]
 
 
@@ -143,7 +176,8 @@ def same_random_state() -> None:
     explicit seed picks the same tokens on every rank (their logits are the same after each all-reduce)."""
     box = [int(torch.randint(0, 2**62, ()).item()) if rank() == 0 else None]
     if world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
+        with collective():
+            dist.broadcast_object_list(box, src=0)
     torch.manual_seed(box[0])
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from minisail.checkpoint.keymaps import KeyMap
 from minisail.errors import ConfigError
 from minisail.layers import Attention, RMSNorm, SwiGLU, vit_attention
+from minisail.parallel.launch import collective
 from minisail.parallel.plan import DecoderShard, ShardedTensors, Slice, split_range
 from minisail.vision.intern_vit import InternAttention, InternMLP, InternViT, InternViTConfig
 
@@ -73,9 +74,11 @@ class TensorParallel:
         in float32 and rounded once, as one process's matmul accumulates, not rounded at every addition."""
         if tensor.dtype in (torch.bfloat16, torch.float16):
             wide = tensor.float()
-            dist.all_reduce(wide, group=self.group)
+            with collective():
+                dist.all_reduce(wide, group=self.group)
             return wide.to(tensor.dtype)
-        dist.all_reduce(tensor, group=self.group)
+        with collective():
+            dist.all_reduce(tensor, group=self.group)
         return tensor
 
     def all_gather_last(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -83,7 +86,8 @@ class TensorParallel:
         width = max(sizes)  # all_gather wants equal shapes: pad to the widest, then trim each
         padded = F.pad(tensor, (0, width - tensor.shape[-1])).contiguous()
         parts = [torch.empty_like(padded) for _ in range(self.size)]
-        dist.all_gather(parts, padded, group=self.group)
+        with collective():
+            dist.all_gather(parts, padded, group=self.group)
         return torch.cat([part[..., :size] for part, size in zip(parts, sizes, strict=True)], dim=-1)
 
 

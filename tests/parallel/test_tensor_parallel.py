@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def env(**extra) -> dict:
     out = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    out.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MINISAIL_DIST_TIMEOUT="60", **extra)
+    out.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MINISAIL_DIST_TIMEOUT": "60", **extra})
     return out
 
 
@@ -191,3 +192,57 @@ def test_a_config_that_contradicts_the_weights_is_refused_as_one_process_refuses
     for rank in (0, 1):
         assert f"rank {rank} of 2: " in two.stderr and tensor in two.stderr
     assert "the config does not match the weights" in two.stderr and "collective" not in two.stderr
+
+
+def test_an_interactive_chat_may_wait_for_its_user_longer_than_the_failure_timeout(tmp_path):
+    """The other ranks wait for rank 0's next line in a group without MINISAIL_DIST_TIMEOUT's bound: a user who
+    types after the timeout still gets the reply (the session used to die with 'a collective ... timed out')."""
+    from helpers.chat_checkpoint import build_chat_checkpoint
+
+    folder = build_chat_checkpoint(tmp_path / "chat")
+    args = ["chat", "--model", str(folder), "--max-new-tokens", "4", "--dtype", "float32", "--tp", "2"]
+    pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen([*TORCHRUN, "-m", "minisail", *args], env=env(MINISAIL_DIST_TIMEOUT="3"), **pipes)
+    time.sleep(8)  # the ranks have loaded and wait for the first line longer than the 3 s timeout
+    out, err = run.communicate("What is it?\n/exit\n", timeout=300)
+    assert run.returncode == 0, err[-3000:]
+    assert out.strip() and "timed out" not in err and "collective" not in err
+
+
+def test_a_rank_with_more_data_parallel_work_is_waited_for_beyond_the_failure_timeout(tmp_path):
+    script = tmp_path / "uneven.py"
+    script.write_text(
+        "import time\n"
+        "from minisail.parallel import launch\n"
+        "from minisail.parallel.data import map_over_ranks\n"
+        "launch.start(None)\n"
+        "results = map_over_ranks(lambda seconds: time.sleep(seconds) or seconds, [5.0, 0.0])  # rank 0: 5 s\n"
+        "print(results)\n"
+        "launch.finish()\n"
+        "launch.stop()\n"
+    )
+    run = subprocess.run([*TORCHRUN, str(script)], env=env(MINISAIL_DIST_TIMEOUT="2"), capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "[5.0, 0.0]"
+
+
+def test_a_ranks_own_error_stays_its_own_and_only_the_waiting_rank_blames_a_peer(tmp_path):
+    script = tmp_path / "own_error.py"
+    script.write_text(
+        "import sys\n"
+        "from minisail.parallel import launch\n"
+        "launch.start(None)\n"
+        "try:\n"
+        "    with launch.peers_failing():\n"
+        "        if launch.rank() == 1:\n"
+        "            raise RuntimeError('a bug of rank 1 outside any collective')\n"
+        "        launch.finish()  # rank 0 waits for rank 1, which has stopped\n"
+        "except Exception as error:\n"
+        "    print(f'rank {launch.rank()}: {type(error).__name__}: {error}', file=sys.stderr)\n"
+        "finally:\n"
+        "    launch.stop()\n"
+    )
+    run = subprocess.run([*TORCHRUN, str(script)], env=env(), capture_output=True, text=True, timeout=300)
+    assert "rank 1: RuntimeError: a bug of rank 1 outside any collective" in run.stderr  # not put on the peers
+    assert "rank 0: ParallelError: a collective with the other ranks failed" in run.stderr, run.stderr[-3000:]
