@@ -16,24 +16,24 @@ kernel runs all three at about the same speed per byte. A Linear whose `in` is n
 as it is (int4_checkpoint.py).
 
 Two layouts of `weight`, one per path (the load hook picks one per weight; `kernel_layout` says which):
-- the kernel's: `torch.ops.aten._weight_int4pack_mm_for_cpu` (PyTorch's CPU int4 matmul, the "tinygemm" kernel)
-  reads a layout that depends on the CPU (blocks of 64 rows with AVX-512, 32 with AVX2), written by
-  `_convert_weight_to_int4pack_for_cpu`. It dequantises each weight in fp32 (code * scale + zero, one FMA),
-  multiplies in fp32 and rounds the output once to bf16. It is vectorised for bf16 activations only (fp32/fp16
-  run a scalar loop 30-60x slower), so it is used for CPU models loaded in bf16, where the load hook has checked,
-  once per weight shape on the running machine, that it runs and agrees with the plain definition
-  (`_int4pack_works`). Then the plain layout is not kept (the kernel layout is what this process can read).
-  How many rows of x decide who reads it. The kernel streams the weight once per few rows of x, dequantising it
-  again each time: ideal at decode (1 row), compute-bound at prefill (measured, one thread, 17920x1536 at 286
-  rows: 230-440 ms against the bf16 Linear's 20-50 ms). So from MANY_ROWS rows on, `kernel_layout_matmul` reads
-  the kernel's layout back (fast/int4_layout.py; the unpacking that gave this weight's codes back exactly at
-  load, `kernel_unpack`), dequantises a block of rows at a time into reused buffers exactly as the plain path
-  does and runs one F.linear per block (oneDNN's bf16 GEMM, AMX where the CPU has it): the plain path's numbers,
-  bit for bit, in ~1 ns per weight (one thread) plus the GEMM: 2.8-5x faster than the kernel at 286 rows with
-  one thread, 1.7-3.4x with two (busy machine, orientation only). Where bf16 is not native (`packing_support()`,
-  e.g. AVX2) the blocks stay fp32 and so do the products, the output rounded once to bf16 as fast/upcast.py does
-  (with torch, oneDNN and MKL held to AVX2: 1.4-1.7x faster than the kernel). Below MANY_ROWS the kernel wins
-  (crossover measured at 64-96 rows), and it runs wherever no unpacking was found.
+- the kernel's: `torch.ops.aten._weight_int4pack_mm_for_cpu` (PyTorch's CPU int4 matmul, the "tinygemm" kernel) reads
+  a layout that depends on the CPU (blocks of 64 rows with AVX-512, 32 with AVX2), written by
+  `_convert_weight_to_int4pack_for_cpu`. It dequantises each weight in fp32 (code * scale + zero, one FMA), multiplies
+  in fp32 and rounds the output once to bf16. It is vectorised for bf16 activations only (fp32/fp16 run a scalar loop
+  30-60x slower), so it is used for CPU models loaded in bf16, where the load hook has checked, once per weight shape
+  on the running machine, that it runs and agrees with the plain definition (`_int4pack_works`). Then the plain layout
+  is not kept (the kernel layout is what this process can read). How many rows of x decide who reads it. The kernel
+  streams the weight once per few rows of x, dequantising it again each time: ideal at decode (1 row), compute-bound
+  at prefill (measured on a quiet Zen 5, one thread, 286 rows: 17920x1536 143 ms against the bf16 Linear's 47,
+  1536x8960 65 against 29). So from MANY_ROWS rows on, `kernel_layout_matmul` reads the kernel's layout back
+  (fast/int4_layout.py; the unpacking that gave this weight's codes back exactly at load, `kernel_unpack`),
+  dequantises a block of rows at a time into reused buffers exactly as the plain path does and runs one F.linear per
+  block (oneDNN's bf16 GEMM, AMX where the CPU has it): the plain path's numbers, bit for bit, in ~1 ns per weight
+  (one thread) plus the GEMM: 2.8-5x faster than the kernel at 286 rows with one thread, 1.7-3.4x with two (busy
+  machine, orientation only). Where bf16 is not native (`packing_support()`, e.g. AVX2) the blocks stay fp32 and so do
+  the products, the output rounded once to bf16 as fast/upcast.py does (with torch, oneDNN and MKL held to AVX2:
+  1.4-1.7x faster than the kernel). Below MANY_ROWS the kernel wins (crossover measured at 64-96 rows), and it runs
+  wherever no unpacking was found.
 - the plain one: byte j of row n holds q[n, 2j] (low nibble) and q[n, 2j+1] (high nibble). `blocked_int4_matmul`
   dequantises a block of rows at a time in fp32, rounds it to x's dtype and runs F.linear: `reference_int4_linear`
   computed blockwise. Every other case runs it (fp32/fp16 models, other devices, a kernel that fails its probe).

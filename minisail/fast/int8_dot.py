@@ -22,8 +22,10 @@ T = sum_l 2^(bits l) (d_l - zp),
 
 The two kernels (fast/int8_dot_kernels.py; the CPU decides which, below):
 - oneDNN with AVX-512 VNNI: 3 digits of 8 bits, FULL_SCALE 8355710: the split is float32's precision
-  (1.2e-7 of the row's largest). Measured on a Zen 5, 2 threads, weights streamed from memory: 17920x1536 at
-  63-73 GB/s for 1-3 rows against `_weight_int8pack_mm`'s 32, 1536x8960 at 62-69 GB/s against 35.
+  (1.2e-7 of the row's largest). Measured on a Zen 5, 2 threads, weights streamed from memory (copies cycled):
+  17920x1536 at 63-73 GB/s for 1-3 rows against `_weight_int8pack_mm`'s 32, 1536x8960 at 62-69 GB/s against 35
+  (session 7's host); on a slower host whose plain reads gave 37-39 GB/s, 29-32 against int8pack's 19-24 (session
+  11); one call after an L3 flush, 30-37 GB/s like every int8 kernel (session 10). The host sets the rate.
 - fbgemm where there is no VNNI (AVX2): its 16-bit pair sums hold 7-bit digits only, so 3 digits of 7 bits,
   FULL_SCALE 1040318 (9.6e-7 of the row's largest: still 2000 times finer than the bf16 rounding of the
   activations themselves, and far below the int8 weights' own rounding). Measured with torch and fbgemm held to
