@@ -14,7 +14,8 @@ available, so a checkpoint larger than RAM is never read twice. The thread stops
 
 `BackgroundReadAhead` is the loader hook: it starts the reader before the first tensor is read, stops it if the
 fill fails or the model keeps no zero-copy view into the files (nothing left to read ahead for), and otherwise
-lets it run on, so the views' pages are in memory when first used.
+lets it run on, so the views' pages are in memory when first used. A tensor-parallel rank, which reads only its
+own slices of the files, gets no read-ahead.
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ class BackgroundReadAhead(LoadHook):
     """Loader hook: a `ReadAhead` over the checkpoint's files for as long as it helps (see the module docstring)."""
 
     def prepare(self, model, tensors) -> None:
-        self.reader = ReadAhead(tensors.paths())
+        # A tensor-parallel rank reads only its slices (parallel/plan.py): reading the files whole would make every
+        # rank read the whole checkpoint (N times the disk or network traffic across hosts)
+        whole_files = getattr(tensors, "reads_whole_files", True)
+        self.reader = ReadAhead(tensors.paths() if whole_files else [])
         self.views = 0  # parameters that stay zero-copy views into the files
 
     def convert(self, parts: Parts, value: torch.Tensor) -> torch.Tensor:

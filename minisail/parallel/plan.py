@@ -72,6 +72,8 @@ class ShardedTensors:
     slice is passed through whole (replicated). A slice that had to be copied gives the file's pages back at once.
     """
 
+    reads_whole_files = False  # a rank reads its slices only: no read-ahead of whole files (fast/readahead.py)
+
     def __init__(self, base, slices: dict[str, Slice], rank: int, size: int):
         self.base, self.slices = base, slices
         self.description = f"{base.description} (tensor-parallel rank {rank} of {size})"

@@ -124,3 +124,25 @@ def test_same_weights_with_and_without(monkeypatch):
     monkeypatch.setattr(readahead, "available_memory_bytes", lambda: None)
     without = minisail.load(folder).state_dict()
     assert set(with_it) == set(without) and all(torch.equal(with_it[k], without[k]) for k in with_it)
+
+
+def test_a_tensor_parallel_rank_reads_no_whole_file_ahead(tmp_path, monkeypatch):
+    from minisail.parallel.plan import ShardedTensors
+
+    path = tmp_path / "weights"
+    path.write_bytes(b"w" * 1000)
+    monkeypatch.setattr(readahead, "available_memory_bytes", lambda: 10_000)
+
+    class Files:
+        description = "weights"
+
+        def paths(self):
+            return [path]
+
+    whole = readahead.BackgroundReadAhead()
+    whole.prepare(None, Files())
+    assert whole.reader.active  # one process: the files are read ahead
+    whole.reader.stop()
+    rank = readahead.BackgroundReadAhead()
+    rank.prepare(None, ShardedTensors(Files(), {}, 0, 2))
+    assert not rank.reader.active  # a rank reads only its slices: reading every file whole would be N times that
