@@ -153,6 +153,10 @@ def load(path, *, dtype=None, device=None, quantize=None, tp=None):
         swap_in_int4_linears(model, int4_linear_names(model))
     dtype = resolve_dtype(dtype) or checkpoint_dtype(tensors)
     family.check_dtype(dtype)  # a family that cannot run in some dtype says so before any tensor is read
+    if tp is not None:  # the ranks must hold parts of one model: same config, dtype, tensors (parallel/agree.py)
+        from minisail.parallel.agree import check_ranks_agree, fingerprint
+
+        check_ranks_agree(fingerprint(config, tensors, dtype), tp.group)
     fill_from_checkpoint(model, tensors, keymap, load_hooks(dtype, device))
     model.eval()
     model.tensor_parallel = tp  # None, or this rank's place

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,3 +247,48 @@ def test_a_ranks_own_error_stays_its_own_and_only_the_waiting_rank_blames_a_peer
     run = subprocess.run([*TORCHRUN, str(script)], env=env(), capture_output=True, text=True, timeout=300)
     assert "rank 1: RuntimeError: a bug of rank 1 outside any collective" in run.stderr  # not put on the peers
     assert "rank 0: ParallelError: a collective with the other ranks failed" in run.stderr, run.stderr[-3000:]
+
+
+AGREE = """
+import sys, torch, minisail
+from minisail.parallel import launch
+launch.start(2)
+rank = launch.rank()
+folder, dtype = (sys.argv[1], torch.float32) if rank == 0 else (sys.argv[2], getattr(torch, sys.argv[3]))
+try:
+    minisail.load(folder, dtype=dtype, tp=2)
+    said = f"rank {rank}: loaded"
+except Exception as error:
+    said = f"rank {rank}: {type(error).__name__}: {error}"
+finally:
+    launch.stop()
+with open(f"{sys.argv[4]}.{rank}", "w") as out:  # one file per rank: their stderr lines can interleave
+    out.write(said)
+"""
+
+
+def test_ranks_that_would_load_different_models_are_refused_before_any_weight(tmp_path):
+    """Same shapes, other weights gave wrong logits on every rank; another dtype a gloo abort with no word."""
+    from safetensors.torch import load_file, save_file
+
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    case = GOLDEN / "internvl-qwen2-tiny" / "checkpoint"
+    other = shutil.copytree(case, tmp_path / "other")
+    weights = load_file(other / "model.safetensors")
+    name = next(k for k in sorted(weights) if k.endswith("mlp.down_proj.weight"))
+    weights[name] = weights[name] + 1  # the same shapes and names, another model
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+
+    def run(folder, dtype):
+        said = tmp_path / f"said-{dtype}-{folder.name}"
+        subprocess.run([*TORCHRUN, str(script), str(case), str(folder), dtype, str(said)], env=env(),
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+        return [Path(f"{said}.{rank}").read_text() for rank in (0, 1)]
+
+    assert run(case, "float32") == ["rank 0: loaded", "rank 1: loaded"]
+    for folder, dtype, part in ((case, "bfloat16", "dtype differs (rank 0: torch.float32, rank 1: torch.bfloat16)"),
+                                (other, "float32", "values differs")):  # fmt: skip
+        lines = run(folder, dtype)
+        assert len(lines) == 2 and all("ParallelError: rank 1 is loading another model" in line for line in lines)
+        assert all(part in line for line in lines), lines
