@@ -34,8 +34,24 @@ def test_a_swapped_linear_returns_f_linears_bits_for_every_row_count(out, inp, b
             x = torch.randn(shape, generator=generator).bfloat16()
             y = fast(x)
             assert y.shape == (*shape[:-1], out)
-            if same_bits_as_linear(linear.weight, linear.bias) or x.numel() != inp:
+            if x.dim() == 1 or same_bits_as_linear(linear.weight, linear.bias) or x.numel() != inp:
                 assert torch.equal(y, F.linear(x, linear.weight, linear.bias))
+
+
+def test_a_1d_input_gets_f_linears_bits_which_round_twice_with_a_bias():
+    # Found by CI: F.linear on a 1-D x is matmul then + bias (two roundings); addmv rounds once. 0.6602 * 0.7266
+    # - 0.2793 = 0.2004: 0.2002 through F.linear, 0.2012 through addmv
+    linear = torch.nn.Linear(1, 1).bfloat16()
+    with torch.no_grad():
+        linear.weight.fill_(1.0)
+        linear.bias.fill_(0.5)
+        assert same_bits_as_linear(linear.weight, linear.bias)  # the shape's probe passes (exact sums)
+        linear.weight.fill_(0.7266)  # the same shape: the probe is not asked again
+        linear.bias.fill_(-0.2793)
+    fast, x = MatVecLinear.from_linear(linear), torch.tensor([0.6602]).bfloat16()
+    with torch.inference_mode():
+        assert torch.equal(fast(x), F.linear(x, linear.weight, linear.bias))
+        assert fast(x).item() == F.linear(x, linear.weight, linear.bias).item()
 
 
 def test_the_bias_is_added_before_the_one_rounding():
