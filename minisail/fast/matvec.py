@@ -72,8 +72,8 @@ class MatVecLinear(nn.Linear):
     every other input runs F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A 1-D x is left to F.linear: it computes matmul, then adds the bias (two roundings), where a row of a
-        # 2-D or 3-D x goes through addmm (one rounding, as addmv): the probe compares that one
+        # A 1-D x is left to F.linear: it takes another path there (matmul, then the bias) than for a row of a
+        # 2-D or 3-D x (addmm), with other bits (seen with in=1), and the probe compares the 2-D one
         if x.dim() > 1 and x.numel() == self.in_features and same_bits_as_linear(self.weight, self.bias):
             return one_row_product(x.reshape(-1), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)

@@ -39,8 +39,8 @@ def test_a_swapped_linear_returns_f_linears_bits_for_every_row_count(out, inp, b
 
 
 def test_a_1d_input_gets_f_linears_bits_which_round_twice_with_a_bias():
-    # Found by CI: F.linear on a 1-D x is matmul then + bias (two roundings); addmv rounds once. 0.6602 * 0.7266
-    # - 0.2793 = 0.2004: 0.2002 through F.linear, 0.2012 through addmv
+    # Found by CI: F.linear on a 1-D x takes another path than on a 2-D row (which the probe compares with
+    # addmv). 0.6602 * 0.7266 - 0.2793 = 0.2004: 0.2002 through F.linear (one rounding), 0.2012 through addmv
     linear = torch.nn.Linear(1, 1).bfloat16()
     with torch.no_grad():
         linear.weight.fill_(1.0)
