@@ -121,7 +121,7 @@ def _steps(model, input_ids, attention_mask, pixel_values, config: GenerationCon
     B, T = inputs.attention_mask.shape
     context = context_length(decoder.config) if limit_context else None
     max_new = new_token_budget(T, config.max_new_tokens, context)
-    check_cache_fits(decoder, B, T, max_new)
+    check_cache_fits(decoder, B, T, max_new, available=_memory_for_the_cache(model, decoder))
     cache = decoder.new_cache(B, T + max_new)
     positions = positions_from_mask(inputs.attention_mask)
     logits = prefill(decoder, inputs, positions, cache)  # [B, V]
@@ -154,6 +154,17 @@ def _steps(model, input_ids, attention_mask, pixel_values, config: GenerationCon
             seen.scatter_(1, token[:, None], True)
         logits = decode_step(model, cache, token[:, None], next_position)
         next_position = next_position + 1
+
+
+def _memory_for_the_cache(model, decoder) -> int | None:
+    """None: check_cache_fits reads this machine's memory. Tensor parallel on the CPU: the smallest any rank has,
+    so every rank refuses or runs the same turn (parallel/agree.py)."""
+    tp = getattr(model, "tensor_parallel", None)
+    if tp is None or decoder.embed.weight.device.type != "cpu":
+        return None
+    from minisail.parallel.agree import memory_every_rank_has
+
+    return memory_every_rank_has(tp)
 
 
 def check_finite(logits: torch.Tensor, step: int) -> None:

@@ -62,3 +62,17 @@ def check_ranks_agree(mine: dict[str, str], group=None) -> None:
                 f"{'differ' if len(differs) > 1 else 'differs'}{dtypes}; every rank "
                 "must load the same checkpoint folder contents in the same dtype (pass --dtype / dtype= explicitly)"
             )
+
+
+def memory_every_rank_has(tp) -> int | None:
+    """The smallest memory available on any rank (bytes; None where no rank knows its own), so that every rank
+    makes the same KV-cache decision (llm/decoder.py check_cache_fits): a rank on a host with less free memory
+    refusing a turn alone would leave the others waiting in the turn's first all-reduce."""
+    from minisail.system import available_memory_bytes
+
+    unknown = 1 << 62
+    mine = available_memory_bytes()
+    smallest = torch.tensor([unknown if mine is None else mine], dtype=torch.int64)
+    with collective():
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=tp.group)
+    return None if int(smallest) == unknown else int(smallest)

@@ -292,3 +292,27 @@ def test_ranks_that_would_load_different_models_are_refused_before_any_weight(tm
         lines = run(folder, dtype)
         assert len(lines) == 2 and all("ParallelError: rank 1 is loading another model" in line for line in lines)
         assert all(part in line for line in lines), lines
+
+
+def test_a_turn_refused_for_memory_is_refused_on_every_rank_and_the_chat_goes_on(tmp_path):
+    """The KV-cache check reads the host's free memory; ranks on hosts that differ decided differently, and the one
+    that refused went back to reading the next line while the others ran the prefill: both waited until the
+    timeout. The ranks now use the smallest memory any of them has."""
+    from helpers.chat_checkpoint import build_chat_checkpoint
+
+    folder = build_chat_checkpoint(tmp_path / "chat")
+    script = tmp_path / "low_memory_rank.py"
+    script.write_text(
+        "import os, sys\n"
+        "if os.environ['RANK'] == '1':  # another host, almost no memory free\n"
+        "    import minisail.system\n"
+        "    minisail.system.available_memory_bytes = lambda: 1000\n"
+        "from minisail.cli import main\n"
+        f"sys.exit(main(['chat', '--model', {str(folder)!r}, '--dtype', 'float32', '--max-new-tokens', '4', "
+        "'--tp', '2']))\n"
+    )
+    run = subprocess.run([*TORCHRUN, str(script)], input="What is it?\nAgain?\n/exit\n", env=env(), text=True,
+                         capture_output=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("the KV cache for") == 4  # two turns, refused on both ranks
+    assert "collective" not in run.stderr and "timed out" not in run.stderr
