@@ -24,6 +24,8 @@ The idiomatic API (multi-turn sessions, images as paths, streaming, thinking rep
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -163,11 +165,28 @@ def _warn_context_end(context: int) -> None:
 def _caller_level() -> int:
     """warnings.warn's stacklevel for the first frame outside minisail (the caller of chat(), model.chat(), ...);
     torch's frames between them (inference_mode's generator wrapper) are skipped too."""
-    packages = (str(Path(__file__).parent), str(Path(torch.__file__).parent))
+    packages = tuple(str(Path(module.__file__).parent) + os.sep for module in (sys.modules[__package__], torch))
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(packages):
         frame, level = frame.f_back, level + 1
     return level
+
+
+@contextlib.contextmanager
+def _streamer_ended_on_error(generation_config):
+    """A caller's streamer (transformers' protocol) is ended when chat() fails before generation starts, as
+    generation ends it when it fails: a thread iterating over a TextIteratorStreamer is not left waiting."""
+    try:
+        yield
+    except BaseException:
+        if isinstance(generation_config, dict):
+            streamer = generation_config.get("streamer")
+        else:
+            streamer = getattr(generation_config, "streamer", None)
+        end = getattr(streamer, "end", None)
+        if callable(end):
+            end()
+        raise
 
 
 def _write_eos(generation_config: dict | GenerationConfig, eos: int) -> None:
@@ -185,14 +204,15 @@ def chat(model, tokenizer, pixel_values, question, generation_config: dict | Gen
          return_history=False, num_patches_list=None, IMG_START_TOKEN=IMG_START, IMG_END_TOKEN=IMG_END,
          IMG_CONTEXT_TOKEN=IMG_CONTEXT, verbose=False):  # fmt: skip
     """Upstream `model.chat(...)`: the reply (and the history if return_history)."""
-    _check_image_tokens(IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
-    prompt = prepare_chat(model, tokenizer, pixel_values, question, history=history, num_patches_list=num_patches_list)
-    _write_eos(generation_config, prompt.eos_token_id)
+    with _streamer_ended_on_error(generation_config):  # generation itself ends it, whatever happens there
+        _check_image_tokens(IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
+        prompt = prepare_chat(model, tokenizer, pixel_values, question, history=history,
+                              num_patches_list=num_patches_list)  # fmt: skip
+        _write_eos(generation_config, prompt.eos_token_id)
+        config = prompt.generation_config(generation_config)
     if verbose and pixel_values is not None:
         print(f"dynamic ViT batch size: {pixel_values.shape[0]}")
-    ids = prompt.generate(
-        model, tokenizer, prompt.generation_config(generation_config), on_context_end=_warn_context_end
-    )
+    ids = prompt.generate(model, tokenizer, config, on_context_end=_warn_context_end)
     response = decode_reply(tokenizer, ids[0].tolist(), prompt.template)
     history = append_history(history, prompt.queries[0].question, response)
     if return_history:
@@ -207,19 +227,20 @@ def batch_chat(model, tokenizer, pixel_values, questions, generation_config: dic
                num_patches_list=None, history=None, return_history=False, IMG_START_TOKEN=IMG_START,
                IMG_END_TOKEN=IMG_END, IMG_CONTEXT_TOKEN=IMG_CONTEXT, verbose=False, image_counts=None):  # fmt: skip
     """Upstream `model.batch_chat(...)`: one reply per question (question i gets num_patches_list[i] tiles)."""
-    if history is not None or return_history:
-        raise PromptError("batch_chat does not support history (upstream neither): use chat() for multi-turn")
-    if isinstance(questions, str):  # a list is iterated: a string would be one question per character
-        raise PromptError("batch_chat takes a list of questions; for one question use chat() or pass [question]")
-    _check_image_tokens(IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
-    num_patches_list = image_counts if image_counts is not None else num_patches_list  # the deprecated name
-    prompt = prepare_chat(model, tokenizer, pixel_values, questions, num_patches_list=num_patches_list, batch=True)
+    with _streamer_ended_on_error(generation_config):
+        if history is not None or return_history:
+            raise PromptError("batch_chat does not support history (upstream neither): use chat() for multi-turn")
+        if isinstance(questions, str):  # a list is iterated: a string would be one question per character
+            raise PromptError("batch_chat takes a list of questions; for one question use chat() or pass [question]")
+        _check_image_tokens(IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
+        num_patches_list = image_counts if image_counts is not None else num_patches_list  # the deprecated name
+        prompt = prepare_chat(model, tokenizer, pixel_values, questions, num_patches_list=num_patches_list,
+                              batch=True)  # fmt: skip
+        _write_eos(generation_config, prompt.eos_token_id)
+        config = prompt.generation_config(generation_config)
     if verbose and pixel_values is not None:
         print(f"dynamic ViT batch size: {pixel_values.shape[0]}")
-    _write_eos(generation_config, prompt.eos_token_id)
-    ids = prompt.generate(
-        model, tokenizer, prompt.generation_config(generation_config), on_context_end=_warn_context_end
-    )
+    ids = prompt.generate(model, tokenizer, config, on_context_end=_warn_context_end)
     return [decode_reply(tokenizer, row.tolist(), prompt.template) for row in ids]
 
 
@@ -229,6 +250,11 @@ class ChatMixin:
 
     family: str  # the NAME of the model's family module (models/registry.py): set by each model class
     checkpoint_folder: Path | None = None  # set by minisail.load: where preprocessor_config.json is read
+
+    @property
+    def conv_template(self) -> Template:
+        """Upstream's `model.conv_template` (the model cards' streaming loop compares pieces with its `sep`)."""
+        return chat_template(self)
 
     def chat(self, tokenizer, pixel_values, question, generation_config: dict | GenerationConfig, *args, **kwargs):
         # `chat` here is this module's function: a method's body does not see its class's names

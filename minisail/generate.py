@@ -128,6 +128,7 @@ def _steps(model, input_ids, attention_mask, pixel_values, config: GenerationCon
     if generator is None and config.do_sample and config.seed is not None:
         generator = torch.Generator(logits.device).manual_seed(config.seed)
     stop_ids = torch.tensor(config.stop_token_ids, dtype=torch.long, device=logits.device)
+    held = stop_ids[(stop_ids >= 0) & (stop_ids < logits.shape[-1])]  # min_new_tokens: ids the model can emit
     pad = config.pad_token_id if config.pad_token_id is not None else (config.stop_token_ids or (0,))[0]
     seen = _seen_mask(input_ids, logits.shape[-1], penalize_prompt) if config.repetition_penalty != 1.0 else None
     finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
@@ -138,7 +139,7 @@ def _steps(model, input_ids, attention_mask, pixel_values, config: GenerationCon
         streamer.put(torch.empty(B, 0, dtype=torch.long))
     for step in range(max_new):
         check_finite(logits, step)
-        suppressed = stop_ids if step < config.min_new_tokens else None
+        suppressed = held if step < config.min_new_tokens else None
         token = next_tokens(logits, config, seen, generator, suppressed).masked_fill(finished, pad)  # [B]
         if streamer is not None:
             streamer.put(token.cpu())

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from minisail.errors import CheckpointError, MinisailError, PromptError
+from minisail.errors import CheckpointError, MinisailError, ParallelError, PromptError
 from minisail.tiling import MAX_TILES_LIMIT
 
 
@@ -173,6 +173,8 @@ def _chat(args, images) -> int:
             try:
                 _chat_turn(session, question, pending, args)
                 pending = []
+            except ParallelError:  # another rank stopped or timed out: the session cannot go on
+                raise
             except MinisailError as error:  # say what went wrong and keep the conversation going
                 print(f"minisail: error: {error}", file=sys.stderr, flush=True)
 

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
-from minisail.parallel.launch import collective, rank, waiting_group, world_size
+from minisail.parallel.launch import collective, rank, world_size
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -51,7 +51,7 @@ def map_over_ranks(
     else:
         everything = [None] * world_size()
         with collective():
-            dist.all_gather_object(everything, mine, group=waiting_group())  # others may still be working: no bound
+            dist.all_gather_object(everything, mine)  # within MINISAIL_DIST_TIMEOUT of the last rank's finish
     done = sorted((entry for part in everything for entry in part), key=lambda entry: entry[0])
     for _index, _result, error in done:
         if error is not None:

@@ -6,12 +6,12 @@ RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in its environment (a
 
 - gloo on the CPU; NCCL when the device is a CUDA GPU (each rank on cuda:LOCAL_RANK). The code is
   device-agnostic, but the NCCL path has not been run: this project is tested on CPUs only;
-- a timeout on joining and on every collective of the work (default 300 s, `MINISAIL_DIST_TIMEOUT` seconds in
-  the environment): a rank that died or never came makes the others stop with a `ParallelError` that says so,
-  instead of waiting forever. Two waits are not failures and run in a second group without that bound
-  (`waiting_group`, IDLE_TIMEOUT): the other ranks waiting while rank 0 waits for the user's next line in an
-  interactive chat, and a rank that finished its data-parallel share waiting for the others' results. A rank
-  that dies during them still ends the wait at once (its connections close);
+- a timeout on joining and on every collective (default 300 s, `MINISAIL_DIST_TIMEOUT` seconds in the
+  environment): a rank that died, hung or never came makes the others stop with a `ParallelError` that says so,
+  instead of waiting forever. Waiting for a person is not a failure: while rank 0 waits for an interactive
+  chat's next line it tells the other ranks "not yet" every third of the timeout (`read_line`), so a user may
+  take as long as they like and a dead rank is still found within the timeout. A rank that finished its share of
+  data-parallel work waits for the others within the timeout (raise it for shares that differ by more);
 - rank 0 prints; the other ranks' standard output goes to /dev/null (their errors still reach stderr, prefixed
   with their rank by the CLI).
 """
@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import queue
 import sys
+import threading
 from datetime import timedelta
 
 import torch
@@ -30,9 +32,7 @@ import torch.distributed as dist
 from minisail.errors import ParallelError
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
-IDLE_TIMEOUT = timedelta(days=7)  # waiting for a person or for other ranks' work, not for a failure
-
-_waiting_group = None  # the second process group (waiting_group), made by `start`
+NOT_YET = None  # what rank 0 broadcasts while its user has not typed the next line (read_line)
 
 
 def world_size_from_env() -> int | None:
@@ -93,17 +93,9 @@ def start(tp: int | None, device=None) -> bool:
             f"(MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): "
             f"{_first_line(error)}; did every rank start? (MINISAIL_DIST_TIMEOUT sets the timeout)"
         ) from None
-    global _waiting_group
-    _waiting_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)  # every rank makes it, in the same order
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (kept open for the life of the process)
     return True
-
-
-def waiting_group():
-    """The group for waits that are not failures (module docstring): gloo, IDLE_TIMEOUT. The default group when
-    the process group was made elsewhere (a user's own init_process_group)."""
-    return _waiting_group
 
 
 def rank() -> int:
@@ -124,10 +116,8 @@ def finish() -> None:
 
 def stop() -> None:
     """Leave the process group (the end of a command, successful or not: call `finish` first on success)."""
-    global _waiting_group
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()  # every group, the waiting one included
-        _waiting_group = None
+        dist.destroy_process_group()
         gc.collect()  # drop the group's last references now, not in the interpreter's teardown
 
 
@@ -161,14 +151,51 @@ def peers_failing():
 
 
 def read_line(stream=None) -> str:
-    """A line of standard input, read by rank 0 and sent to every rank (all ranks must ask the same questions)."""
+    """A line of standard input, read by rank 0 and sent to every rank (all ranks must ask the same questions).
+
+    A person may take longer than the timeout to type: rank 0 reads in a thread of its own and, each third of the
+    timeout without a line, broadcasts NOT_YET, so the other ranks' wait is a series of short ones."""
     stream = stream or sys.stdin
     if world_size() == 1:
         return stream.readline()
-    box = [stream.readline() if rank() == 0 else None]
-    with collective():
-        dist.broadcast_object_list(box, src=0, group=waiting_group())  # a person may take longer than the timeout
-    return box[0]
+    interval = timeout_seconds() / 3
+    while True:
+        box = [_line_reader(stream).next_line(interval) if rank() == 0 else NOT_YET]
+        with collective():
+            dist.broadcast_object_list(box, src=0)
+        if box[0] is not NOT_YET:
+            return box[0]
+
+
+class _LineReader:
+    """stream.readline() in a daemon thread, so that rank 0 can wait for a line with a time limit (select() on the
+    file descriptor would miss lines already in Python's buffer)."""
+
+    def __init__(self, stream):
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, args=(stream,), name="minisail-stdin", daemon=True).start()
+
+    def _read(self, stream) -> None:
+        while True:
+            line = stream.readline()
+            self.lines.put(line)
+            if not line:  # end of input: "" is the last line
+                return
+
+    def next_line(self, seconds: float) -> str | None:
+        try:
+            return self.lines.get(timeout=seconds)
+        except queue.Empty:
+            return NOT_YET
+
+
+_readers: dict[int, _LineReader] = {}
+
+
+def _line_reader(stream) -> _LineReader:
+    if id(stream) not in _readers:
+        _readers[id(stream)] = _LineReader(stream)
+    return _readers[id(stream)]
 
 
 def same_random_state() -> None:

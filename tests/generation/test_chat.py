@@ -11,6 +11,7 @@ import json
 import shutil
 import threading
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -369,6 +370,66 @@ def test_chat_warns_when_its_reply_is_cut_at_the_end_of_the_context(checkpoint, 
     assert caught[0].filename == __file__  # pointed at the caller's line, not at minisail's internals
     with pytest.warns(MinisailWarning, match="context end"):
         model.batch_chat(tokenizer, None, ["Tell me a long story.", "And another."], dict(max_new_tokens=100))
+
+
+def test_the_warning_points_at_a_caller_whose_file_name_starts_like_the_package(checkpoint, tmp_path):
+    folder = shutil.copytree(checkpoint, tmp_path / "short-context")
+    config = json.loads((folder / "config.json").read_text())
+    config["llm_config"]["max_position_embeddings"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+    model, tokenizer = minisail.load(folder), minisail.load_tokenizer(folder)
+    caller = str(Path(minisail.__file__).parent) + "_eval.py"  # beside the package, not in it (compiled only)
+    source = "def ask(model, tokenizer):\n    return model.chat(tokenizer, None, 'Hi', dict(max_new_tokens=100))\n"
+    scope: dict = {}
+    exec(compile(source, caller, "exec"), scope)
+    with pytest.warns(MinisailWarning) as caught:
+        scope["ask"](model, tokenizer)
+    assert caught[0].filename == caller
+
+
+class EndCounter:
+    def __init__(self):
+        self.ended = 0
+
+    def put(self, value):
+        pass
+
+    def end(self):
+        self.ended += 1
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda m, t, c: m.chat(t, None, "Hi", c, history=[("only a question",)]), PromptError),
+        (lambda m, t, c: m.chat(t, None, "Hi", {**c, "num_beams": 2}), ConfigError),
+        (lambda m, t, c: m.batch_chat(t, None, "Hi", c), PromptError),
+        (lambda m, t, c: m.chat(t, None, "Hi" * 10**5, c), PromptError),  # in generation: ended there, once
+    ],
+)
+def test_a_streamer_is_ended_once_whichever_step_of_chat_fails(loaded, call, error):
+    model, tokenizer = loaded
+    streamer = EndCounter()
+    with pytest.raises(error):
+        call(model, tokenizer, {"max_new_tokens": 2, "streamer": streamer})
+    assert streamer.ended == 1  # a thread iterating over a TextIteratorStreamer is not left waiting
+
+
+def test_the_model_cards_streaming_loop_runs(loaded):
+    """The InternVL model cards stop reading the streamer at `model.conv_template.sep`."""
+    transformers = pytest.importorskip("transformers")
+    model, tokenizer = loaded
+    streamer = transformers.TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
+    config = dict(max_new_tokens=8, do_sample=False, streamer=streamer)
+    thread = threading.Thread(target=model.chat, args=(tokenizer, None, "Describe a cat.", config))
+    thread.start()
+    generated = ""
+    for new_text in streamer:
+        if new_text == model.conv_template.sep:
+            break
+        generated += new_text
+    thread.join()
+    assert model.conv_template.sep == "<|im_end|>\n" and generated.strip()
 
 
 def test_batch_chat_refuses_one_question_given_as_a_string(loaded):

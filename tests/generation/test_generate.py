@@ -232,6 +232,10 @@ def test_min_new_tokens_keeps_the_stop_ids_out_until_that_many_tokens(textonly):
     for value in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="min_new_tokens"):
             GenerationConfig(min_new_tokens=value)
+    # a stop id the vocabulary does not have is left alone, as transformers' isin over arange(V) does
+    vocab = model.config.llm.vocab_size
+    beyond = dict(max_new_tokens=3, eos_token_id=[stop, vocab + 5], min_new_tokens=3)
+    assert torch.equal(generate(model, input_ids, attention_mask, None, beyond)[:, :3], held[:, :3])
 
 
 class RecordingStreamer:

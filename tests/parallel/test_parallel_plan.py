@@ -10,7 +10,7 @@ from helpers.paths import GOLDEN
 import minisail
 from minisail.checkpoint.keymaps import internlm2_wqkv
 from minisail.cli import main
-from minisail.errors import ConfigError
+from minisail.errors import ConfigError, ParallelError
 from minisail.llm.decoder_config import DecoderConfig
 from minisail.parallel.data import map_over_ranks, share
 from minisail.parallel.plan import DecoderShard, Slice, split_range
@@ -82,3 +82,29 @@ def test_data_parallel_share_is_round_robin_and_one_process_is_a_loop():
     assert map_over_ranks(str.upper, ["a", "b"]) == ["A", "B"]
     with pytest.raises(ZeroDivisionError):
         map_over_ranks(lambda x: 1 // x, [1, 0, 2])
+
+
+def test_the_fingerprint_samples_a_tensor_by_index_without_copying_it():
+    from minisail.parallel.agree import _ends
+
+    stored = torch.arange(60.0).view(6, 10)
+    for tensor in (stored, stored.t(), stored[:, ::3], torch.tensor(7.0), torch.zeros(0)):
+        assert torch.equal(_ends(tensor), torch.cat([tensor.reshape(-1)[:16], tensor.reshape(-1)[-16:]])
+                           if tensor.numel() > 32 else tensor.reshape(-1))  # fmt: skip
+    huge = torch.zeros(1).expand(10**12)  # 4 TB if it were flattened into a copy
+    assert _ends(huge).shape == (32,)
+
+
+def test_disagreeing_ranks_are_named_by_group_so_an_odd_rank_0_shows(monkeypatch):
+    from minisail.parallel import agree
+
+    same = {"config": "a", "dtype": "torch.float32", "tensors": "t", "values": "v"}
+    everyone = [{**same, "values": "other"}, same, same, same]  # rank 0 loaded another copy
+    monkeypatch.setattr(agree.dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(
+        agree.dist, "all_gather_object", lambda out, mine, group=None: out.__setitem__(slice(None), everyone)
+    )
+    with pytest.raises(ParallelError, match=r"values differs: rank 0 \| ranks 1, 2, 3"):
+        agree.check_ranks_agree(same)
+    everyone = [same] * 4
+    agree.check_ranks_agree(same)  # all the same: nothing said

@@ -210,22 +210,26 @@ def test_an_interactive_chat_may_wait_for_its_user_longer_than_the_failure_timeo
     assert out.strip() and "timed out" not in err and "collective" not in err
 
 
-def test_a_rank_with_more_data_parallel_work_is_waited_for_beyond_the_failure_timeout(tmp_path):
+def test_a_rank_whose_data_parallel_share_runs_past_the_timeout_is_reported_not_waited_for(tmp_path):
+    """A rank that finished its share waits for the others within MINISAIL_DIST_TIMEOUT (a hung rank must not be
+    waited for forever); past it, a ParallelError that names the setting."""
     script = tmp_path / "uneven.py"
     script.write_text(
-        "import time\n"
+        "import sys, time\n"
         "from minisail.parallel import launch\n"
         "from minisail.parallel.data import map_over_ranks\n"
         "launch.start(None)\n"
-        "results = map_over_ranks(lambda seconds: time.sleep(seconds) or seconds, [5.0, 0.0])  # rank 0: 5 s\n"
-        "print(results)\n"
-        "launch.finish()\n"
-        "launch.stop()\n"
+        "try:\n"
+        "    map_over_ranks(lambda seconds: time.sleep(seconds) or seconds, [6.0, 0.0])  # rank 0: 6 s of work\n"
+        "except Exception as error:\n"
+        "    print(f'rank {launch.rank()}: {type(error).__name__}: {error}', file=sys.stderr)\n"
+        "finally:\n"
+        "    launch.stop()\n"
     )
     run = subprocess.run([*TORCHRUN, str(script)], env=env(MINISAIL_DIST_TIMEOUT="2"), capture_output=True,
                          text=True, timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip() == "[5.0, 0.0]"
+    assert "rank 1: ParallelError: a collective with the other ranks failed" in run.stderr, run.stderr[-3000:]
+    assert "MINISAIL_DIST_TIMEOUT" in run.stderr
 
 
 def test_a_ranks_own_error_stays_its_own_and_only_the_waiting_rank_blames_a_peer(tmp_path):
@@ -287,10 +291,10 @@ def test_ranks_that_would_load_different_models_are_refused_before_any_weight(tm
         return [Path(f"{said}.{rank}").read_text() for rank in (0, 1)]
 
     assert run(case, "float32") == ["rank 0: loaded", "rank 1: loaded"]
-    for folder, dtype, part in ((case, "bfloat16", "dtype differs (rank 0: torch.float32, rank 1: torch.bfloat16)"),
-                                (other, "float32", "values differs")):  # fmt: skip
+    for folder, dtype, part in ((case, "bfloat16", "dtype differs: rank 0 (torch.float32) | rank 1 (torch.bfloat16)"),
+                                (other, "float32", "values differs: rank 0 | rank 1")):  # fmt: skip
         lines = run(folder, dtype)
-        assert len(lines) == 2 and all("ParallelError: rank 1 is loading another model" in line for line in lines)
+        assert len(lines) == 2 and all("ParallelError: the ranks are loading different models" in x for x in lines)
         assert all(part in line for line in lines), lines
 
 
@@ -316,3 +320,32 @@ def test_a_turn_refused_for_memory_is_refused_on_every_rank_and_the_chat_goes_on
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr.count("the KV cache for") == 4  # two turns, refused on both ranks
     assert "collective" not in run.stderr and "timed out" not in run.stderr
+
+
+def test_an_interactive_chat_ends_when_another_rank_dies_mid_turn(tmp_path):
+    """A collective's failure is a ParallelError, a MinisailError: the chat loop, which keeps going after a turn's
+    own error, must not keep going after that one (rank 0 would wait for its user with its peer gone)."""
+    from helpers.chat_checkpoint import build_chat_checkpoint
+
+    folder = build_chat_checkpoint(tmp_path / "chat")
+    script = tmp_path / "dies.py"
+    script.write_text(
+        "import os, sys\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    import minisail.generate\n"
+        "    minisail.generate.decode_step = lambda *args: os._exit(3)  # dies at its first decode step\n"
+        "from minisail.cli import main\n"
+        f"sys.exit(main(['chat', '--model', {str(folder)!r}, '--dtype', 'float32', '--max-new-tokens', '6', "
+        "'--tp', '2']))\n"
+    )
+    common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ranks = [subprocess.Popen([sys.executable, str(script)], env=env(RANK=str(r), **common), **pipes) for r in (0, 1)]
+    ranks[0].stdin.write("What is it?\n")  # and no more: a user thinking about the next question
+    ranks[0].stdin.flush()
+    try:
+        assert ranks[0].wait(timeout=120) == 2
+    finally:
+        for process in ranks:
+            process.kill()
+    assert "rank 0 of 2: a collective with the other ranks failed" in ranks[0].stderr.read()
