@@ -31,7 +31,8 @@ The contract, stated here once:
 
 Positions come from the attention mask (`positions_from_mask`, pads at 1), as transformers' generate() makes
 them, so left-padded batches see the same positions as unpadded rows; a decode step continues from the last
-one. Logits are returned in float32, as the upstream heads upcast them.
+one. Logits are returned in float32 (InternLM2's head upcasts them; Qwen3's and Yi's return the head's dtype: the
+cast is exact, the numbers are the same).
 """
 
 from __future__ import annotations

@@ -73,7 +73,8 @@ class InternVLConfig:
         """The chat-level keys of config.json, with `vision` the tower's config as the family read it
         (InternViT, SAIL-ViT, Mono's patch model: any dataclass with `image_size`, `patch_size` and
         `hidden_size`). mlp1's GELU and LayerNorm are fixed in upstream's code (no config key), as here."""
-        select_layer = optional(config, "select_layer", where, int, -4)  # upstream class default
+        # -4: SAIL-VL-2B's (and Mono's) config class default; InternVL's is -1 since 2.0 (released configs set it)
+        select_layer = optional(config, "select_layer", where, int, -4)
         llm = DecoderConfig.from_config(require(config, "llm_config", where, dict))
         ps_version = choice(config, "ps_version", where, ("v1", "v2"), "v1")  # upstream class default
         downsample_ratio = real(config, "downsample_ratio", where, 0.5, above=0.0, at_most=1.0)  # class default

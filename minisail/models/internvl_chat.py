@@ -1,8 +1,9 @@
 """The conversation side of the InternVL-style families (InternVL, SAIL-VL2, Mono-InternVL): tiles, template, prompt.
 
-These three families share upstream's `chat()` / `batch_chat()` line for line (InternVL
-`modeling_internvl_chat.py` @ 2410d1d, SAIL-VL2's `modeling_sailvl.py`, Mono-InternVL's
-`modeling_internvl_chat.py`), so their family modules export the functions below (Yi-VL has its own, in
+These three families share upstream's `chat()` / `batch_chat()` (InternVL `modeling_internvl_chat.py` @ 2410d1d,
+SAIL-VL2's `modeling_sailvl.py`, Mono-InternVL's `modeling_internvl_chat.py` `chat()`, whose prompts the golden
+prompt cases recorded; Mono's older `multi_image_chat`, which puts the image blocks in front with "<image i>"
+labels, is not modelled), so their family modules export the functions below (Yi-VL has its own, in
 models/yivl.py):
 
 - `pixel_values`: an image as dynamic tiles plus a thumbnail (image/preprocess.py), [tiles, 3, S, S];

@@ -4,9 +4,10 @@ Mirrors the `Conversation` class and template registry of InternVL `internvl_cha
 (and its copy in SAIL-VL2's `conversation.py`), Yi's `VL/llava/conversation.py`, and SAIL-VL2's
 `chat_template.jinja`. Only the pieces these models use are kept:
 
-- `Template` holds the upstream fields verbatim (`system_template`, `system_message`, `roles`, `sep`,
-  `sep_style`, `stop_str`, `stop_token_ids`). `stop_*` are recorded for completeness; upstream `chat()`
-  does not use them (it stops on `sep.strip()`), except Yi-VL, which stops on the text `###`.
+- `Template` holds the upstream fields (`system_template`, `system_message`, `roles`, `sep`, `sep_style`,
+  `stop_str`, `stop_token_ids`; the last as in the SAIL-VL2 / Mono / older InternVL copies, @ 2410d1d has none
+  for these templates). `stop_*` are recorded for completeness; upstream `chat()` does not use them (it stops
+  on `sep.strip()`), except Yi-VL, which stops on the text `###`.
 - `render(messages)` is upstream `get_prompt()` for the two separator styles in use: `MPT` (every InternVL
   chatml template) and `SINGLE` (Yi-VL's llava `mm_default`).
 - `render_sailvl2_chat_template(messages)` renders SAIL-VL2's `chat_template.jinja` (README processor path).
