@@ -45,6 +45,7 @@ from minisail.text.prompt import (
 )
 from minisail.text.replies import ReplyStream
 from minisail.text.templates import SINGLE, Template
+from minisail.upstream_api import UpstreamAttributes
 
 
 def family_of(model) -> ModuleType:
@@ -56,8 +57,11 @@ def family_of(model) -> ModuleType:
 
 
 def chat_template(model) -> Template:
-    """The conversation template upstream chat() uses for this model (name and system message from its config)."""
-    return family_of(model).chat_template(model.config)
+    """The conversation template upstream chat() uses for this model (name and system message from its config,
+    or the system message assigned to `model.system_message`, as upstream copies it in at every call)."""
+    template = family_of(model).chat_template(model.config)
+    assigned = model.__dict__.get("assigned_system_message")
+    return template if assigned is None else template.with_system_message(assigned)
 
 
 # --- from a question to generate()'s inputs ------------------------------------------------------------------
@@ -101,8 +105,13 @@ class ChatPrompt:
 def prepare_chat(model, tokenizer, pixel_values, questions, *, history=None, num_patches_list=None, template=None,
                  batch=False) -> ChatPrompt:  # fmt: skip
     """chat()'s prompt for one question (`batch=False`), or batch_chat()'s for a list of single-turn questions."""
+    if not callable(getattr(tokenizer, "token_to_id", None)):
+        raise PromptError(
+            f"chat() takes minisail's tokenizer, minisail.load_tokenizer(folder), not a {type(tokenizer).__name__} "
+            "(a model card's AutoTokenizer line: replace it, the files are the same)"
+        )
     family = family_of(model)
-    template = template or family.chat_template(model.config)
+    template = template or chat_template(model)
     check_chat_inputs(model, pixel_values, history)
     questions = list(questions) if batch else [questions]
     queries, input_ids, attention_mask = family.encode_prompt(
@@ -244,9 +253,10 @@ def batch_chat(model, tokenizer, pixel_values, questions, generation_config: dic
     return [decode_reply(tokenizer, row.tolist(), prompt.template) for row in ids]
 
 
-class ChatMixin:
+class ChatMixin(UpstreamAttributes):
     """Upstream's chat methods on every model class: `model.chat(tokenizer, pixel_values, question,
-    generation_config, ...)` and `model.batch_chat(...)`, the functions above with the model first."""
+    generation_config, ...)` and `model.batch_chat(...)`, the functions above with the model first; with the
+    attributes and generate() of upstream_api.py."""
 
     family: str  # the NAME of the model's family module (models/registry.py): set by each model class
     checkpoint_folder: Path | None = None  # set by minisail.load: where preprocessor_config.json is read

@@ -20,7 +20,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from minisail.chat import ChatPrompt, prepare_chat
+from minisail.chat import ChatPrompt, chat_template, prepare_chat
 from minisail.checkpoint.paths import read_json_object
 from minisail.errors import ConfigError, MinisailError
 from minisail.generate import GenerationConfig, generate_stream
@@ -160,7 +160,7 @@ class Session:
 
             model = model.to(device=device, dtype=resolve_dtype(dtype))
         self.model, self.tokenizer, self.family = model, tokenizer, family_of(model)
-        self.template = self.family.chat_template(model.config) if template is None else get_template(template)
+        self.template = chat_template(model) if template is None else get_template(template)
         if system is not None:
             self.template = self.template.with_system_message(system)
         self.min_tiles, self.max_tiles = tile_limits(model, min_tiles, max_tiles)

@@ -456,3 +456,41 @@ def test_min_new_tokens_from_internvl_evaluation_code_is_honoured(loaded):
     model, tokenizer = loaded
     config = dict(num_beams=1, max_new_tokens=10, min_new_tokens=1, do_sample=False, temperature=0.0)
     assert isinstance(model.chat(tokenizer, None, "Hello", config), str)
+
+
+# --- upstream's attributes and generate() (minisail/upstream_api.py) ----------------------------------------------
+
+
+def test_an_assigned_system_message_is_the_one_chat_and_sessions_send(checkpoint):
+    model, tokenizer = minisail.load(checkpoint), minisail.load_tokenizer(checkpoint)
+    default = model.system_message
+    assert default == get_template("internvl2_5").system_message  # the template's (this config sets none)
+    model.system_message = "Be brief."  # upstream copies model.system_message into the template at every call
+    assert prepare_chat(model, tokenizer, None, "Hi").queries[0].text.startswith("<|im_start|>system\nBe brief.")
+    assert model.conv_template.system_message == "Be brief." and model.system_message == "Be brief."
+    assert Session(model, tokenizer).template.system_message == "Be brief."
+    with pytest.raises(ConfigError, match="system_message must be a string"):
+        model.system_message = None
+
+
+def test_device_dtype_and_a_transformers_tokenizer_refused_in_words(loaded):
+    model, tokenizer = loaded
+    assert model.device == torch.device("cpu") and model.dtype == next(model.parameters()).dtype
+    with pytest.raises(PromptError, match="minisail.load_tokenizer"):
+        model.chat(SimpleNamespace(convert_tokens_to_ids=lambda t: 0), None, "Hi", dict(max_new_tokens=2))
+
+
+def test_generate_with_upstreams_signature_gives_chats_tokens(loaded, pixel_values):
+    model, tokenizer = loaded
+    prompt = prepare_chat(model, tokenizer, pixel_values, "What is it?")
+    options = dict(max_new_tokens=8, do_sample=False, eos_token_id=IM_END)
+    ids = model.generate(pixel_values=prompt.pixel_values, input_ids=prompt.input_ids,
+                         attention_mask=prompt.attention_mask, **options)  # fmt: skip
+    reply = model.chat(tokenizer, pixel_values, "What is it?", dict(max_new_tokens=8, do_sample=False))
+    assert decode_reply(tokenizer, ids[0].tolist(), prompt.template) == reply
+    features = model.encode_images(prompt.pixel_values)  # upstream's visual_features: the images already encoded
+    again = model.generate(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask, visual_features=features,
+                           generation_config=options)  # fmt: skip
+    assert torch.equal(again, ids)
+    with pytest.raises(ConfigError, match="output_hidden_states"):
+        model.generate(input_ids=prompt.input_ids, output_hidden_states=True)
