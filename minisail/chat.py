@@ -60,7 +60,7 @@ def chat_template(model) -> Template:
     """The conversation template upstream chat() uses for this model (name and system message from its config,
     or the system message assigned to `model.system_message`, as upstream copies it in at every call)."""
     template = family_of(model).chat_template(model.config)
-    assigned = model.__dict__.get("assigned_system_message")
+    assigned = getattr(model, "assigned_system_message", None)  # getattr: a torch.compile wrapper forwards it
     return template if assigned is None else template.with_system_message(assigned)
 
 

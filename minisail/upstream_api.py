@@ -11,8 +11,10 @@ chat.ChatMixin) gives them:
 - `generate(pixel_values, input_ids, attention_mask, visual_features, generation_config, **kwargs)`: new token ids
   [B, n] for a prompt whose images are already `<IMG_CONTEXT>` runs, as upstream's does (transformers'
   `generate` on the merged embeddings returns the new tokens only). Generation is minisail's (sampling.py: the
-  same options, refused by name where minisail has no such option); it stops at `eos_token_id` as given, where
-  upstream's language model would also stop at its config's eos: pass it, as chat() does for you.
+  same options, refused by name where minisail has no such option). Without an `eos_token_id` it stops where
+  upstream's language model stops: at the eos id of the checkpoint's language-model config (`llm_config`, or the
+  top level for Yi-VL), as transformers builds that model's generation config from it. Without `max_new_tokens`
+  it generates up to minisail's 512 (transformers' default max_length is 20; the model cards pass it).
 """
 
 from __future__ import annotations
@@ -57,18 +59,40 @@ class UpstreamAttributes:
         if output_hidden_states:
             raise ConfigError("generate(output_hidden_states=True) is not supported: run the model's forward instead")
         options = {**_as_options(generation_config), **generate_kwargs}
+        if options.get("eos_token_id") is None:
+            options["eos_token_id"] = _language_model_eos(self)
         pixels = pixel_values if visual_features is None else None  # visual_features: the images already encoded
         return generate(
             self, input_ids, attention_mask, pixels, options, image_embeds=visual_features, penalize_prompt=False
         )  # fmt: skip  (upstream generates from embeddings: new tokens only)
 
 
+def _language_model_eos(model) -> int | list[int] | None:
+    """eos_token_id of the checkpoint's language-model config (None when the model was not loaded from a folder)."""
+    from minisail.config import read_config
+
+    folder = getattr(model, "checkpoint_folder", None)
+    if folder is None:
+        return None
+    config = read_config(folder)
+    eos = (config.get("llm_config") or config).get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    if eos is None or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        return None  # absent or not ids: no default stop, as a config without one gives transformers none
+    return eos
+
+
 def _as_options(generation_config) -> dict:
-    """A generation config as a dict of options: None, a dict, or minisail's GenerationConfig."""
+    """A generation config as a dict of options: None, a dict, minisail's GenerationConfig, or a transformers
+    GenerationConfig (its non-default values: an option minisail lacks is then refused by name)."""
     if generation_config is None:
         return {}
     if isinstance(generation_config, Mapping):
         return dict(generation_config)
+    if callable(getattr(generation_config, "to_diff_dict", None)):  # transformers' GenerationConfig
+        options = generation_config.to_diff_dict()
+        options.pop("transformers_version", None)
+        return options
     names = getattr(type(generation_config), "__dataclass_fields__", None)
     if names is not None:  # minisail's GenerationConfig (its streamer is passed on, not copied)
         return {f.name: getattr(generation_config, f.name) for f in fields(generation_config)}

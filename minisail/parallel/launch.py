@@ -25,6 +25,7 @@ import queue
 import sys
 import threading
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -160,42 +161,57 @@ def read_line(stream=None) -> str:
         return stream.readline()
     interval = timeout_seconds() / 3
     while True:
-        box = [_line_reader(stream).next_line(interval) if rank() == 0 else NOT_YET]
+        box = [_next_line(stream, interval) if rank() == 0 else NOT_YET]
         with collective():
             dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], _ReadFailed):  # every rank stops with rank 0's reason
+            raise ParallelError(f"rank 0 could not read standard input ({box[0].reason}): the chat reads UTF-8 text")
         if box[0] is not NOT_YET:
             return box[0]
 
 
+class _ReadFailed(NamedTuple):
+    reason: str
+
+
 class _LineReader:
     """stream.readline() in a daemon thread, so that rank 0 can wait for a line with a time limit (select() on the
-    file descriptor would miss lines already in Python's buffer)."""
+    file descriptor would miss lines already in Python's buffer). The thread reads ahead of the caller until the
+    end of the input: lines typed during a turn wait in the queue, in order."""
 
     def __init__(self, stream):
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, args=(stream,), name="minisail-stdin", daemon=True).start()
+        self.stream = stream  # held: the registry's key is its id
+        self.lines: queue.Queue[str | _ReadFailed] = queue.Queue()
+        threading.Thread(target=self._read, name="minisail-stdin", daemon=True).start()
 
-    def _read(self, stream) -> None:
+    def _read(self) -> None:
         while True:
-            line = stream.readline()
+            try:
+                line = self.stream.readline()
+            except Exception as error:  # e.g. bytes that are not UTF-8: said on every rank, not a silent hang
+                self.lines.put(_ReadFailed(f"{type(error).__name__}: {error}"))
+                return
             self.lines.put(line)
             if not line:  # end of input: "" is the last line
                 return
-
-    def next_line(self, seconds: float) -> str | None:
-        try:
-            return self.lines.get(timeout=seconds)
-        except queue.Empty:
-            return NOT_YET
 
 
 _readers: dict[int, _LineReader] = {}
 
 
-def _line_reader(stream) -> _LineReader:
-    if id(stream) not in _readers:
-        _readers[id(stream)] = _LineReader(stream)
-    return _readers[id(stream)]
+def _next_line(stream, seconds: float):
+    """Rank 0's next line of `stream`, NOT_YET after `seconds` without one, or a _ReadFailed. At the end of the
+    input (or a failure) the reader is retired: a later call starts over, as readline() would say "" again."""
+    reader = _readers.get(id(stream))
+    if reader is None or reader.stream is not stream:
+        reader = _readers[id(stream)] = _LineReader(stream)
+    try:
+        line = reader.lines.get(timeout=seconds)
+    except queue.Empty:
+        return NOT_YET
+    if line == "" or isinstance(line, _ReadFailed):
+        del _readers[id(stream)]
+    return line
 
 
 def same_random_state() -> None:

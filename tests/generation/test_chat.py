@@ -494,3 +494,30 @@ def test_generate_with_upstreams_signature_gives_chats_tokens(loaded, pixel_valu
     assert torch.equal(again, ids)
     with pytest.raises(ConfigError, match="output_hidden_states"):
         model.generate(input_ids=prompt.input_ids, output_hidden_states=True)
+    # no eos given: it stops at the language model config's eos, as upstream's language_model.generate does
+    from minisail.upstream_api import _language_model_eos
+
+    eos = _language_model_eos(model)
+    assert eos is not None
+    default = model.generate(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
+                             visual_features=features, max_new_tokens=8)  # fmt: skip
+    given = model.generate(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
+                           visual_features=features, max_new_tokens=8, eos_token_id=eos)  # fmt: skip
+    assert torch.equal(default, given)
+    transformers = pytest.importorskip("transformers")  # its GenerationConfig, the type upstream's signature takes
+    hf = transformers.GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=IM_END)
+    assert torch.equal(model.generate(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
+                                      visual_features=features, generation_config=hf), ids)  # fmt: skip
+
+
+def test_generate_without_an_eos_stops_at_the_language_model_configs_eos(checkpoint, tmp_path, pixel_values):
+    model, tokenizer = minisail.load(checkpoint), minisail.load_tokenizer(checkpoint)
+    prompt = prepare_chat(model, tokenizer, pixel_values, "What is it?")
+    first = int(model.generate(pixel_values=prompt.pixel_values, input_ids=prompt.input_ids, max_new_tokens=1)[0, 0])
+    folder = shutil.copytree(checkpoint, tmp_path / "eos")
+    config = json.loads((folder / "config.json").read_text())
+    config["llm_config"]["eos_token_id"] = first  # the language model's eos is the first token it will make
+    (folder / "config.json").write_text(json.dumps(config))
+    model = minisail.load(folder)
+    ids = model.generate(pixel_values=prompt.pixel_values, input_ids=prompt.input_ids, max_new_tokens=8)
+    assert ids.tolist() == [[first]]  # upstream's language_model.generate stops there too

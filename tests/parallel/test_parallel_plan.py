@@ -91,7 +91,9 @@ def test_the_fingerprint_samples_a_tensor_by_index_without_copying_it():
     for tensor in (stored, stored.t(), stored[:, ::3], torch.tensor(7.0), torch.zeros(0)):
         assert torch.equal(_ends(tensor), torch.cat([tensor.reshape(-1)[:16], tensor.reshape(-1)[-16:]])
                            if tensor.numel() > 32 else tensor.reshape(-1))  # fmt: skip
-    huge = torch.zeros(1).expand(10**12)  # 4 TB if it were flattened into a copy
+    huge = torch.zeros(10**6, 1).expand(10**6, 10**6)  # strides (1, 0): flattening it would copy 4 TB
+    with pytest.raises(RuntimeError):
+        huge.reshape(-1)
     assert _ends(huge).shape == (32,)
 
 
@@ -108,3 +110,21 @@ def test_disagreeing_ranks_are_named_by_group_so_an_odd_rank_0_shows(monkeypatch
         agree.check_ranks_agree(same)
     everyone = [same] * 4
     agree.check_ranks_agree(same)  # all the same: nothing said
+
+
+def test_rank_0s_line_reader_retires_at_the_end_and_reports_a_failed_read():
+    import io
+
+    from minisail.parallel import launch
+
+    stream = io.StringIO("a\n")
+    assert launch._next_line(stream, 5) == "a\n"
+    assert launch._next_line(stream, 5) == ""  # the end: the reader is retired
+    assert launch._next_line(stream, 5) == ""  # and a later call says so again, as readline() would
+
+    class Broken:
+        def readline(self):
+            raise UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid continuation byte")
+
+    failed = launch._next_line(Broken(), 5)
+    assert isinstance(failed, launch._ReadFailed) and "UnicodeDecodeError" in failed.reason
